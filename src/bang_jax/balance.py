@@ -1,0 +1,222 @@
+"""BANG's per-example balancing factors and the optax transformation that applies them.
+
+BANG (Rozsa, Günther, Boult, WACV 2018, eq. 6) replaces each weighted layer's batch gradient
+
+    (1/N) Σ_i ∂E_i/∂w      by      β · (1/N) Σ_i η_i · ∂E_i/∂w,
+
+    η_i = (m / n_i) ^ (ε_i · (1 − n_i / m)),   n_i = ‖κ_i‖₂,  m = max_i n_i,
+
+where κ_i is the gradient of the loss with respect to the layer's (pre-activation) output for example i,
+ε_i = ε for a correctly classified example and ε·ratio otherwise. Examples with n_i = 0 keep η_i = 1 (the
+authors' Caffe code skips them), so a batch whose norms are all zero is left unchanged.
+
+η is unbounded: with a saturated softmax n_i / m can be 1e-18 and η reaches 1e15 while η_i·n_i stays ≤ m.
+:func:`eta` therefore works in log space, and :func:`safe_norm` rescales before squaring so that norms of
+tiny cotangents do not underflow to zero in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "BangState",
+    "bang",
+    "broadcast_to_params",
+    "check_hyperparameter",
+    "eta",
+    "safe_norm",
+]
+
+
+def safe_norm(x: jax.Array) -> jax.Array:
+    """Per-example L2 norm over every axis but the first, without underflow.
+
+    Args:
+      x: ``[N, ...]`` array (for instance κ, the loss gradient w.r.t. a layer's output).
+
+    Returns:
+      ``[N]`` array of ‖x_i‖₂. Computed as ``a·‖x/a‖`` with ``a = max|x_i|`` so that values around 1e-20,
+      whose squares underflow in float32, still give the right norm; an all-zero row gives exactly 0.
+    """
+    if x.ndim == 0:
+        raise ValueError("safe_norm needs an array with a leading batch axis, got a scalar")
+    flat = jnp.reshape(x, (x.shape[0], -1))
+    scale = jnp.max(jnp.abs(flat), axis=1)
+    safe_scale = jnp.where(scale > 0, scale, 1.0)
+    return scale * jnp.sqrt(jnp.sum(jnp.square(flat / safe_scale[:, None]), axis=1))
+
+
+def eta(kappa_norms: jax.Array, correct: jax.Array, epsilon: Any, ratio: Any = 1.0) -> jax.Array:
+    """BANG's balancing factors η for one layer (paper eq. 5, SPEC §1 step 3).
+
+    Args:
+      kappa_norms: ``[N]`` norms n_i ≥ 0 of the layer-output gradients κ_i (any common scale: only ratios
+        n_i / m enter).
+      correct: ``[N]`` booleans, whether example i was classified correctly by the training forward pass.
+      epsilon: ε ≥ 0 (scalar).
+      ratio: factor on ε for misclassified examples (scalar, ≥ 0).
+
+    Returns:
+      ``[N]`` float array η ≥ 1; η_i = 1 where n_i = 0 (and everywhere when all norms are 0).
+    """
+    n = jnp.asarray(kappa_norms)
+    m = jnp.max(n)
+    nonzero = n > 0
+    r = jnp.where(nonzero, n / jnp.where(m > 0, m, 1.0), 1.0)
+    eps_i = jnp.where(correct, epsilon, epsilon * ratio).astype(n.dtype)
+    log_eta = eps_i * (1.0 - r) * (-jnp.log(r))
+    return jnp.where(nonzero, jnp.exp(log_eta), jnp.ones_like(n))
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_hyperparameter(name: str, value: Any) -> None:
+    """Raises ``ValueError`` if a (pytree of) hyperparameter(s) holds a negative or non-finite number.
+
+    Traced values (inside ``jit``) cannot be inspected and are accepted as they are.
+    """
+    for leaf in jax.tree.leaves(value):
+        if not _is_concrete(leaf):
+            continue
+        arr = np.asarray(leaf)
+        if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
+            raise ValueError(f"BANG hyperparameter {name} must be a number, got {leaf!r}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"BANG hyperparameter {name} must be finite, got {leaf!r}")
+        if np.any(arr < 0):
+            raise ValueError(f"BANG hyperparameter {name} must be non-negative, got {leaf!r}")
+
+
+def path_keys(path) -> tuple:
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(k.key)
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            out.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(k.idx)
+        else:  # pragma: no cover - other key kinds
+            out.append(str(k))
+    return tuple(out)
+
+
+def broadcast_to_params(name: str, value: Any, tree: Any) -> Any:
+    """Broadcasts a scalar or a per-layer pytree (a prefix of ``tree``) to ``tree``'s structure.
+
+    ``value`` may be a number, or a nested mapping whose keys are a prefix of ``tree``'s keys, e.g.
+    ``{'conv1': 0.8, 'ip1': {'kernel': 0.81, 'bias': 0.8}}`` for a params dict ``{'conv1': {...}, 'ip1': {...}}``.
+    Every leaf of ``tree`` must be covered exactly once.
+    """
+    if not isinstance(value, Mapping):
+        return jax.tree.map(lambda _: value, tree)
+    flat_value = {path_keys(p): v for p, v in jax.tree_util.tree_flatten_with_path(value)[0]}
+
+    def pick(path, _leaf):
+        keys = path_keys(path)
+        matches = [v for k, v in flat_value.items() if keys[: len(k)] == k]
+        if len(matches) != 1:
+            raise ValueError(
+                f"per-layer {name} does not cover parameter {'/'.join(map(str, keys))} exactly once "
+                f"(its keys: {sorted('/'.join(map(str, k)) for k in flat_value)})"
+            )
+        return matches[0]
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+class BangState(NamedTuple):
+    """State of :func:`bang`: nothing is carried between steps."""
+
+
+def bang(epsilon: Any, beta: Any = 1.0, ratio: Any = 1.0) -> optax.GradientTransformationExtraArgs:
+    """Aggregates per-example gradients into BANG's balanced batch gradient (paper eq. 6, SPEC §1).
+
+    For every parameter leaf g of shape ``[N, ...]`` (per-example gradients of the per-example losses E_i,
+    batch on axis 0) this returns ``β · (1/N) Σ_i η_i g_i`` with η from :func:`eta`, computed from the κ norms
+    of the layer the leaf belongs to.
+
+    Args:
+      epsilon: ε ≥ 0, a scalar or a per-layer pytree (a prefix of the params tree).
+      beta: β ≥ 0, applied after balancing (and before any weight decay later in the chain).
+      ratio: factor on ε for misclassified examples (the paper's CIFAR runs use 0.5).
+
+    The update takes keyword arguments ``kappa_norms`` (a pytree with the structure of the gradients, each
+    leaf an ``[N]`` array of the norms of that leaf's layer-output gradients) and ``correct`` (``[N]`` bool),
+    both as returned by :func:`bang_jax.per_example_grads`.
+
+    .. warning::
+      Like :func:`optax.contrib.differentially_private_aggregate`, this transformation expects per-example
+      gradients with the batch on axis 0, so it must come **first** in a chain: anything before it would see
+      per-example gradients, anything after it sees the balanced mean. ``optax.MultiSteps`` and
+      ``optax.apply_every`` do not compose with it.
+
+    Example::
+
+      pe = bang_jax.per_example_grads(model.apply, variables, images, labels, rngs={'dropout': key}, train=True)
+      tx = optax.chain(bang_jax.bang(epsilon=0.815), bang_jax.caffe_sgd(...))
+      updates, opt_state = tx.update(pe.grads, opt_state, params,
+                                     kappa_norms=pe.kappa_norms, correct=pe.correct)
+    """
+    for name, value in (("epsilon", epsilon), ("beta", beta), ("ratio", ratio)):
+        check_hyperparameter(name, value)
+
+    def init_fn(params):
+        del params
+        return BangState()
+
+    def update_fn(updates, state, params=None, *, kappa_norms=None, correct=None, **extra_args):
+        del params, extra_args
+        leaves = jax.tree.leaves(updates)
+        if not leaves:
+            return updates, state
+        if kappa_norms is None or correct is None:
+            raise ValueError(
+                "bang() needs the keyword arguments kappa_norms= and correct= in tx.update(...) "
+                "(both come from bang_jax.per_example_grads)"
+            )
+        correct = jnp.asarray(correct)
+        if correct.ndim != 1:
+            raise ValueError(f"correct must be a [N] array, got shape {correct.shape}")
+        n = correct.shape[0]
+        for path, g in jax.tree_util.tree_flatten_with_path(updates)[0]:
+            if g.ndim == 0 or g.shape[0] != n:
+                raise ValueError(
+                    f"bang() expects per-example gradients with the batch (N={n}) on axis 0, but the leaf "
+                    f"{jax.tree_util.keystr(path)} has shape {g.shape}; pass per_example_grads(...).grads, "
+                    "not a batch-mean gradient, and put bang() first in the chain"
+                )
+        try:
+            norm_leaves = jax.tree.map(lambda _, k: k, updates, kappa_norms)
+        except ValueError as err:
+            raise ValueError(
+                "kappa_norms must have the structure of the gradients (one [N] array per leaf): " + str(err)
+            ) from None
+        for path, k in jax.tree_util.tree_flatten_with_path(norm_leaves)[0]:
+            if jnp.shape(k) != (n,):
+                raise ValueError(
+                    f"kappa_norms leaf {jax.tree_util.keystr(path)} must have shape ({n},), got {jnp.shape(k)}"
+                )
+        eps_tree = broadcast_to_params("epsilon", epsilon, updates)
+        beta_tree = broadcast_to_params("beta", beta, updates)
+        ratio_tree = broadcast_to_params("ratio", ratio, updates)
+
+        def balance(g, k, e, b, r):
+            w = eta(k, correct, e, r).astype(g.dtype)
+            return (b * jnp.tensordot(w, g, axes=1) / n).astype(g.dtype)
+
+        out = jax.tree.map(balance, updates, norm_leaves, eps_tree, beta_tree, ratio_tree)
+        return out, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+

@@ -1,0 +1,135 @@
+"""Caffe-faithful LeNet and CIFAR-10 "quick" models (SPEC §2), taking images in pixel units.
+
+Both modules take ``[N, H, W, C]`` float32 images with values in 0..255 and do their own preprocessing, so
+attacks and noise work in pixel space:
+
+* :class:`LeNet` scales by 1/256 (Caffe's ``scale: 0.00390625``), no mean subtraction.
+* :class:`CifarQuick` subtracts the per-pixel mean image of the 50,000 training images, no scaling. The
+  mean image lives in the ``'constants'`` collection (``variables['constants']['mean_image']``, ``[32, 32, 3]``),
+  zeros after ``init``; set it with :func:`set_mean_image` (``bang_jax.data.mean_image`` computes it).
+
+Pooling follows Caffe: output sizes round **up** (ceil mode), max pooling pads with −∞, average pooling
+divides each window by the number of its in-image elements. Flattening before ``ip1`` is in (C, H, W) order,
+as in Caffe, so the authors' weights load without permuting ``ip1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["CifarQuick", "LeNet", "caffe_avg_pool", "caffe_max_pool", "set_mean_image"]
+
+
+def _ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
+    """(0, extra) padding that makes a VALID pool produce Caffe's ceil-mode output size."""
+    out = int(math.ceil((size - window) / stride)) + 1
+    return 0, max(0, (out - 1) * stride + window - size)
+
+
+def _pool_padding(x: jax.Array, window: int, stride: int):
+    return [(0, 0), _ceil_pool_padding(x.shape[1], window, stride), _ceil_pool_padding(x.shape[2], window, stride), (0, 0)]
+
+
+def caffe_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """Caffe MAX pooling of ``[N, H, W, C]`` with ceil-mode output size (pad 0)."""
+    pad = _pool_padding(x, window, stride)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pad)
+
+
+def caffe_avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """Caffe AVE pooling of ``[N, H, W, C]``: ceil-mode size, border windows divided by their in-image size."""
+    pad = _pool_padding(x, window, stride)
+    dims, strides = (1, window, window, 1), (1, stride, stride, 1)
+    total = lax.reduce_window(x, 0.0, lax.add, dims, strides, pad)
+    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
+    count = lax.reduce_window(ones, 0.0, lax.add, dims, strides, pad)
+    return total / count
+
+
+def _flatten_chw(x: jax.Array) -> jax.Array:
+    """Flattens ``[N, H, W, C]`` in Caffe's (C, H, W) order."""
+    return jnp.reshape(jnp.transpose(x, (0, 3, 1, 2)), (x.shape[0], -1))
+
+
+def _check_images(name: str, x: jax.Array, hw: tuple[int, int], channels: int) -> None:
+    if x.ndim != 4 or tuple(x.shape[1:3]) != hw or x.shape[3] != channels:
+        raise ValueError(
+            f"{name} expects images of shape [N, {hw[0]}, {hw[1]}, {channels}] (NHWC, pixels 0..255), "
+            f"got {tuple(x.shape)}"
+        )
+
+
+_xavier = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # Caffe "xavier": U(±sqrt(3/fan_in))
+
+
+class LeNet(nn.Module):
+    """Caffe's MNIST LeNet with the paper's dropout layer (SPEC §2).
+
+    conv1 20@5×5 → max 2×2/2 → conv2 50@5×5 → max 2×2/2 → ip1 500 → ReLU → dropout 0.5 → ip2 10.
+    Input ``[N, 28, 28, 1]`` pixels 0..255; output ``[N, 10]`` logits. 431,080 parameters.
+    """
+
+    num_classes: int = 10
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        _check_images("LeNet", images, (28, 28), 1)
+        x = images.astype(jnp.float32) * 0.00390625
+        x = nn.Conv(20, (5, 5), padding="VALID", kernel_init=_xavier, name="conv1")(x)
+        x = caffe_max_pool(x, 2, 2)
+        x = nn.Conv(50, (5, 5), padding="VALID", kernel_init=_xavier, name="conv2")(x)
+        x = caffe_max_pool(x, 2, 2)
+        x = _flatten_chw(x)
+        x = nn.Dense(500, kernel_init=_xavier, name="ip1")(x)
+        x = nn.relu(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="drop1")(x)
+        return nn.Dense(self.num_classes, kernel_init=_xavier, name="ip2")(x)
+
+
+class CifarQuick(nn.Module):
+    """Caffe's CIFAR-10 "quick" model with the paper's dropout layer (SPEC §2).
+
+    conv1 32@5×5 p2 → max 3×3/2 → ReLU → conv2 32@5×5 p2 → ReLU → ave 3×3/2 → conv3 64@5×5 p2 → ReLU →
+    ave 3×3/2 → ip1 64 → dropout 0.5 → ip2 10. Spatial sizes 32 → 16 → 8 → 4 (ceil mode), ip1 input 1024.
+    Input ``[N, 32, 32, 3]`` RGB pixels 0..255; the training-set mean image is subtracted inside.
+    """
+
+    num_classes: int = 10
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        _check_images("CifarQuick", images, (32, 32), 3)
+        mean = self.variable("constants", "mean_image", lambda: jnp.zeros((32, 32, 3), jnp.float32))
+        x = images.astype(jnp.float32) - mean.value
+        gauss = nn.initializers.normal
+        x = nn.Conv(32, (5, 5), padding=2, kernel_init=gauss(1e-4), name="conv1")(x)
+        x = caffe_max_pool(x, 3, 2)
+        x = nn.relu(x)
+        x = nn.Conv(32, (5, 5), padding=2, kernel_init=gauss(0.01), name="conv2")(x)
+        x = nn.relu(x)
+        x = caffe_avg_pool(x, 3, 2)
+        x = nn.Conv(64, (5, 5), padding=2, kernel_init=gauss(0.01), name="conv3")(x)
+        x = nn.relu(x)
+        x = caffe_avg_pool(x, 3, 2)
+        x = _flatten_chw(x)
+        x = nn.Dense(64, kernel_init=gauss(0.1), name="ip1")(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="drop1")(x)
+        return nn.Dense(self.num_classes, kernel_init=gauss(0.1), name="ip2")(x)
+
+
+def set_mean_image(variables: dict, mean_image) -> dict:
+    """Returns ``variables`` with ``constants/mean_image`` replaced (for :class:`CifarQuick`)."""
+    if "constants" not in variables or "mean_image" not in variables["constants"]:
+        raise ValueError("these variables have no constants/mean_image entry (is this a CifarQuick model?)")
+    old = variables["constants"]["mean_image"]
+    mean_image = jnp.asarray(mean_image, jnp.float32)
+    if mean_image.shape != old.shape:
+        raise ValueError(f"mean_image must have shape {old.shape}, got {mean_image.shape}")
+    return {**variables, "constants": {**variables["constants"], "mean_image": mean_image}}

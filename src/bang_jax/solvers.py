@@ -1,0 +1,91 @@
+"""Caffe's SGD solver as an optax chain (SPEC §3).
+
+Caffe updates ``v ← μ·v + lr·lr_mult·(g + wd·w); w ← w − v``: the learning rate sits **inside** the momentum
+buffer, so ``optax.sgd`` (which applies lr after the trace) differs whenever lr changes. Biases have
+``lr_mult`` 2 and are decayed too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bang_jax.balance import path_keys
+
+__all__ = ["caffe_sgd", "inv_schedule", "multistep_schedule"]
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = True) -> None:
+    value = float(value)
+    if not (value == value and abs(value) != float("inf")) or value < 0 or (not allow_zero and value == 0):
+        raise ValueError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} number, got {value}")
+
+
+def inv_schedule(base_lr: float, gamma: float = 1e-4, power: float = 0.75) -> optax.Schedule:
+    """Caffe's "inv" policy: ``lr(it) = base_lr · (1 + gamma·it) ^ (−power)`` (LeNet: 0.01, 1e-4, 0.75)."""
+    for name, v in (("base_lr", base_lr), ("gamma", gamma), ("power", power)):
+        _check_positive(name, v)
+
+    def schedule(count):
+        return base_lr * (1.0 + gamma * jnp.asarray(count, jnp.float32)) ** (-power)
+
+    return schedule
+
+
+def multistep_schedule(base_lr: float, steps: Sequence[int], gamma: float = 0.1) -> optax.Schedule:
+    """Caffe's "multistep" policy: ``base_lr · gamma^k`` with k = number of step values ≤ it."""
+    _check_positive("base_lr", base_lr)
+    _check_positive("gamma", gamma)
+    boundaries = jnp.asarray(sorted(int(s) for s in steps), jnp.int32)
+
+    def schedule(count):
+        k = jnp.sum(jnp.asarray(count, jnp.int32) >= boundaries)
+        return base_lr * gamma ** k.astype(jnp.float32)
+
+    return schedule
+
+
+def caffe_sgd(
+    learning_rate: float | optax.Schedule,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    bias_lr_mult: float = 2.0,
+) -> optax.GradientTransformation:
+    """Caffe's SGD: weight decay on every parameter, lr (× lr_mult, 2 for leaves named ``bias``) inside momentum.
+
+    Put it after :func:`bang_jax.bang` (or feed it a batch gradient from :func:`bang_jax.bang_grad`); the
+    decay is added after BANG's balancing, so neither η nor β scales it (SPEC §1.6).
+    """
+    _check_positive("momentum", momentum)
+    _check_positive("weight_decay", weight_decay)
+    _check_positive("bias_lr_mult", bias_lr_mult)
+    if not callable(learning_rate):
+        _check_positive("learning_rate", learning_rate)
+
+    def lr_mult(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: bias_lr_mult if path_keys(path)[-1:] == ("bias",) else 1.0, params
+        )
+
+    def scale_by_lr_mult():
+        def init_fn(params):
+            del params
+            return optax.EmptyState()
+
+        def update_fn(updates, state, params=None):
+            del params
+            return jax.tree.map(lambda u, m: u * m, updates, lr_mult(updates)), state
+
+        return optax.GradientTransformation(init_fn, update_fn)
+
+    schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        scale_by_lr_mult(),
+        optax.scale_by_schedule(schedule),
+        optax.trace(decay=momentum, nesterov=False),
+        optax.scale(-1.0),
+    )
