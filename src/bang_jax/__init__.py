@@ -1,6 +1,7 @@
 """bang-jax: Batch Adjusted Network Gradients (Rozsa, Günther, Boult, WACV 2018) for JAX/Flax."""
 
 from bang_jax.balance import BangState, bang, eta, safe_norm
+from bang_jax.data import Dataset, load_cifar10, load_dataset, load_fashion_mnist, load_mnist
 from bang_jax.gradients import (
     WEIGHTED_LAYER_TYPES,
     BangAux,
@@ -11,6 +12,8 @@ from bang_jax.gradients import (
     sample_dropout_masks,
     weighted_layers,
 )
+from bang_jax.models import CifarQuick, LeNet, set_mean_image
+from bang_jax.solvers import caffe_sgd, inv_schedule, multistep_schedule
 
 __version__ = "0.1.0"
 
@@ -18,13 +21,24 @@ __all__ = [
     "WEIGHTED_LAYER_TYPES",
     "BangAux",
     "BangState",
+    "CifarQuick",
+    "Dataset",
+    "LeNet",
     "PerExampleGrads",
     "bang",
     "bang_grad",
+    "caffe_sgd",
     "eta",
+    "inv_schedule",
+    "load_cifar10",
+    "load_dataset",
+    "load_fashion_mnist",
+    "load_mnist",
+    "multistep_schedule",
     "per_example_grads",
     "plain_grad",
     "safe_norm",
     "sample_dropout_masks",
+    "set_mean_image",
     "weighted_layers",
 ]

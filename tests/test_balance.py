@@ -1,0 +1,157 @@
+"""BANG's η and the bang() optax transformation against independent computations."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bang_jax import bang, eta, safe_norm
+
+
+def eta_reference(norms, correct, epsilon, ratio):
+    """SPEC §1 step 3 written out with Python floats, one example at a time."""
+    m = max(norms)
+    out = []
+    for n, c in zip(norms, correct):
+        if n == 0:
+            out.append(1.0)
+            continue
+        e = epsilon if c else epsilon * ratio
+        out.append((m / n) ** (e * (1 - n / m)))
+    return np.array(out)
+
+
+def test_eta_matches_formula():
+    norms = [0.5, 2.0, 1.0, 0.0, 0.01]
+    correct = [True, True, False, True, False]
+    got = np.asarray(eta(jnp.asarray(norms), jnp.asarray(correct), 0.8, 0.5))
+    np.testing.assert_allclose(got, eta_reference(norms, correct, 0.8, 0.5), rtol=1e-6)
+    assert got[1] == 1.0  # the largest norm gets η = 1
+    assert got[3] == 1.0  # zero norm is skipped
+
+
+def test_eta_all_zero_and_single_example():
+    np.testing.assert_array_equal(eta(jnp.zeros(4), jnp.ones(4, bool), 0.8), np.ones(4))
+    np.testing.assert_array_equal(eta(jnp.asarray([3.0]), jnp.asarray([True]), 0.8), [1.0])
+
+
+def test_eta_saturated_regime_is_finite_and_accurate():
+    # n_i/m = 1e-18: η = (1e18)^(ε(1-1e-18)) ≈ 1e18^0.815 ≈ 4.4e14 must stay finite in float32.
+    norms = jnp.asarray([1e-20, 1e-2], jnp.float32)
+    got = eta(norms, jnp.asarray([True, True]), 0.815)
+    expected = math.exp(0.815 * (1 - 1e-18) * math.log(1e18))
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(float(got[0]), expected, rtol=1e-5)
+    assert float(got[0] * norms[0]) <= float(norms[1])  # scaled norm stays ≤ m
+
+
+def test_safe_norm_does_not_underflow():
+    x = jnp.full((2, 100), 1e-22, jnp.float32).at[1].set(0.0)
+    np.testing.assert_allclose(np.asarray(safe_norm(x)), [1e-21, 0.0], rtol=1e-5)
+    # a naive sqrt(sum(x^2)) underflows to 0 in float32
+    assert float(jnp.sqrt(jnp.sum(x[0] ** 2))) == 0.0
+
+
+def _per_example_tree(n, seed=0):
+    rng = np.random.default_rng(seed)
+    grads = {
+        "a": {"kernel": jnp.asarray(rng.normal(size=(n, 3, 2)), jnp.float32), "bias": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32)},
+        "b": {"kernel": jnp.asarray(rng.normal(size=(n, 2, 4)), jnp.float32)},
+    }
+    na = jnp.asarray(rng.uniform(0.1, 3.0, n), jnp.float32)
+    nb = jnp.asarray(rng.uniform(0.1, 3.0, n), jnp.float32)
+    norms = {"a": {"kernel": na, "bias": na}, "b": {"kernel": nb}}
+    correct = jnp.asarray(rng.uniform(size=n) > 0.3)
+    return grads, norms, correct
+
+
+def test_bang_matches_python_loop_with_per_layer_hyperparameters():
+    n = 6
+    grads, norms, correct = _per_example_tree(n)
+    eps = {"a": 0.8, "b": 0.5}
+    beta = {"a": 1.3, "b": 0.7}
+    tx = bang(epsilon=eps, beta=beta, ratio=0.5)
+    out, _ = jax.jit(lambda g, k, c: tx.update(g, tx.init(None), kappa_norms=k, correct=c))(grads, norms, correct)
+    for layer in ("a", "b"):
+        w = eta_reference(list(np.asarray(norms[layer]["kernel"])), list(np.asarray(correct)), eps[layer], 0.5)
+        for leaf in grads[layer]:
+            g = np.asarray(grads[layer][leaf], np.float64)
+            expected = beta[layer] * sum(w[i] * g[i] for i in range(n)) / n
+            np.testing.assert_allclose(np.asarray(out[layer][leaf]), expected, rtol=2e-5, atol=1e-7)
+
+
+def test_epsilon_zero_beta_one_is_the_plain_mean_exactly():
+    grads, norms, correct = _per_example_tree(5, seed=1)
+    tx = bang(epsilon=0.0, beta=1.0)
+    out, _ = tx.update(grads, tx.init(None), kappa_norms=norms, correct=correct)
+    for g, o in zip(jax.tree.leaves(grads), jax.tree.leaves(out)):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(jnp.tensordot(jnp.ones(5), g, axes=1) / 5))
+        np.testing.assert_allclose(np.asarray(o), np.asarray(g).mean(0), rtol=1e-6)
+
+
+def test_zero_norms_and_single_example_batches_are_finite():
+    grads, norms, correct = _per_example_tree(4, seed=2)
+    zero_norms = jax.tree.map(jnp.zeros_like, norms)
+    tx = bang(epsilon=0.8)
+    out, _ = tx.update(grads, tx.init(None), kappa_norms=zero_norms, correct=correct)
+    for g, o in zip(jax.tree.leaves(grads), jax.tree.leaves(out)):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(g).mean(0), rtol=1e-6)  # all zero: unchanged
+    one = jax.tree.map(lambda x: x[:1], (grads, norms, correct))
+    out1, _ = tx.update(one[0], tx.init(None), kappa_norms=one[1], correct=one[2])
+    for g, o in zip(jax.tree.leaves(one[0]), jax.tree.leaves(out1)):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(g)[0], rtol=1e-6)
+
+
+def test_bang_first_in_chain_then_decay():
+    grads, norms, correct = _per_example_tree(4, seed=3)
+    params = jax.tree.map(lambda g: jnp.ones(g.shape[1:]), grads)
+    tx = optax.chain(bang(epsilon=0.0, beta=2.0), optax.add_decayed_weights(0.5))
+    out, _ = tx.update(grads, tx.init(params), params, kappa_norms=norms, correct=correct)
+    for g, o in zip(jax.tree.leaves(grads), jax.tree.leaves(out)):
+        # β scales the balanced gradient, not the decay
+        np.testing.assert_allclose(np.asarray(o), 2.0 * np.asarray(g).mean(0) + 0.5, rtol=1e-5)
+
+
+def test_no_recompilation_on_second_call():
+    grads, norms, correct = _per_example_tree(4, seed=4)
+    tx = bang(epsilon=0.8)
+    traces = []
+
+    @jax.jit
+    def f(g, k, c):
+        traces.append(1)
+        return tx.update(g, tx.init(None), kappa_norms=k, correct=c)[0]
+
+    f(grads, norms, correct)
+    f(jax.tree.map(lambda x: x + 1, grads), norms, correct)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), {"a": -1.0}])
+def test_bad_hyperparameters_raise(bad):
+    for name in ("epsilon", "beta", "ratio"):
+        kwargs = {"epsilon": 0.8, name: bad}
+        with pytest.raises(ValueError, match=name):
+            bang(**kwargs)
+
+
+def test_misuse_raises_clear_errors():
+    grads, norms, correct = _per_example_tree(4, seed=5)
+    tx = bang(epsilon=0.8)
+    state = tx.init(None)
+    mean_grads = jax.tree.map(lambda g: g.mean(0), grads)
+    with pytest.raises(ValueError, match="batch"):
+        tx.update(mean_grads, state, kappa_norms=norms, correct=correct)
+    with pytest.raises(ValueError, match="kappa_norms"):
+        tx.update(grads, state, correct=correct)
+    with pytest.raises(ValueError, match="kappa_norms"):
+        tx.update(grads, state, kappa_norms=jax.tree.map(lambda k: k[:3], norms), correct=correct)
+    with pytest.raises(ValueError, match="correct"):
+        tx.update(grads, state, kappa_norms=norms, correct=correct[:, None])
+    with pytest.raises(ValueError, match="structure"):
+        tx.update(grads, state, kappa_norms={"a": norms["a"]}, correct=correct)
+    with pytest.raises(ValueError, match="cover"):
+        bang(epsilon={"a": 0.8}).update(grads, state, kappa_norms=norms, correct=correct)
