@@ -227,7 +227,7 @@ def _load_tfds(name: str) -> Dataset:
     splits = {}
     for split in ("train", "test"):
         source = tfds.data_source(_TFDS_NAMES[name], split=split, download=False)
-        records = source.__getitems__(list(range(len(source))))
+        records = [source[i] for i in range(len(source))]
         images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
         labels = np.asarray([r["label"] for r in records], np.int32)
         splits[split] = (images, labels)

@@ -185,8 +185,8 @@ def make_train_step(
             "loss": loss,
             "accuracy": jnp.mean(correct.astype(jnp.float32)),
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
             "kappa_zero_share": zero_share,
         }
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
@@ -387,7 +387,7 @@ def train(
             merged = {key: np.stack([w[key] for w in window]) for key in window[0]}
             window = []
             last_metrics = {
-                h.name: {key: float(np.nanmean(v[:, m])) if key != "lr" else float(v[-1, m]) for key, v in merged.items()}
+                h.name: {key: _window_mean(v[:, m]) if key != "lr" else float(v[-1, m]) for key, v in merged.items()}
                 for m, h in enumerate(hparams)
             }
             bar.set_postfix({n: f"loss {v['loss']:.3f} acc {v['accuracy']:.3f}" for n, v in last_metrics.items()})
@@ -406,6 +406,11 @@ def train(
         {**consts, "params": jax.tree.map(lambda x, m=m: x[m], states.params)} for m in range(len(hparams))
     ]
     return TrainResult(variables, states, last_metrics, time.perf_counter() - t0)
+
+
+def _window_mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
 
 
 def _finite(d: dict) -> dict:
