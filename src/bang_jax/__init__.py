@@ -1,6 +1,7 @@
 """bang-jax: Batch Adjusted Network Gradients (Rozsa, Günther, Boult, WACV 2018) for JAX/Flax."""
 
 from bang_jax.balance import BangState, bang, eta, safe_norm
+from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import Dataset, load_cifar10, load_dataset, load_fashion_mnist, load_mnist
 from bang_jax.gradients import (
     WEIGHTED_LAYER_TYPES,
@@ -30,6 +31,7 @@ __all__ = [
     "caffe_sgd",
     "eta",
     "inv_schedule",
+    "load_caffe_weights",
     "load_cifar10",
     "load_dataset",
     "load_fashion_mnist",

@@ -1,0 +1,80 @@
+"""Loading the BANG authors' released Caffe weights (HDF5 ``.caffemodel.h5``) into the Flax models.
+
+The files (``shared/data/bang_caffe``, SPEC §6) hold ``data/<layer>/0`` (weights) and ``data/<layer>/1``
+(bias). Convolution weights are (out, in, kh, kw) → Flax HWIO; inner-product weights (out, in) → (in, out)
+with the input flattened in (C, H, W) order, which is how :class:`~bang_jax.models.LeNet` and
+:class:`~bang_jax.models.CifarQuick` flatten, so no permutation is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bang_jax.models import CifarQuick, LeNet, set_mean_image
+
+__all__ = ["RELEASED_WEIGHTS", "load_caffe_weights"]
+
+# SHA-256 of the authors' files (shared/data/SOURCES.md) and what they are.
+RELEASED_WEIGHTS = {
+    "lenet.caffemodel.h5": ("90a639d81e70fa18a6e63a3accbe47895c843fa0d80f70aa4696da72e91f844d", "LeNet R0"),
+    "lenet_bang.caffemodel.h5": ("dafb21e500eb0932af9df3e06f50064ecd6cec9bf008b30eb0f0271fe4cd3422", "LeNet B1"),
+    "cifar10.caffemodel.h5": ("6a7f0ed0c357381093a853a50912c4520b55cf5d15e343cf9b0e812ed6ea658b", "CIFAR-quick R0"),
+    "cifar10_bang.caffemodel.h5": ("b606d6cbcbdb3fccba4a7c71bc1cbea34721999915ad709202412c63ecdd41db", "CIFAR-quick B0"),
+}
+
+_LAYERS = {"lenet": ("conv1", "conv2", "ip1", "ip2"), "cifar_quick": ("conv1", "conv2", "conv3", "ip1", "ip2")}
+
+
+def load_caffe_weights(path: str | os.PathLike, *, mean_image=None):
+    """Reads a Caffe HDF5 model into ``(model, variables)`` for :class:`LeNet` or :class:`CifarQuick`.
+
+    Args:
+      path: the ``.caffemodel.h5`` file. A file named like one of :data:`RELEASED_WEIGHTS` is checked against
+        its published SHA-256.
+      mean_image: ``[32, 32, 3]`` training-set mean image for CIFAR-quick (``bang_jax.data.mean_image``);
+        required for CIFAR models, which subtract it.
+
+    Raises:
+      ValueError: the file lacks a layer the model needs, or a shape does not match.
+    """
+    import h5py  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Caffe weights file {path} does not exist")
+    if path.name in RELEASED_WEIGHTS:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != RELEASED_WEIGHTS[path.name][0]:
+            raise ValueError(f"{path} has SHA-256 {digest}, not that of the authors' {path.name}")
+    with h5py.File(path, "r") as f:
+        if "data" not in f:
+            raise ValueError(f"{path} is not a Caffe HDF5 model (no 'data' group)")
+        group = f["data"]
+        blobs = {name: [np.asarray(group[name][k]) for k in sorted(group[name].keys())] for name in group}
+    kind = "cifar_quick" if "conv3" in blobs else "lenet"
+    missing = [name for name in _LAYERS[kind] if len(blobs.get(name, [])) != 2]
+    if missing:
+        raise ValueError(f"{path} lacks weights and bias for layer(s) {missing} of the {kind} model")
+    model = CifarQuick() if kind == "cifar_quick" else LeNet()
+    shape = (1, 32, 32, 3) if kind == "cifar_quick" else (1, 28, 28, 1)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+    params = {}
+    for name in _LAYERS[kind]:
+        w, b = blobs[name]
+        kernel = np.transpose(w, (2, 3, 1, 0)) if w.ndim == 4 else w.T
+        expected = variables["params"][name]["kernel"].shape
+        if kernel.shape != expected or b.shape != variables["params"][name]["bias"].shape:
+            raise ValueError(f"{path}: layer {name} has weights {w.shape} / bias {b.shape}; the model needs {expected}")
+        params[name] = {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.asarray(b, jnp.float32)}
+    variables = {**variables, "params": params}
+    if kind == "cifar_quick":
+        if mean_image is None:
+            raise ValueError("CIFAR-quick weights need mean_image= (bang_jax.data.mean_image(train_images))")
+        variables = set_mean_image(variables, mean_image)
+    return model, variables
