@@ -155,3 +155,12 @@ def test_misuse_raises_clear_errors():
         tx.update(grads, state, kappa_norms={"a": norms["a"]}, correct=correct)
     with pytest.raises(ValueError, match="cover"):
         bang(epsilon={"a": 0.8}).update(grads, state, kappa_norms=norms, correct=correct)
+
+
+def test_subnormal_norms_count_as_zero_instead_of_producing_nan():
+    tiny = np.finfo(np.float32).tiny
+    norms = jnp.asarray([tiny / 8, 1e-3, 1e-37], jnp.float32)  # subnormal, normal, small normal
+    e = np.asarray(jax.jit(eta)(norms, jnp.ones(3, bool), 0.815))
+    assert np.isfinite(e).all() and e[0] == 1.0 and e[2] > 1e25
+    kappa = jnp.asarray([[tiny / 4, -tiny / 8], [3.0, 4.0]], jnp.float32)
+    np.testing.assert_allclose(np.asarray(jax.jit(safe_norm)(kappa)), [0.0, 5.0])

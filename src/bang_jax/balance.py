@@ -43,14 +43,19 @@ def safe_norm(x: jax.Array) -> jax.Array:
 
     Returns:
       ``[N]`` array of ‖x_i‖₂. Computed as ``a·‖x/a‖`` with ``a = max|x_i|`` so that values around 1e-20,
-      whose squares underflow in float32, still give the right norm; an all-zero row gives exactly 0.
+      whose squares underflow in float32, still give the right norm; an all-zero row gives exactly 0, and so
+      does a row whose largest entry is subnormal (below ``finfo.tiny``, ≈1.2e-38 in float32).
     """
     if x.ndim == 0:
         raise ValueError("safe_norm needs an array with a leading batch axis, got a scalar")
     flat = jnp.reshape(x, (x.shape[0], -1))
     scale = jnp.max(jnp.abs(flat), axis=1)
-    safe_scale = jnp.where(scale > 0, scale, 1.0)
-    return scale * jnp.sqrt(jnp.sum(jnp.square(flat / safe_scale[:, None]), axis=1))
+    # Rows whose largest entry is subnormal count as zero: XLA on CPU flushes subnormals to zero inside
+    # arithmetic, so dividing by such a scale would give 0/0.
+    usable = scale >= jnp.finfo(flat.dtype).tiny
+    safe_scale = jnp.where(usable, scale, 1.0)
+    norm = scale * jnp.sqrt(jnp.sum(jnp.square(flat / safe_scale[:, None]), axis=1))
+    return jnp.where(usable, norm, jnp.zeros_like(norm))
 
 
 def eta(kappa_norms: jax.Array, correct: jax.Array, epsilon: Any, ratio: Any = 1.0) -> jax.Array:
@@ -64,14 +69,17 @@ def eta(kappa_norms: jax.Array, correct: jax.Array, epsilon: Any, ratio: Any = 1
       ratio: factor on ε for misclassified examples (scalar, ≥ 0).
 
     Returns:
-      ``[N]`` float array η ≥ 1; η_i = 1 where n_i = 0 (and everywhere when all norms are 0).
+      ``[N]`` float array η ≥ 1; η_i = 1 where n_i = 0 (and everywhere when all norms are 0). Computed in
+      log space (log r = log n_i − log m), so ratios down to 1e-38 give finite η (≤ ~1e31 for ε ≤ 1).
     """
     n = jnp.asarray(kappa_norms)
     m = jnp.max(n)
-    nonzero = n > 0
-    r = jnp.where(nonzero, n / jnp.where(m > 0, m, 1.0), 1.0)
+    # Norms below the smallest normal number count as zero (subnormals are flushed to zero in XLA CPU
+    # arithmetic, which would turn log(n) into −inf and η into inf).
+    nonzero = n >= jnp.finfo(n.dtype).tiny
+    log_r = jnp.where(nonzero, jnp.log(jnp.where(nonzero, n, 1.0)) - jnp.log(jnp.where(m > 0, m, 1.0)), 0.0)
     eps_i = jnp.where(correct, epsilon, epsilon * ratio).astype(n.dtype)
-    log_eta = eps_i * (1.0 - r) * (-jnp.log(r))
+    log_eta = eps_i * (1.0 - jnp.exp(log_r)) * (-log_r)
     return jnp.where(nonzero, jnp.exp(log_eta), jnp.ones_like(n))
 
 
