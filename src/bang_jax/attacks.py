@@ -1,0 +1,272 @@
+"""The paper's adversarial attacks: FGS and hot/cold (HC1) directions and the discrete line search (SPEC §4).
+
+Every attack takes a ``logits_fn(images) -> [N, classes]`` on images in **pixel units 0..255** (for the bundled
+models: ``lambda x: model.apply(variables, x)``). Build one and run the paper's protocol::
+
+    logits_fn = lambda x: model.apply(variables, x)
+    d, blank = fgs_direction(logits_fn, images, labels)                  # paper protocol
+    d, blank = fgs_direction(logits_fn, images, labels, exact=True)      # exact gradient, no underflow
+    d, blank = hot_cold_direction(logits_fn, images, labels)             # HC1
+    res = line_search_attack(logits_fn, images, labels, d, blank=blank)  # minimal step t, first success wins
+
+Any other direction (an ``[N, ...]`` array) can be passed to :func:`line_search_attack` or
+:func:`fixed_step_attack`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "AttackResult",
+    "fgs_direction",
+    "fixed_step_attack",
+    "hot_cold_direction",
+    "line_search_attack",
+]
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def _ce_cotangent_paper(logits, labels):
+    """d(mean-free CE)/d(logits) in float32 as a framework computes it, and the paper's blank rule."""
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    p_true = jnp.sum(p * onehot, axis=-1)
+    blank = p_true == 1.0  # float32 loss is exactly 0: the authors' tool drops the gradient
+    return jnp.where(blank[:, None], 0.0, p - onehot), blank
+
+
+def _ce_cotangent_exact(logits, labels):
+    """(softmax − onehot) / (1 − p_true), computed in log space: never underflows to all zeros.
+
+    For j ≠ true: exp(z_j − logsumexp_{k≠true} z_k); for the true class −1. Positive rescaling does not change
+    the sign of the input gradient.
+    """
+    z = logits.astype(jnp.float32)
+    onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=bool)
+    others = jnp.where(onehot, -jnp.inf, z)
+    lse = jax.nn.logsumexp(others, axis=-1, keepdims=True)
+    return jnp.where(onehot, -1.0, jnp.exp(others - lse))
+
+
+def _input_vjp(logits_fn, images, cotangent_fn):
+    images = jnp.asarray(images, jnp.float32)
+    logits, vjp = jax.vjp(logits_fn, images)
+    cot, *aux = cotangent_fn(jax.lax.stop_gradient(logits))
+    return vjp(cot.astype(logits.dtype))[0], logits, aux
+
+
+def fgs_direction(logits_fn: LogitsFn, images, labels, *, exact: bool = False):
+    """FGS direction sign(∂L/∂x) of the softmax cross-entropy at the true label.
+
+    Args:
+      exact: False — the paper's protocol: blank (all zeros) whenever the float32 probability of the true
+        class is exactly 1.0. True — the same direction from a cotangent computed in log space, blank only if
+        the input gradient is truly zero.
+
+    Returns:
+      ``(direction [N, ...] in {−1, 0, 1}, blank [N] bool)``.
+    """
+    labels = jnp.asarray(labels)
+    if exact:
+        g, _, _ = _input_vjp(logits_fn, images, lambda z: (_ce_cotangent_exact(z, labels),))
+        d = jnp.sign(g)
+    else:
+        g, _, (blank,) = _input_vjp(logits_fn, images, lambda z: _ce_cotangent_paper(z, labels))
+        d = jnp.sign(g)
+    blank = jnp.all(d.reshape(d.shape[0], -1) == 0, axis=1)
+    return jax.lax.stop_gradient(d), blank
+
+
+def hot_cold_direction(logits_fn: LogitsFn, images, labels):
+    """HC1 (Rozsa, Rudd, Boult 2016): hot = best wrong class, cold = true class.
+
+    The logit-layer cotangent w has w[hot] = |z_hot|, w[true] = −z_true, 0 elsewhere (held constant), pulled back
+    to the image by a VJP. The raw direction (not its sign) is returned, with blank = all zeros.
+    """
+    labels = jnp.asarray(labels)
+
+    def cot(z):
+        onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=bool)
+        hot = jnp.argmax(jnp.where(onehot, -jnp.inf, z), axis=-1)
+        hot_mask = jax.nn.one_hot(hot, z.shape[-1], dtype=bool)
+        w = jnp.where(hot_mask, jnp.abs(z), 0.0) + jnp.where(onehot, -z, 0.0)
+        return (w,)
+
+    g, _, _ = _input_vjp(logits_fn, images, cot)
+    blank = jnp.all(g.reshape(g.shape[0], -1) == 0, axis=1)
+    return jax.lax.stop_gradient(g), blank
+
+
+@dataclasses.dataclass
+class AttackResult:
+    """Per-image outcome of a line search (numpy arrays, length N; failures included).
+
+    Attributes:
+      success: found a step whose prediction differs from the label.
+      adversarial: ``[N, ...]`` float32 pixels of the successful image (the original where it failed).
+      step: the first successful t (0 where it failed).
+      linf, l2: norms of the actual perturbation (pixels; 0 where it failed).
+      blank: the direction was all zeros.
+      still_changing: failed at the step cap while the image was still changing (the cap cut the search).
+      max_step: the cap used.
+    """
+
+    success: np.ndarray
+    adversarial: np.ndarray
+    step: np.ndarray
+    linf: np.ndarray
+    l2: np.ndarray
+    blank: np.ndarray
+    still_changing: np.ndarray
+    max_step: int
+
+    @property
+    def rate(self) -> float:
+        """Success rate in percent over all attacked images."""
+        return float(100.0 * self.success.mean()) if self.success.size else float("nan")
+
+
+def _candidates(x, d, t):
+    """clip(round(x + t·d), 0, 255) for steps t [C] → [C, N, ...]."""
+    shape = (-1,) + (1,) * x.ndim
+    return jnp.clip(jnp.round(x[None] + t.reshape(shape) * d[None]), 0.0, 255.0)
+
+
+def _make_chunk_fn(logits_fn):
+    @jax.jit
+    def chunk(x, d, labels, t):
+        cand = _candidates(x, d, t)  # [C, P, ...]
+        c, p = cand.shape[:2]
+        logits = logits_fn(cand.reshape((c * p,) + cand.shape[2:]))
+        wrong = (jnp.argmax(logits, axis=-1).reshape(c, p) != labels[None]).astype(jnp.int32)
+        return wrong
+
+    return chunk
+
+
+def _normalise(direction):
+    flat = direction.reshape(direction.shape[0], -1)
+    m = np.max(np.abs(flat), axis=1)
+    safe = np.where(m > 0, m, 1.0)
+    return (flat / safe[:, None]).reshape(direction.shape)
+
+
+def _saturation_step(x, d):
+    """Per image, the last integer t at which clip(round(x + t·d)) can still change (inf-free)."""
+    xf, df = x.reshape(x.shape[0], -1), d.reshape(d.shape[0], -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_up = np.where(df > 0, (255.5 - xf) / df, 0.0)
+        t_down = np.where(df < 0, (xf + 0.5) / -df, 0.0)
+    return np.ceil(np.max(np.maximum(t_up, t_down), axis=1))
+
+
+def line_search_attack(
+    logits_fn: LogitsFn,
+    images,
+    labels,
+    directions,
+    *,
+    blank=None,
+    max_step: int = 1020,
+    chunk_steps: int = 16,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> AttackResult:
+    """The paper's minimal-step line search along each direction (SPEC §4).
+
+    With d = g / max|g|, tries x_t = clip(round(x + t·d), 0, 255) for t = 1, 2, … and returns the first t whose
+    predicted label differs from ``labels`` — exactly the result of trying every step in order. It evaluates
+    ``chunk_steps`` steps of all still-active images per call and drops images as soon as they succeed or their
+    clipped image can no longer change (saturation), so directions whose largest component saturates at 255
+    keep moving their other pixels until ``max_step``. Failures that were still changing at ``max_step`` are
+    flagged in ``still_changing``.
+    """
+    x_all = np.asarray(images, np.float32)
+    y_all = np.asarray(labels, np.int32)
+    d_all = _normalise(np.asarray(directions, np.float32))
+    n = x_all.shape[0]
+    if d_all.shape != x_all.shape:
+        raise ValueError(f"directions {d_all.shape} must have the shape of images {x_all.shape}")
+    blank_all = np.zeros(n, bool) if blank is None else np.asarray(blank, bool)
+    blank_all = blank_all | np.all(d_all.reshape(n, -1) == 0, axis=1)
+    step = np.zeros(n, np.int64)
+    t_sat = _saturation_step(x_all, d_all)
+    chunk = _make_chunk_fn(logits_fn)
+    active = np.flatnonzero(~blank_all)
+    t0 = 1
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=len(active), desc="line search", unit="img")
+    while active.size and t0 <= max_step:
+        t = np.arange(t0, min(t0 + chunk_steps, max_step + 1), dtype=np.float32)
+        t_pad = np.pad(t, (0, chunk_steps - len(t)), constant_values=t[-1])
+        done_now = []
+        for start in range(0, active.size, batch_size):
+            idx = active[start : start + batch_size]
+            p = 1 << max(3, int(np.ceil(np.log2(len(idx)))))  # pad to a power of two: few recompilations
+            idx_pad = np.pad(idx, (0, p - len(idx)), mode="edge")
+            wrong = np.asarray(chunk(x_all[idx_pad], d_all[idx_pad], y_all[idx_pad], jnp.asarray(t_pad)))
+            wrong = wrong[: len(t), : len(idx)]
+            hit = wrong.any(axis=0)
+            first = np.argmax(wrong, axis=0)
+            step[idx[hit]] = t[first[hit]].astype(np.int64)
+            done_now.append(idx[hit])
+        finished = np.concatenate(done_now) if done_now else np.zeros(0, np.int64)
+        t0 += chunk_steps
+        saturated = active[t_sat[active] < t0]
+        keep = ~np.isin(active, finished) & ~np.isin(active, saturated)
+        if bar is not None:
+            bar.update(int((~keep).sum()))
+        active = active[keep]
+    if bar is not None:
+        bar.close()
+    success = step > 0
+    adv = x_all.copy()
+    if success.any():
+        s = np.flatnonzero(success)
+        t_s = step[s].astype(np.float32).reshape((-1,) + (1,) * (x_all.ndim - 1))
+        adv[s] = np.clip(np.round(x_all[s] + t_s * d_all[s]), 0, 255)
+    delta = (adv - x_all).reshape(n, -1)
+    still = ~success & ~blank_all & (t_sat > max_step)
+    return AttackResult(
+        success=success,
+        adversarial=adv,
+        step=step,
+        linf=np.abs(delta).max(axis=1),
+        l2=np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)),
+        blank=blank_all,
+        still_changing=still,
+        max_step=max_step,
+    )
+
+
+def fixed_step_attack(logits_fn: LogitsFn, images, labels, directions, step: float, *, blank=None) -> AttackResult:
+    """One step of size ``step`` (pixels, along d = g / max|g|): x' = clip(round(x + step·d)); success if misclassified."""
+    x = np.asarray(images, np.float32)
+    d = _normalise(np.asarray(directions, np.float32))
+    adv = np.clip(np.round(x + step * d), 0, 255).astype(np.float32)
+    pred = np.argmax(np.asarray(jax.jit(logits_fn)(jnp.asarray(adv))), axis=-1)
+    n = x.shape[0]
+    blank_all = (np.zeros(n, bool) if blank is None else np.asarray(blank, bool)) | np.all(d.reshape(n, -1) == 0, axis=1)
+    success = (pred != np.asarray(labels)) & ~blank_all
+    adv = np.where(success.reshape((-1,) + (1,) * (x.ndim - 1)), adv, x)
+    delta = (adv - x).reshape(n, -1)
+    return AttackResult(
+        success=success,
+        adversarial=adv,
+        step=np.where(success, step, 0),
+        linf=np.abs(delta).max(axis=1),
+        l2=np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)),
+        blank=blank_all,
+        still_changing=np.zeros(n, bool),
+        max_step=int(step),
+    )
