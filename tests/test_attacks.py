@@ -119,3 +119,23 @@ def test_pass_of_translated_image_is_near_one_while_ssim_is_not():
     assert converged
     assert ssim(shifted, img) < 0.8
     assert score > 0.99
+
+
+def test_evaluate_cli_on_released_weights(data_dir, tmp_path):
+    import json
+
+    from bang_jax import evaluate
+
+    weights = data_dir / "bang_caffe" / "lenet_bang.caffemodel.h5"
+    if not weights.is_file():
+        pytest.skip("released weights not available")
+    out = tmp_path / "row.json"
+    row = evaluate.main(["--caffe-weights", str(weights), "--dataset", "mnist", "--limit", "40",
+                         "--data-dir", str(data_dir), "--json", str(out), "--no-progress"])
+    saved = json.loads(out.read_text())
+    keys = {"accuracy", "attacked", "fgs_rate", "fgs_pass_mean", "fgs_linf_mean", "fgs_linf_std", "fgs_blank",
+            "fgs_exact_rate", "fgs_exact_linf_mean", "fgs_exact_blank", "hc1_rate", "hc1_pass_mean",
+            "hc1_linf_mean", "hc1_linf_std"}
+    assert keys <= set(saved) and saved["accuracy"] == row["accuracy"] == 100.0
+    # B1: the paper's FGS is blank on almost every image; the exact-gradient FGS is not
+    assert saved["fgs_blank"] >= 35 and saved["fgs_exact_blank"] == 0 and saved["fgs_exact_rate"] > 90

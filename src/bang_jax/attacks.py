@@ -139,7 +139,14 @@ def _candidates(x, d, t):
     return jnp.clip(jnp.round(x[None] + t.reshape(shape) * d[None]), 0.0, 255.0)
 
 
+_CHUNK_CACHE: dict = {}
+
+
 def _make_chunk_fn(logits_fn):
+    """The jitted chunk evaluator for ``logits_fn`` (cached, so repeated searches do not recompile)."""
+    if logits_fn in _CHUNK_CACHE:
+        return _CHUNK_CACHE[logits_fn]
+
     @jax.jit
     def chunk(x, d, labels, t):
         cand = _candidates(x, d, t)  # [C, P, ...]
@@ -148,6 +155,9 @@ def _make_chunk_fn(logits_fn):
         wrong = (jnp.argmax(logits, axis=-1).reshape(c, p) != labels[None]).astype(jnp.int32)
         return wrong
 
+    if len(_CHUNK_CACHE) > 64:
+        _CHUNK_CACHE.clear()
+    _CHUNK_CACHE[logits_fn] = chunk
     return chunk
 
 
