@@ -136,6 +136,6 @@ def test_evaluate_cli_on_released_weights(data_dir, tmp_path):
     keys = {"accuracy", "attacked", "fgs_rate", "fgs_pass_mean", "fgs_linf_mean", "fgs_linf_std", "fgs_blank",
             "fgs_exact_rate", "fgs_exact_linf_mean", "fgs_exact_blank", "hc1_rate", "hc1_pass_mean",
             "hc1_linf_mean", "hc1_linf_std"}
-    assert keys <= set(saved) and saved["accuracy"] == row["accuracy"] == 100.0
+    assert keys <= set(saved) and saved["accuracy"] == row["accuracy"] == 97.5  # 39 of the first 40
     # B1: the paper's FGS is blank on almost every image; the exact-gradient FGS is not
-    assert saved["fgs_blank"] >= 35 and saved["fgs_exact_blank"] == 0 and saved["fgs_exact_rate"] > 90
+    assert saved["attacked"] == 39 and saved["fgs_blank"] >= 35 and saved["fgs_exact_blank"] == 0 and saved["fgs_exact_rate"] > 90
