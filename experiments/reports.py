@@ -1,0 +1,119 @@
+"""Tables and figures of an experiment run (paper-style Markdown tables, PNG figures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = [
+    ("accuracy", "Accuracy", "pct"),
+    ("fgs_rate", "FGS rate", "pct"),
+    ("fgs_pass_mean", "FGS PASS", "pass"),
+    ("fgs_linf_mean", "FGS L∞", "linf"),
+    ("fgs_exact_rate", "FGS-exact rate", "pct"),
+    ("hc1_rate", "HC1 rate", "pct"),
+    ("hc1_pass_mean", "HC1 PASS", "pass"),
+    ("hc1_linf_mean", "HC1 L∞", "linf"),
+]
+
+
+def _cell(row: dict, key: str, kind: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "–"
+    if kind == "pct":
+        return f"{v:.2f}%"
+    std = row.get(key.replace("_mean", "_std"))
+    fmt = "{:.4f}" if kind == "pass" else "{:.2f}"
+    return fmt.format(v) + (f" ± {fmt.format(std)}" if std is not None and key.endswith("_mean") else "")
+
+
+def write_table(path: Path, title: str, results: list[dict], paper: dict[str, dict], note: str = "") -> str:
+    """A Markdown table laid out like the paper's Table 1/2, our row above the paper's for each model."""
+    head = "| model | β | ε | ratio | source | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [f"# {title}", "", head, "|" + " --- |" * (5 + len(COLUMNS))]
+    for r in results:
+        beta = "–" if r.get("regular") else f"{r['beta']:.2f}"
+        eps = "–" if r.get("regular") else f"{r['epsilon']:.3f}"
+        lines.append(f"| {r['id']} | {beta} | {eps} | {r['ratio']:.2f} | ours | "
+                     + " | ".join(_cell(r, k, kind) for k, _, kind in COLUMNS) + " |")
+        if r["id"] in paper:
+            lines.append(f"| {r['id']} | | | | paper | " + " | ".join(_cell(paper[r["id"]], k, kind) for k, _, kind in COLUMNS) + " |")
+    if note:
+        lines += ["", note]
+    text = "\n".join(lines) + "\n"
+    Path(path).write_text(text)
+    return text
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray], title: str) -> None:
+    """Fig. 1: originals and, per model, the minimal HC1 adversarial image and its perturbation."""
+    plt = _plt()
+    names = list(adversarial)
+    n = len(originals)
+    rows = 1 + 2 * len(names)
+    fig, axes = plt.subplots(rows, n, figsize=(1.4 * n, 1.5 * rows), squeeze=False)
+
+    def show(ax, img, cmap="gray", **kw):
+        img = np.asarray(img)
+        if img.shape[-1] == 1:
+            ax.imshow(img[..., 0], cmap=cmap, **kw)
+        else:
+            ax.imshow(np.clip(img, 0, 255).astype(np.uint8) if cmap == "gray" else img[..., 0], **({} if cmap == "gray" else {"cmap": cmap, **kw}))
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for j in range(n):
+        show(axes[0, j], originals[j], vmin=0, vmax=255)
+        for i, name in enumerate(names):
+            adv = adversarial[name][j]
+            show(axes[1 + 2 * i, j], adv, vmin=0, vmax=255)
+            delta = np.asarray(adv, np.float32) - np.asarray(originals[j], np.float32)
+            lim = max(1.0, float(np.abs(delta).max()))
+            axes[2 + 2 * i, j].imshow(delta.mean(axis=-1), cmap="RdBu_r", vmin=-lim, vmax=lim)
+            axes[2 + 2 * i, j].set_xticks([])
+            axes[2 + 2 * i, j].set_yticks([])
+            axes[2 + 2 * i, j].set_xlabel(f"L∞ {np.abs(delta).max():.0f}", fontsize=7)
+    axes[0, 0].set_ylabel("original", fontsize=8)
+    for i, name in enumerate(names):
+        axes[1 + 2 * i, 0].set_ylabel(f"{name} HC1", fontsize=8)
+        axes[2 + 2 * i, 0].set_ylabel(f"{name} pert.", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_grid(path: Path, results: list[dict], title: str) -> None:
+    """Figs. 2/4: accuracy, FGS rate and HC1 PASS over the β×ε grid (bilinear interpolation)."""
+    plt = _plt()
+    bang = [r for r in results if not r.get("regular")]
+    betas = sorted({r["beta"] for r in bang})
+    epss = sorted({r["epsilon"] for r in bang})
+    panels = [("accuracy", "accuracy (%)"), ("fgs_rate", "FGS success (%)"), ("hc1_pass_mean", "HC1 PASS")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, label) in zip(axes, panels):
+        grid = np.full((len(betas), len(epss)), np.nan)
+        for r in bang:
+            v = r.get(key)
+            grid[betas.index(r["beta"]), epss.index(r["epsilon"])] = np.nan if v is None else v
+        ext = [epss[0], epss[-1], betas[0], betas[-1]] if len(epss) > 1 and len(betas) > 1 else None
+        im = ax.imshow(grid, origin="lower", aspect="auto", extent=ext, interpolation="bilinear", cmap="viridis")
+        ax.set_xlabel("ε")
+        ax.set_ylabel("β")
+        ax.set_title(label)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
