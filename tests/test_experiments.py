@@ -1,20 +1,85 @@
-"""The experiment entry points end to end (smoke preset)."""
+"""The experiment entry points end to end: smoke presets, run-directory contents, kill and resume."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from experiments import mnist
+import pytest
+from flax import serialization
+
+from experiments import cifar10, mnist
+
+RESULT_KEYS = {
+    "id", "beta", "epsilon", "ratio", "seed", "accuracy", "fgs_rate", "fgs_pass_mean", "fgs_pass_std",
+    "fgs_linf_mean", "fgs_linf_std", "hc1_rate", "hc1_pass_mean", "hc1_pass_std", "hc1_linf_mean", "hc1_linf_std",
+    "fgs_blank", "fgs_exact_rate", "fgs_exact_linf_mean", "fgs_exact_blank",
+}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mnist_smoke_preset_end_to_end(tmp_path):
     out = tmp_path / "run"
     results = mnist.main(["--preset", "smoke", "--out", str(out), "--no-progress"])
-    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "results.json", "checkpoints"}
+    names = {p.name for p in out.iterdir()}
+    assert names >= {"config.json", "metrics.jsonl", "results.json", "checkpoints", "snapshots", "table1.md",
+                     "noise.json", "noise.png", "fig1_hc1.png", "timings.json"}
     config = json.loads((out / "config.json").read_text())
     assert config["num_steps"] == 60 and config["order"] == "sequential" and config["data_source"]
-    assert [m["name"] for m in config["models"]] == ["R0", "B1"]
+    assert [m["name"] for m in config["models"]] == ["R0", "B1"] and [m["seed"] for m in config["models"]] == [0, 3]
     saved = json.loads((out / "results.json").read_text())
-    assert saved == results
+    assert saved == json.loads(json.dumps(results))
     for r in saved:
-        assert {"id", "beta", "epsilon", "ratio", "seed", "accuracy"} <= set(r)
+        assert RESULT_KEYS <= set(r)
         assert 30.0 < r["accuracy"] <= 100.0  # 60 iterations already learn a lot
-    assert (out / "checkpoints" / "state.msgpack").stat().st_size > 1_000_000
+        assert 0 < r["attacked"] <= 500
+    metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "accuracy", "lr", "grad_norm", "kappa_zero_share"} <= set(metrics[-1])
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["iterations"] == [30, 60] and len(noise["rates"]["R0"][0]) == 3
+    table = (out / "table1.md").read_text()
+    assert "| R0 | | | | paper | 99.16% | 90.33%" in table and "| B1 | 1.00 | 0.815 |" in table
+
+
+def test_cifar10_smoke_preset_end_to_end(tmp_path, data_dir):
+    out = tmp_path / "cifar"
+    results = cifar10.main(["--preset", "smoke", "--out", str(out), "--no-progress", "--data-dir", str(data_dir)])
+    assert [r["id"] for r in results] == ["R0", "B0"] and results[1]["ratio"] == 0.5
+    assert RESULT_KEYS <= set(results[1])
+    assert "| B0 | | | | paper | 79.26% | 34.27%" in (out / "table2.md").read_text()
+
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "experiments.mnist", "--preset", "smoke", "--out", str(out), "--steps", "120",
+            "--checkpoint-every", "10", "--log-every", "10", "--attacks", "", "--noise-every", "0",
+            "--no-progress", *extra]
+
+
+def _final_params(out):
+    raw = serialization.msgpack_restore((out / "checkpoints" / "state.msgpack").read_bytes())
+    return raw
+
+
+def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cmd(full), check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until training is under way and a few checkpoints exist
+        if metrics.exists() and any(json.loads(s)["iteration"] >= 30 for s in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = int(_final_params(killed)["step"][0])
+    assert 10 <= step_at_kill < 120, "the run should have been killed mid-training"
+    subprocess.run(_cmd(killed, "--resume"), check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    assert (killed / "checkpoints" / "state.msgpack").read_bytes() == (full / "checkpoints" / "state.msgpack").read_bytes()
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
