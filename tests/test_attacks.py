@@ -139,3 +139,33 @@ def test_evaluate_cli_on_released_weights(data_dir, tmp_path):
     assert keys <= set(saved) and saved["accuracy"] == row["accuracy"] == 97.5  # 39 of the first 40
     # B1: the paper's FGS is blank on almost every image; the exact-gradient FGS is not
     assert saved["attacked"] == 39 and saved["fgs_blank"] >= 35 and saved["fgs_exact_blank"] == 0 and saved["fgs_exact_rate"] > 90
+
+
+@pytest.mark.parametrize("kind", ["fgs", "hc1"])
+def test_line_search_equals_trying_every_step_in_order(kind):
+    """The chunked, change-skipping search returns exactly the first successful t of a plain loop."""
+    import jax
+
+    from bang_jax.models import LeNet
+
+    rng = np.random.default_rng(0)
+    model = LeNet()
+    variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 28, 28, 1)))
+    fn = jax.jit(lambda v: model.apply(variables, v))
+    x = np.zeros((24, 28, 28, 1), np.float32)
+    x[:, 6:22, 6:22] = rng.integers(0, 256, (24, 16, 16, 1))  # a blank border: many pixels cannot move
+    y = np.asarray(jnp.argmax(fn(x), axis=1))
+    if kind == "fgs":
+        d, blank = fgs_direction(fn, x, y, exact=True)
+    else:
+        d, blank = hot_cold_direction(fn, x, y)
+    d = np.asarray(d)
+    res = line_search_attack(fn, x, y, d, blank=blank, max_step=300, chunk_steps=4)
+    dn = d / np.maximum(np.abs(d).reshape(len(d), -1).max(axis=1), 1e-30).reshape(-1, 1, 1, 1)
+    expected = np.zeros(len(x), int)
+    for t in range(1, 301):
+        xt = np.clip(np.round(x + np.float32(t) * dn.astype(np.float32)), 0, 255)
+        wrong = np.asarray(jnp.argmax(fn(xt), axis=1)) != y
+        expected[(expected == 0) & wrong] = t
+    np.testing.assert_array_equal(res.step, expected)
+    assert (res.step > 0).sum() >= 5

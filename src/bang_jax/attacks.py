@@ -142,22 +142,40 @@ def _candidates(x, d, t):
 _CHUNK_CACHE: dict = {}
 
 
-def _make_chunk_fn(logits_fn):
-    """The jitted chunk evaluator for ``logits_fn`` (cached, so repeated searches do not recompile)."""
-    if logits_fn in _CHUNK_CACHE:
-        return _CHUNK_CACHE[logits_fn]
+def _make_chunk_fn(logits_fn, evaluations: int, window: int):
+    """The jitted search step for ``logits_fn`` (cached, so repeated searches do not recompile).
+
+    For each image it looks at the ``window`` steps t_start … t_start+window−1, keeps those at which the clipped,
+    rounded image differs from the one at t−1 (nothing new can happen in between), and runs the model on the
+    first ``evaluations`` of them. Returns per image: hit, the first successful t, and where to continue.
+    """
+    cache_key = (logits_fn, evaluations, window)
+    if cache_key in _CHUNK_CACHE:
+        return _CHUNK_CACHE[cache_key]
 
     @jax.jit
-    def chunk(x, d, labels, t):
-        cand = _candidates(x, d, t)  # [C, P, ...]
-        c, p = cand.shape[:2]
-        logits = logits_fn(cand.reshape((c * p,) + cand.shape[2:]))
-        wrong = (jnp.argmax(logits, axis=-1).reshape(c, p) != labels[None]).astype(jnp.int32)
-        return wrong
+    def chunk(x, d, labels, t_start, max_step):
+        p = x.shape[0]
+        ts = t_start[None, :] + jnp.arange(-1, window, dtype=jnp.float32)[:, None]  # [W+1, P]
+        cands = jnp.clip(jnp.round(x[None] + ts.reshape(ts.shape + (1,) * (x.ndim - 1)) * d[None]), 0.0, 255.0)
+        axes = tuple(range(2, cands.ndim))
+        changed = jnp.any(cands[1:] != cands[:-1], axis=axes) & (ts[1:] <= max_step)  # [W, P]
+        pos = jnp.arange(window)[:, None]
+        order = jnp.argsort(jnp.where(changed, pos, window + pos), axis=0)[:evaluations]  # first changed steps
+        valid = jnp.take_along_axis(changed, order, axis=0)  # [E, P]
+        t_eval = jnp.take_along_axis(ts[1:], order, axis=0)  # [E, P]
+        sel = cands[1:][order, jnp.arange(p)[None, :]]  # [E, P, ...]
+        logits = logits_fn(sel.reshape((evaluations * p,) + x.shape[1:]))
+        wrong = (jnp.argmax(logits, axis=-1).reshape(evaluations, p) != labels[None]) & valid
+        hit = jnp.any(wrong, axis=0)
+        t_hit = jnp.take_along_axis(t_eval, jnp.argmax(wrong, axis=0)[None], axis=0)[0]
+        full = jnp.sum(valid, axis=0) == evaluations
+        next_start = jnp.where(full, t_eval[-1] + 1.0, t_start + window)
+        return hit, t_hit, next_start, jnp.sum(valid)
 
     if len(_CHUNK_CACHE) > 64:
         _CHUNK_CACHE.clear()
-    _CHUNK_CACHE[logits_fn] = chunk
+    _CHUNK_CACHE[cache_key] = chunk
     return chunk
 
 
@@ -196,7 +214,8 @@ def line_search_attack(
     ``chunk_steps`` steps of all still-active images per call and drops images as soon as they succeed or their
     clipped image can no longer change (saturation), so directions whose largest component saturates at 255
     keep moving their other pixels until ``max_step``. Failures that were still changing at ``max_step`` are
-    flagged in ``still_changing``.
+    flagged in ``still_changing``. Steps at which the clipped, rounded image does not change are skipped
+    (they cannot give a new prediction), so only images that change cost a forward pass.
     """
     x_all = np.asarray(images, np.float32)
     y_all = np.asarray(labels, np.int32)
@@ -208,35 +227,34 @@ def line_search_attack(
     blank_all = blank_all | np.all(d_all.reshape(n, -1) == 0, axis=1)
     step = np.zeros(n, np.int64)
     t_sat = _saturation_step(x_all, d_all)
-    chunk = _make_chunk_fn(logits_fn)
+    window = 4 * chunk_steps
+    chunk = _make_chunk_fn(logits_fn, chunk_steps, window)
+    pixels = int(np.prod(x_all.shape[1:]))
+    # bound the (window+1)·P·pixels candidate tensor to about 128 MB
+    batch_size = max(8, min(batch_size, 1 << int(np.log2(max(8, (1 << 25) // ((window + 1) * pixels))))))
     active = np.flatnonzero(~blank_all)
-    t0 = 1
+    t_start = np.ones(n, np.float32)
+    evaluated = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         bar = tqdm(total=len(active), desc="line search", unit="img")
-    while active.size and t0 <= max_step:
-        t = np.arange(t0, min(t0 + chunk_steps, max_step + 1), dtype=np.float32)
-        t_pad = np.pad(t, (0, chunk_steps - len(t)), constant_values=t[-1])
-        done_now = []
+    while active.size:
         for start in range(0, active.size, batch_size):
             idx = active[start : start + batch_size]
             p = 1 << max(3, int(np.ceil(np.log2(len(idx)))))  # pad to a power of two: few recompilations
             idx_pad = np.pad(idx, (0, p - len(idx)), mode="edge")
-            wrong = np.asarray(chunk(x_all[idx_pad], d_all[idx_pad], y_all[idx_pad], jnp.asarray(t_pad)))
-            wrong = wrong[: len(t), : len(idx)]
-            hit = wrong.any(axis=0)
-            first = np.argmax(wrong, axis=0)
-            step[idx[hit]] = t[first[hit]].astype(np.int64)
-            done_now.append(idx[hit])
-        finished = np.concatenate(done_now) if done_now else np.zeros(0, np.int64)
-        t0 += chunk_steps
-        saturated = active[t_sat[active] < t0]
-        keep = ~np.isin(active, finished) & ~np.isin(active, saturated)
+            hit, t_hit, nxt, count = chunk(x_all[idx_pad], d_all[idx_pad], y_all[idx_pad], t_start[idx_pad],
+                                           jnp.float32(max_step))
+            hit, t_hit, nxt = (np.asarray(a)[: len(idx)] for a in (hit, t_hit, nxt))
+            evaluated += int(count)
+            step[idx[hit]] = t_hit[hit].astype(np.int64)
+            t_start[idx] = nxt
+        done = (step[active] > 0) | (t_start[active] > np.minimum(t_sat[active], max_step))
         if bar is not None:
-            bar.update(int((~keep).sum()))
-        active = active[keep]
+            bar.update(int(done.sum()))
+        active = active[~done]
     if bar is not None:
         bar.close()
     success = step > 0
