@@ -169,3 +169,34 @@ def test_line_search_equals_trying_every_step_in_order(kind):
         expected[(expected == 0) & wrong] = t
     np.testing.assert_array_equal(res.step, expected)
     assert (res.step > 0).sum() >= 5
+
+
+def test_exact_fgs_matches_a_float64_stable_loss_gradient_on_released_b1(data_dir):
+    """On B1 (median logit margin ≈ 72) the exact form equals sign ∇ softplus(lse_{j≠y} z_j − z_y) in float64,
+    while the float64 log-softmax gradient still loses the true-class term (1 − p_y rounds to 0)."""
+    import jax
+
+    from bang_jax.caffe import load_caffe_weights
+    from bang_jax.data import load_dataset
+
+    weights = data_dir / "bang_caffe" / "lenet_bang.caffemodel.h5"
+    if not weights.is_file():
+        pytest.skip("released weights not available")
+    ds = load_dataset("mnist", data_dir, source="files")
+    model, v = load_caffe_weights(weights)
+    x = ds.test_images[:40].astype(np.float32)
+    y = ds.test_labels[:40]
+    fn = jax.jit(lambda a: model.apply(v, a))
+    d, blank = fgs_direction(fn, x, y, exact=True)
+    with jax.enable_x64(True):
+        v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v)
+        onehot = jax.nn.one_hot(jnp.asarray(y), 10, dtype=bool)
+
+        def stable_loss(a):
+            z = model.apply(v64, a)
+            z_true = jnp.sum(jnp.where(onehot, z, 0.0), axis=1)
+            return jnp.sum(jax.nn.softplus(jax.nn.logsumexp(jnp.where(onehot, -jnp.inf, z), axis=1) - z_true))
+
+        g = np.asarray(jax.grad(stable_loss)(jnp.asarray(x, jnp.float64)))
+    assert not blank.any()
+    np.testing.assert_array_equal(np.asarray(d), np.sign(g))

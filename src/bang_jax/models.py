@@ -80,7 +80,7 @@ class LeNet(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         _check_images("LeNet", images, (28, 28), 1)
-        x = images.astype(jnp.float32) * 0.00390625
+        x = images.astype(jnp.promote_types(images.dtype, jnp.float32)) * 0.00390625
         x = nn.Conv(20, (5, 5), padding="VALID", kernel_init=_xavier, name="conv1")(x)
         x = caffe_max_pool(x, 2, 2)
         x = nn.Conv(50, (5, 5), padding="VALID", kernel_init=_xavier, name="conv2")(x)
@@ -107,7 +107,7 @@ class CifarQuick(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         _check_images("CifarQuick", images, (32, 32), 3)
         mean = self.variable("constants", "mean_image", lambda: jnp.zeros((32, 32, 3), jnp.float32))
-        x = images.astype(jnp.float32) - mean.value[None]
+        x = images.astype(jnp.promote_types(images.dtype, jnp.float32)) - mean.value[None]
         gauss = nn.initializers.normal
         x = nn.Conv(32, (5, 5), padding=2, kernel_init=gauss(1e-4), name="conv1")(x)
         x = caffe_max_pool(x, 3, 2)
