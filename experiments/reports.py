@@ -98,21 +98,19 @@ def plot_grid(path: Path, results: list[dict], title: str) -> None:
     """Figs. 2/4: accuracy, FGS rate and HC1 PASS over the β×ε grid (bilinear interpolation)."""
     plt = _plt()
     bang = [r for r in results if not r.get("regular")]
-    betas = sorted({r["beta"] for r in bang})
-    epss = sorted({r["epsilon"] for r in bang})
     panels = [("accuracy", "accuracy (%)"), ("fgs_rate", "FGS success (%)"), ("hc1_pass_mean", "HC1 PASS")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, (key, label) in zip(axes, panels):
-        grid = np.full((len(betas), len(epss)), np.nan)
-        for r in bang:
-            v = r.get(key)
-            grid[betas.index(r["beta"]), epss.index(r["epsilon"])] = np.nan if v is None else v
-        ext = [epss[0], epss[-1], betas[0], betas[-1]] if len(epss) > 1 and len(betas) > 1 else None
-        im = ax.imshow(grid, origin="lower", aspect="auto", extent=ext, interpolation="bilinear", cmap="viridis")
+        pts = [(r["epsilon"], r["beta"], r.get(key)) for r in bang if r.get(key) is not None]
+        e, b, v = (np.asarray(c, float) for c in zip(*pts)) if pts else (np.zeros(0),) * 3
+        if len(pts) >= 3 and len(set(e)) > 1 and len(set(b)) > 1:
+            # linear interpolation over the triangulated (ε, β) points, as the paper's interpolated maps
+            cs = ax.tricontourf(e, b, v, levels=20, cmap="viridis")
+            fig.colorbar(cs, ax=ax)
+        ax.scatter(e, b, c="white", edgecolors="black", s=12)
         ax.set_xlabel("ε")
         ax.set_ylabel("β")
         ax.set_title(label)
-        fig.colorbar(im, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

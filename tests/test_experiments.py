@@ -83,3 +83,12 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     a = json.loads((full / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
+
+
+def test_grid_preset_trains_vmapped_models_and_plots(tmp_path):
+    out = tmp_path / "grid"
+    models = "R0,a:1.0:0.78,b:1.0:0.84,c:1.6:0.78,d:1.6:0.84,e:1.3:0.81"
+    results = mnist.main(["--preset", "grid", "--models", models, "--steps", "10", "--test-limit", "100",
+                          "--attacks", "fgs", "--out", str(out), "--no-progress"])
+    assert len(results) == 6 and json.loads((out / "config.json").read_text())["model_batching"] == "vmap"
+    assert (out / "grid.png").stat().st_size > 20_000
