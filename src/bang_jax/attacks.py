@@ -16,6 +16,7 @@ Any other direction (an ``[N, ...]`` array) can be passed to :func:`line_search_
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -139,9 +140,7 @@ def _candidates(x, d, t):
     return jnp.clip(jnp.round(x[None] + t.reshape(shape) * d[None]), 0.0, 255.0)
 
 
-_CHUNK_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _make_chunk_fn(logits_fn, evaluations: int, window: int):
     """The jitted search step for ``logits_fn`` (cached, so repeated searches do not recompile).
 
@@ -149,10 +148,6 @@ def _make_chunk_fn(logits_fn, evaluations: int, window: int):
     rounded image differs from the one at t−1 (nothing new can happen in between), and runs the model on the
     first ``evaluations`` of them. Returns per image: hit, the first successful t, and where to continue.
     """
-    cache_key = (logits_fn, evaluations, window)
-    if cache_key in _CHUNK_CACHE:
-        return _CHUNK_CACHE[cache_key]
-
     @jax.jit
     def chunk(x, d, labels, t_start, max_step):
         p = x.shape[0]
@@ -173,9 +168,6 @@ def _make_chunk_fn(logits_fn, evaluations: int, window: int):
         next_start = jnp.where(full, t_eval[-1] + 1.0, t_start + window)
         return hit, t_hit, next_start, jnp.sum(valid)
 
-    if len(_CHUNK_CACHE) > 64:
-        _CHUNK_CACHE.clear()
-    _CHUNK_CACHE[cache_key] = chunk
     return chunk
 
 

@@ -13,6 +13,7 @@ with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -244,13 +245,10 @@ def predict(model: nn.Module, variables: dict, images, *, batch_size: int = 1000
     return np.concatenate(outs)
 
 
-_PREDICT_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _predict_fn(model):
-    if model not in _PREDICT_CACHE:
-        _PREDICT_CACHE[model] = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    return _PREDICT_CACHE[model]
+    """A jitted test-mode forward per model definition (cached: evaluating many checkpoints compiles once)."""
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))
 
 
 def evaluate_accuracy(model: nn.Module, variables: dict, images, labels, *, batch_size: int = 1000) -> float:
