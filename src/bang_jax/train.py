@@ -44,6 +44,7 @@ __all__ = [
     "init_states",
     "make_train_step",
     "predict",
+    "shard_models",
     "train",
 ]
 
@@ -213,6 +214,20 @@ def make_train_step(
     return step
 
 
+def shard_models(tree):
+    """Places a pytree whose leaves have a leading model axis on all devices, split along that axis.
+
+    With the models ``vmap``-ed inside the jitted step, XLA then runs each device's share of the models there
+    (the batch and the dataset are replicated). One device: returned unchanged.
+    """
+    devices = jax.devices()
+    if len(devices) == 1:
+        return tree
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("models",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("models"))
+    return jax.device_put(tree, sharding)
+
+
 def batch_indices(num_examples: int, batch_size: int, start: int, count: int, *, order: str = "sequential", data_seed: int = 0) -> np.ndarray:
     """``[count, batch_size]`` example indices of iterations ``start .. start+count-1``.
 
@@ -325,7 +340,8 @@ def train(
       consts: non-param variables to use (e.g. CifarQuick's mean image); default: as ``init`` makes them.
       order, data_seed: see :func:`batch_indices`.
       chunk_steps: iterations dispatched between progress-bar updates.
-      model_batching: see :func:`make_train_step`.
+      model_batching: see :func:`make_train_step`. With ``'vmap'`` and several devices (GPUs, TPU cores),
+        the models are sharded over the devices when their number divides evenly (:func:`shard_models`).
       method: ``'single_pass'`` (default, the authors' way), ``'per_example'`` (vmap(grad) + :func:`bang`), or
         ``'plain'`` (ignores ε, β, ratio: regular training for every model).
       out_dir: if given, ``metrics.jsonl`` (one line per model every ``log_every`` iterations) and
@@ -344,6 +360,9 @@ def train(
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
     chunk_steps = max(1, min(chunk_steps, log_every, checkpoint_every))
+    if model_batching == "vmap" and len(hparams) % jax.device_count():
+        print(f"note: {len(hparams)} models do not divide over {jax.device_count()} devices; not sharding",
+              file=sys.stderr)
     tx = solver.optimizer()
     states, init_consts = init_states(model, train_images, hparams, tx)
     consts = init_consts if consts is None else consts
@@ -365,6 +384,8 @@ def train(
     )
     images = jnp.asarray(train_images)
     labels = jnp.asarray(train_labels, jnp.int32)
+    if model_batching == "vmap" and jax.device_count() > 1 and len(hparams) % jax.device_count() == 0:
+        states, hps = shard_models((states, hps))
     t0 = time.perf_counter()
     last_metrics: dict = {}
     window: list[dict] = []
