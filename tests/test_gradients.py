@@ -132,7 +132,7 @@ def test_saturated_softmax_regime_in_float64():
         params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64) * 8.0, variables["params"])
         variables = {"params": params}
         logits = model.apply(variables, x)
-        y = jnp.argmax(logits, axis=1).astype(jnp.int32).at[0].set((jnp.argmax(logits[0]) + 1) % 3)
+        y = jnp.argmax(logits, axis=1).astype(jnp.int32).at[0].set(((jnp.argmax(logits[0]) + 1) % 3).astype(jnp.int32))
         pe = per_example_grads(model.apply, variables, x, y)
         norms = np.asarray(pe.kappa_norms["fc"]["kernel"])
         assert norms.min() / norms.max() < 1e-12  # really saturated
