@@ -22,12 +22,10 @@ Data: the CIFAR-10 binary batches (gzipped or not) in ``--data-dir`` / ``$BANG_D
 from __future__ import annotations
 
 import dataclasses
-import sys
-
 import numpy as np
 
 from bang_jax.train import CIFAR_QUICK_SOLVER, BangHParams
-from experiments.common import ExperimentConfig, build_parser, config_from_args, run
+from experiments.common import ExperimentConfig, as_grid, main_for
 from experiments.paper_tables import TABLE2 as PAPER_TABLE2
 
 TABLE2 = {
@@ -75,26 +73,17 @@ def paper() -> ExperimentConfig:
 
 
 def grid() -> ExperimentConfig:
-    cfg = _base("grid", ["R0"])
     betas = np.round(np.arange(0.4, 1.0001, 0.05), 3)
-    epss = np.round(np.arange(0.80, 0.8601, 0.005), 4)
-    cfg.models += [BangHParams(f"b{b:.2f}_e{e:.3f}", float(e), float(b), 0.5, seed=100 + i * len(epss) + j)
-                   for i, b in enumerate(betas) for j, e in enumerate(epss)]
-    cfg.noise_every, cfg.model_batching, cfg.figure_images = None, "vmap", 0
-    return cfg
+    epsilons = np.round(np.arange(0.80, 0.8601, 0.005), 4)
+    return as_grid(_base("grid", ["R0"]), betas, epsilons, ratio=0.5)
 
 
 PRESETS = {"default": default, "smoke": smoke, "paper": paper, "grid": grid}
 
 
 def main(argv=None):
-    args = build_parser(__doc__, PRESETS).parse_args(argv)
-    cfg = config_from_args(args, PRESETS, TABLE2, "cifar10")
-    if cfg.preset in ("paper", "grid"):
-        est = len(cfg.models) * cfg.num_steps * STEP_SECONDS_CPU / 60
-        print(f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
-              "(a GPU runs this far faster); attacks and noise come on top", file=sys.stderr)
-    return run(cfg, paper=PAPER_TABLE2, table_name="table2.md", title="Table 2: CIFAR-10 quick")
+    return main_for(__doc__, PRESETS, TABLE2, "cifar10", step_seconds_cpu=STEP_SECONDS_CPU, paper=PAPER_TABLE2,
+                    table_name="table2.md", title="Table 2: CIFAR-10 quick", argv=argv)
 
 
 if __name__ == "__main__":

