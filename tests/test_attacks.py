@@ -200,3 +200,19 @@ def test_exact_fgs_matches_a_float64_stable_loss_gradient_on_released_b1(data_di
         g = np.asarray(jax.grad(stable_loss)(jnp.asarray(x, jnp.float64)))
     assert not blank.any()
     np.testing.assert_array_equal(np.asarray(d), np.sign(g))
+
+
+def test_pgd_margin_finds_the_analytic_minimal_budget():
+    # z1 − z0 = w·x − 80 with Σ|w| = 1.5: from Σ w·x = 75 the class flips once ε > 5 / 1.5 ≈ 3.33 pixels.
+    from bang_jax.attacks import pgd_attack
+
+    w = np.zeros((4, 4, 1), np.float32)
+    w[0, 0, 0], w[1, 1, 0] = 1.0, -0.5
+    x = np.full((1, 4, 4, 1), 50.0, np.float32)
+    x[0, 1, 1, 0] = 50.0  # Σ w·x = 50 − 25 = 25
+    fn = linear_logits_fn(jnp.asarray(w), threshold=30.0)  # margin 5 → minimal L∞ = 5 / 1.5
+    assert not pgd_attack(fn, x, np.array([0]), epsilon=3.2, steps=20).success[0]
+    res = pgd_attack(fn, x, np.array([0]), epsilon=3.5, steps=20)
+    assert res.success[0] and res.linf[0] <= 3.5 + 1e-4
+    with pytest.raises(ValueError, match="epsilon"):
+        pgd_attack(fn, x, np.array([0]), epsilon=float("nan"))

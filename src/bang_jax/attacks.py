@@ -10,7 +10,8 @@ models: ``lambda x: model.apply(variables, x)``). Build one and run the paper's 
     res = line_search_attack(logits_fn, images, labels, d, blank=blank)  # minimal step t, first success wins
 
 Any other direction (an ``[N, ...]`` array) can be passed to :func:`line_search_attack` or
-:func:`fixed_step_attack`.
+:func:`fixed_step_attack`. Beyond the paper, :func:`pgd_attack` runs L∞ PGD at a fixed budget on the logit
+margin, which a saturated softmax cannot mask.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "fixed_step_attack",
     "hot_cold_direction",
     "line_search_attack",
+    "pgd_attack",
 ]
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -289,4 +291,89 @@ def fixed_step_attack(logits_fn: LogitsFn, images, labels, directions, step: flo
         blank=blank_all,
         still_changing=np.zeros(n, bool),
         max_step=int(step),
+    )
+
+
+def _margin_loss(logits, labels):
+    """max_{j≠y} z_j − z_y per example: positive iff misclassified; no softmax, so it never saturates."""
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+    z_true = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    z_other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
+    return z_other - z_true
+
+
+@functools.lru_cache(maxsize=32)
+def _make_pgd_step(logits_fn, loss: str):
+    def total_loss(x, labels):
+        z = logits_fn(x)
+        if loss == "margin":
+            return jnp.sum(_margin_loss(z, labels))
+        return jnp.sum(-jnp.take_along_axis(jax.nn.log_softmax(z), labels[:, None], axis=1))
+
+    @jax.jit
+    def step(x, x0, labels, epsilon, step_size, best, best_margin):
+        g = jax.grad(total_loss)(x, labels)
+        x = jnp.clip(jnp.clip(x + step_size * jnp.sign(g), x0 - epsilon, x0 + epsilon), 0.0, 255.0)
+        margin = _margin_loss(logits_fn(x), labels)
+        better = margin > best_margin
+        keep = better.reshape((-1,) + (1,) * (x.ndim - 1))
+        return x, jnp.where(keep, x, best), jnp.where(better, margin, best_margin)
+
+    return step
+
+
+def pgd_attack(
+    logits_fn: LogitsFn,
+    images,
+    labels,
+    *,
+    epsilon: float,
+    steps: int = 50,
+    step_size: float | None = None,
+    loss: str = "margin",
+    random_start: bool = True,
+    seed: int = 0,
+    batch_size: int = 1000,
+) -> AttackResult:
+    """L∞ PGD (Madry et al. 2018) at a fixed budget ``epsilon`` (pixels), a modern check of the paper's attacks.
+
+    With ``loss='margin'`` (default) it ascends max_{j≠y} z_j − z_y on the logits, which does not saturate, so a
+    model whose softmax is saturated (as BANG's are) cannot hide behind a zero loss gradient the way it does
+    from the paper's FGS. ``loss='ce'`` uses the cross-entropy. Keeps, per image, the iterate with the largest
+    margin; success = that iterate is misclassified. Images are not rounded (continuous pixels in 0..255).
+    """
+    if loss not in ("margin", "ce"):
+        raise ValueError(f"loss must be 'margin' or 'ce', got {loss!r}")
+    if not (epsilon >= 0 and np.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be a finite non-negative number of pixels, got {epsilon}")
+    step_size = epsilon / 4 if step_size is None else step_size
+    step = _make_pgd_step(logits_fn, loss)
+    x_all = np.asarray(images, np.float32)
+    y_all = np.asarray(labels, np.int32)
+    adv = x_all.copy()
+    rng = np.random.default_rng(seed)
+    for start in range(0, len(x_all), batch_size):
+        x0 = jnp.asarray(x_all[start : start + batch_size])
+        y = jnp.asarray(y_all[start : start + batch_size])
+        x = x0
+        if random_start:
+            x = jnp.clip(x0 + rng.uniform(-epsilon, epsilon, x0.shape).astype(np.float32), 0.0, 255.0)
+        best, best_margin = x0, _margin_loss(logits_fn(x0), y)
+        for _ in range(steps):
+            x, best, best_margin = step(x, x0, y, jnp.float32(epsilon), jnp.float32(step_size), best, best_margin)
+        adv[start : start + batch_size] = np.asarray(best)
+    pred = np.concatenate([np.asarray(jnp.argmax(logits_fn(jnp.asarray(adv[i : i + batch_size])), axis=-1))
+                           for i in range(0, len(adv), batch_size)])
+    success = pred != y_all
+    delta = (adv - x_all).reshape(len(x_all), -1)
+    n = len(x_all)
+    return AttackResult(
+        success=success,
+        adversarial=adv,
+        step=np.zeros(n, np.int64),
+        linf=np.where(success, np.abs(delta).max(axis=1), 0.0),
+        l2=np.where(success, np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)), 0.0),
+        blank=np.zeros(n, bool),
+        still_changing=np.zeros(n, bool),
+        max_step=int(round(epsilon)),
     )

@@ -6,6 +6,7 @@
 Attacks the correctly classified test images (the first ``--limit`` of the test set) with FGS in the paper's
 protocol (blank when float32 p_true == 1), FGS with the exact gradient, and HC1, each with the minimal-step line
 search of SPEC §4 (FGS up to t = 255, HC1 up to ``--hc1-max-step``, default 1020), and prints a Table-1 style row.
+``--attacks fgs,hc1,pgd`` adds L∞ PGD (margin and cross-entropy losses) at the budgets of ``--pgd-eps``.
 Rates are percent of attacked images, L∞ in pixels, PASS over successes, blanks as counts.
 """
 
@@ -19,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from bang_jax.attacks import fgs_direction, hot_cold_direction, line_search_attack
+from bang_jax.attacks import fgs_direction, hot_cold_direction, line_search_attack, pgd_attack
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import load_dataset, mean_image
 from bang_jax.metrics import pass_scores
@@ -47,8 +48,13 @@ def _summary(prefix, result, x, with_pass=True):
     return out
 
 
-def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), hc1_max_step=1020, progress=True):
-    """Accuracy and attack statistics (a dict) of ``model`` on ``images`` (pixels) with integer ``labels``."""
+def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), hc1_max_step=1020,
+                   pgd_epsilons=(16.0, 32.0, 64.0), pgd_steps=40, progress=True):
+    """Accuracy and attack statistics (a dict) of ``model`` on ``images`` (pixels) with integer ``labels``.
+
+    ``attacks``: ``"fgs"`` (paper protocol and exact gradient), ``"hc1"``, and ``"pgd"`` (L∞ PGD on the logit
+    margin and on the cross-entropy at each budget in ``pgd_epsilons``, giving ``pgd_margin_rate_eps16`` …).
+    """
     logits_fn = jax.jit(lambda x: model.apply(variables, x))
     pred = np.argmax(predict(model, variables, images), axis=1)
     correct = pred == np.asarray(labels)
@@ -64,12 +70,17 @@ def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), 
             row |= _summary(
                 "fgs_exact", line_search_attack(logits_fn, x, y, d, blank=blank, max_step=255, progress=progress), x
             )
+        elif attack == "pgd":
+            for eps in pgd_epsilons:
+                for loss in ("margin", "ce"):
+                    res = pgd_attack(logits_fn, x, y, epsilon=float(eps), steps=pgd_steps, loss=loss)
+                    row[f"pgd_{loss}_rate_eps{eps:g}"] = res.rate
         elif attack == "hc1":
             d, blank = hot_cold_direction(logits_fn, x, y)
             res = line_search_attack(logits_fn, x, y, d, blank=blank, max_step=hc1_max_step, progress=progress)
             row |= _summary("hc1", res, x)
         else:
-            raise ValueError(f"unknown attack {attack!r} (fgs, hc1)")
+            raise ValueError(f"unknown attack {attack!r} (fgs, hc1, pgd)")
         row[f"{attack}_seconds"] = time.perf_counter() - t0
     return row
 
@@ -84,7 +95,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--caffe-weights", required=True, help="a .caffemodel.h5 file (LeNet or CIFAR-10 quick)")
     p.add_argument("--dataset", required=True, choices=["mnist", "cifar10"])
-    p.add_argument("--attacks", default="fgs,hc1")
+    p.add_argument("--attacks", default="fgs,hc1", help="comma-separated: fgs, hc1, pgd (default: %(default)s)")
+    p.add_argument("--pgd-eps", default="16,32,64", help="L∞ budgets (pixels) of the pgd attack")
     p.add_argument("--limit", type=int, help="use the first N test images")
     p.add_argument("--hc1-max-step", type=int, default=1020)
     p.add_argument("--data-dir", help="dataset directory (default: $BANG_DATA_DIR)")
@@ -99,6 +111,7 @@ def main(argv=None):
     row = evaluate_model(
         model, variables, ds.test_images[:n], ds.test_labels[:n], attacks=attacks,
         hc1_max_step=args.hc1_max_step, progress=not args.no_progress,
+        pgd_epsilons=tuple(float(e) for e in args.pgd_eps.split(",") if e),
     )
     row = {"weights": str(args.caffe_weights), "dataset": args.dataset, "data_source": ds.source} | row
     print(f"\n{args.caffe_weights} on {n} {args.dataset} test images ({row['attacked']} attacked)")
@@ -111,6 +124,9 @@ def main(argv=None):
         f"{_fmt(row.get('hc1_rate'), True)} {_fmt(row.get('hc1_pass_mean'))} {_fmt(row.get('hc1_linf_mean'))}"
         f"±{_fmt(row.get('hc1_linf_std'))}"
     )
+    pgd = {k: v for k, v in row.items() if k.startswith("pgd_")}
+    if pgd:
+        print("PGD (40 steps) success: " + ", ".join(f"{k[4:]} {v:.2f}%" for k, v in pgd.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=2)
