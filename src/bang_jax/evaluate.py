@@ -124,7 +124,7 @@ def main(argv=None):
         f"{_fmt(row.get('hc1_rate'), True)} {_fmt(row.get('hc1_pass_mean'))} {_fmt(row.get('hc1_linf_mean'))}"
         f"±{_fmt(row.get('hc1_linf_std'))}"
     )
-    pgd = {k: v for k, v in row.items() if k.startswith("pgd_")}
+    pgd = {k: v for k, v in row.items() if k.startswith("pgd_") and "_rate_" in k}
     if pgd:
         print("PGD (40 steps) success: " + ", ".join(f"{k[4:]} {v:.2f}%" for k, v in pgd.items()))
     if args.json:
