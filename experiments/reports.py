@@ -64,26 +64,26 @@ def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray],
     rows = 1 + 2 * len(names)
     fig, axes = plt.subplots(rows, n, figsize=(1.4 * n, 1.5 * rows), squeeze=False)
 
-    def show(ax, img, cmap="gray", **kw):
-        img = np.asarray(img)
+    def show(ax, img):
+        """A pixel image: grayscale for one channel, RGB otherwise."""
+        img = np.clip(np.asarray(img), 0, 255)
         if img.shape[-1] == 1:
-            ax.imshow(img[..., 0], cmap=cmap, **kw)
+            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
         else:
-            ax.imshow(np.clip(img, 0, 255).astype(np.uint8) if cmap == "gray" else img[..., 0], **({} if cmap == "gray" else {"cmap": cmap, **kw}))
-        ax.set_xticks([])
-        ax.set_yticks([])
+            ax.imshow(img.astype(np.uint8))
 
     for j in range(n):
-        show(axes[0, j], originals[j], vmin=0, vmax=255)
+        show(axes[0, j], originals[j])
         for i, name in enumerate(names):
             adv = adversarial[name][j]
-            show(axes[1 + 2 * i, j], adv, vmin=0, vmax=255)
+            show(axes[1 + 2 * i, j], adv)
             delta = np.asarray(adv, np.float32) - np.asarray(originals[j], np.float32)
             lim = max(1.0, float(np.abs(delta).max()))
-            axes[2 + 2 * i, j].imshow(delta.mean(axis=-1), cmap="RdBu_r", vmin=-lim, vmax=lim)
-            axes[2 + 2 * i, j].set_xticks([])
-            axes[2 + 2 * i, j].set_yticks([])
+            axes[2 + 2 * i, j].imshow(delta.mean(axis=-1), cmap="RdBu_r", vmin=-lim, vmax=lim)  # channel mean
             axes[2 + 2 * i, j].set_xlabel(f"L∞ {np.abs(delta).max():.0f}", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
     axes[0, 0].set_ylabel("original", fontsize=8)
     for i, name in enumerate(names):
         axes[1 + 2 * i, 0].set_ylabel(f"{name} HC1", fontsize=8)
