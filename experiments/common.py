@@ -28,9 +28,9 @@ from flax import serialization
 from bang_jax import data as data_lib
 from bang_jax import models as models_lib
 from bang_jax.attacks import hot_cold_direction, line_search_attack
-from bang_jax.evaluate import evaluate_model
 from bang_jax.noise import noise_study, plot_noise_study
-from bang_jax.train import BangHParams, SolverConfig, predict, train
+from bang_jax.evaluate import evaluate_model, predict
+from bang_jax.train import BangHParams, SolverConfig, train
 from experiments import reports
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import load_dataset, mean_image
-from bang_jax.train import evaluate_accuracy
+from bang_jax.evaluate import evaluate_accuracy
 
 PAPER = {"lenet": 99.16, "lenet_bang": 99.22, "cifar10": 79.59, "cifar10_bang": 79.26}
 

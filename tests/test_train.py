@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from bang_jax.models import LeNet
-from bang_jax.train import LENET_SOLVER, BangHParams, batch_indices, evaluate_accuracy, train
+from bang_jax.evaluate import evaluate_accuracy
+from bang_jax.train import LENET_SOLVER, BangHParams, batch_indices, train
 
 
 def test_sequential_order_wraps_like_caffe_lmdb():

@@ -13,20 +13,42 @@ Rates are percent of attacked images, L∞ in pixels, PASS over successes, blank
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bang_jax.attacks import fgs_direction, hot_cold_direction, line_search_attack, pgd_attack
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import load_dataset, mean_image
 from bang_jax.metrics import pass_scores
-from bang_jax.train import predict
 
-__all__ = ["evaluate_model", "main"]
+__all__ = ["evaluate_accuracy", "evaluate_model", "main", "predict"]
+
+
+def predict(model: nn.Module, variables: dict, images, *, batch_size: int = 1000) -> np.ndarray:
+    """Test-mode logits ``[N, classes]`` of ``images`` (pixels 0..255), in batches."""
+    fn = _predict_fn(model)
+    outs = []
+    for i in range(0, len(images), batch_size):
+        outs.append(np.asarray(fn(variables, jnp.asarray(images[i : i + batch_size], jnp.float32))))
+    return np.concatenate(outs)
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_fn(model):
+    """A jitted test-mode forward per model definition (cached: evaluating many checkpoints compiles once)."""
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+
+def evaluate_accuracy(model: nn.Module, variables: dict, images, labels, *, batch_size: int = 1000) -> float:
+    """Test accuracy in percent."""
+    logits = predict(model, variables, images, batch_size=batch_size)
+    return float(100.0 * np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
 
 
 def _summary(prefix, result, x, with_pass=True):

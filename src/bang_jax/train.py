@@ -251,27 +251,6 @@ def batch_indices(num_examples: int, batch_size: int, start: int, count: int, *,
     return out.astype(np.int32)
 
 
-def predict(model: nn.Module, variables: dict, images, *, batch_size: int = 1000) -> np.ndarray:
-    """Test-mode logits ``[N, classes]`` of ``images`` (pixels 0..255), in batches."""
-    fn = _predict_fn(model)
-    outs = []
-    for i in range(0, len(images), batch_size):
-        outs.append(np.asarray(fn(variables, jnp.asarray(images[i : i + batch_size], jnp.float32))))
-    return np.concatenate(outs)
-
-
-@functools.lru_cache(maxsize=16)
-def _predict_fn(model):
-    """A jitted test-mode forward per model definition (cached: evaluating many checkpoints compiles once)."""
-    return jax.jit(lambda v, x: model.apply(v, x, train=False))
-
-
-def evaluate_accuracy(model: nn.Module, variables: dict, images, labels, *, batch_size: int = 1000) -> float:
-    """Test accuracy in percent."""
-    logits = predict(model, variables, images, batch_size=batch_size)
-    return float(100.0 * np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The training loop with metrics, checkpoints and resume.
 
