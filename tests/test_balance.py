@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import bang_jax
 from bang_jax import bang, eta, safe_norm
 
 
@@ -164,3 +165,22 @@ def test_subnormal_norms_count_as_zero_instead_of_producing_nan():
     assert np.isfinite(e).all() and e[0] == 1.0 and e[2] > 1e25
     kappa = jnp.asarray([[tiny / 4, -tiny / 8], [3.0, 4.0]], jnp.float32)
     np.testing.assert_allclose(np.asarray(jax.jit(safe_norm)(kappa)), [0.0, 5.0])
+
+
+def test_bang_config_is_the_one_validator_and_a_pytree():
+    cfg = bang_jax.BangConfig(epsilon={"a": 0.8, "b": 0.7}, beta=1.2)
+    assert not cfg.is_regular and bang_jax.BangConfig().is_regular and bang_jax.BangConfig(beta=1.0).is_regular
+    assert cfg.to_json() == {"epsilon": {"a": 0.8, "b": 0.7}, "beta": 1.2, "ratio": 1.0}
+    params = {"a": {"w": jnp.ones(2), "b": jnp.ones(())}, "b": {"w": jnp.ones(3)}}
+    full = cfg.broadcast(params)
+    assert jax.tree.structure(full.epsilon) == jax.tree.structure(params)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), full, bang_jax.BangConfig().broadcast(params))
+    assert isinstance(stacked, bang_jax.BangConfig) and stacked.beta["a"]["w"].shape == (2,)
+    with pytest.raises(ValueError, match="ratio"):
+        bang_jax.BangConfig(ratio=-1.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        bang_jax.BangConfig(epsilon={"a": float("nan")})
+    with pytest.raises(ValueError, match="either config"):
+        bang_jax.bang(epsilon=0.8, config=cfg)
+    with pytest.raises(TypeError, match="epsilon"):
+        bang_jax.bang()

@@ -197,3 +197,25 @@ def test_params_outside_weighted_layers_get_plain_gradient():
     pe = per_example_grads(model.apply, v, x, y)
     np.testing.assert_array_equal(np.asarray(pe.kappa_norms["scale"]), np.zeros(5))
     assert bang_jax.weighted_layers(model.apply, v, x) == {("fc",): (5, 3)}
+
+
+def test_per_layer_and_per_leaf_config_agree_on_both_paths(tiny):
+    """bang_grad takes every per-layer / per-leaf value that bang() takes (one BangConfig for both)."""
+    model, variables, x, y = tiny
+    cfg = bang_jax.BangConfig(epsilon={"conv": 0.5, "fc": {"kernel": 0.9, "bias": 0.2}},
+                              beta={"conv": 1.2, "fc": 0.7}, ratio=0.5)
+    pe = per_example_grads(model.apply, variables, x, y)
+    tx = bang(config=cfg)
+    via_tx, _ = tx.update(pe.grads, tx.init(variables["params"]), kappa_norms=pe.kappa_norms, correct=pe.correct)
+    single, aux = bang_grad(model.apply, variables, x, y, config=cfg, return_aux=True)
+    assert rel_err(single, via_tx) < 1e-5
+    assert set(aux.layer_eta) == {("conv",), ("fc", "kernel"), ("fc", "bias")}
+    # The broadcast (per-leaf) form, as a train state carries it, traced under jit, gives the same gradient.
+    full = cfg.broadcast(variables["params"])
+    traced = jax.jit(lambda c: bang_grad(model.apply, variables, x, y, config=c))(full)
+    assert rel_err(traced, via_tx) < 1e-5
+    # And each layer's values are the one-layer configs' values.
+    only_fc = bang_grad(model.apply, variables, x, y, epsilon={"conv": 0.0, "fc": {"kernel": 0.9, "bias": 0.2}},
+                        beta={"conv": 1.0, "fc": 0.7}, ratio=0.5)
+    assert rel_err(only_fc["fc"], via_tx["fc"]) < 1e-5
+    assert rel_err(only_fc["conv"], plain_grad(model.apply, variables, x, y)["conv"]) < 1e-5

@@ -1,6 +1,6 @@
 """bang-jax: Batch Adjusted Network Gradients (Rozsa, Günther, Boult, WACV 2018) for JAX/Flax."""
 
-from bang_jax.balance import BangState, bang, eta, safe_norm
+from bang_jax.balance import BangConfig, BangState, bang, eta, safe_norm
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import Dataset, load_cifar10, load_dataset, load_fashion_mnist, load_mnist
 from bang_jax.gradients import (
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "WEIGHTED_LAYER_TYPES",
     "BangAux",
+    "BangConfig",
     "BangState",
     "CifarQuick",
     "Dataset",

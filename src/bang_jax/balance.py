@@ -17,6 +17,7 @@ tiny cotangents do not underflow to zero in float32.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -26,7 +27,9 @@ import numpy as np
 import optax
 
 __all__ = [
+    "BangConfig",
     "BangState",
+    "apply_beta",
     "bang",
     "broadcast_to_params",
     "check_hyperparameter",
@@ -142,11 +145,100 @@ def broadcast_to_params(name: str, value: Any, tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+_FIELDS = ("epsilon", "beta", "ratio")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BangConfig:
+    """BANG's hyperparameters, the one owner of their meaning and validation.
+
+    Attributes:
+      epsilon: ε ≥ 0, the balancing exponent (paper eq. 5). ``0`` makes every η exactly 1 (regular training).
+      beta: β ≥ 0, a factor on every parameter's gradient, applied after balancing and before anything later
+        in the optimiser chain (e.g. weight decay).
+      ratio: ≥ 0, the factor on ε for misclassified examples (the paper's CIFAR runs use 0.5).
+
+    Each field is a number or a per-layer pytree: a nested mapping whose keys are a prefix of the params tree,
+    e.g. ``{"conv1": 0.8, "conv2": 0.8, "ip1": {"kernel": 0.81, "bias": 0.8}, "ip2": 0.8}``; every parameter
+    must be covered exactly once. :func:`bang`, :func:`bang_jax.bang_grad`, training and the experiments' command
+    line all take this type (or its fields by keyword), so the values are validated in one place
+    (``__post_init__``: finite, non-negative numbers; traced values inside ``jit`` are not inspected).
+
+    ``BangConfig`` is a pytree whose leaves are the numbers, so a config broadcast to a params tree
+    (:meth:`broadcast`) can travel inside a train state: stacked over models, vmapped, sharded and checkpointed.
+    """
+
+    epsilon: Any = 0.0
+    beta: Any = 1.0
+    ratio: Any = 1.0
+
+    def __post_init__(self):
+        for name in _FIELDS:
+            check_hyperparameter(name, getattr(self, name))
+
+    @property
+    def is_regular(self) -> bool:
+        """True when this config leaves gradients unchanged (ε = 0 everywhere and β = 1 everywhere)."""
+        leaves = lambda v: [np.asarray(x) for x in jax.tree.leaves(v)]  # noqa: E731
+        return all(np.all(x == 0) for x in leaves(self.epsilon)) and all(np.all(x == 1) for x in leaves(self.beta))
+
+    def broadcast(self, params: Any, dtype=jnp.float32) -> "BangConfig":
+        """This config with every field a full tree of ``dtype`` scalars in ``params``' structure (one per leaf)."""
+        return BangConfig._unchecked(
+            **{f: jax.tree.map(lambda v: jnp.asarray(v, dtype), broadcast_to_params(f, getattr(self, f), params))
+               for f in _FIELDS}
+        )
+
+    def to_json(self) -> dict:
+        """Plain Python numbers and dicts (for config files and results)."""
+        def plain(v):
+            if isinstance(v, Mapping):
+                return {str(k): plain(x) for k, x in v.items()}
+            return float(np.asarray(v))
+
+        return {f: plain(getattr(self, f)) for f in _FIELDS}
+
+    @classmethod
+    def _unchecked(cls, **fields) -> "BangConfig":
+        obj = object.__new__(cls)
+        for f in _FIELDS:
+            object.__setattr__(obj, f, fields[f])
+        return obj
+
+
+jax.tree_util.register_pytree_with_keys(
+    BangConfig,
+    lambda c: (tuple((jax.tree_util.GetAttrKey(f), getattr(c, f)) for f in _FIELDS), None),
+    lambda _, children: BangConfig._unchecked(**dict(zip(_FIELDS, children))),
+    flatten_func=lambda c: (tuple(getattr(c, f) for f in _FIELDS), None),
+)
+
+
+def as_bang_config(config: "BangConfig | None" = None, **fields) -> BangConfig:
+    """``config`` itself, or a :class:`BangConfig` built from ``epsilon=``, ``beta=``, ``ratio=`` (not both)."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    if config is None:
+        return BangConfig(**given)
+    if not isinstance(config, BangConfig):
+        raise TypeError(f"config must be a bang_jax.BangConfig, got {type(config).__name__}")
+    if given:
+        raise ValueError(f"pass either config= or {', '.join(given)}=, not both")
+    return config
+
+
+def apply_beta(grads: Any, beta: Any) -> Any:
+    """β times every gradient leaf (β a number or a prefix tree): the one place β is applied."""
+    beta_tree = broadcast_to_params("beta", beta, grads)
+    return jax.tree.map(lambda g, b: (g * b).astype(g.dtype), grads, beta_tree)
+
+
 class BangState(NamedTuple):
     """State of :func:`bang`: nothing is carried between steps."""
 
 
-def bang(epsilon: Any, beta: Any = 1.0, ratio: Any = 1.0) -> optax.GradientTransformationExtraArgs:
+def bang(
+    epsilon: Any = None, beta: Any = None, ratio: Any = None, *, config: BangConfig | None = None
+) -> optax.GradientTransformationExtraArgs:
     """Aggregates per-example gradients into BANG's balanced batch gradient (paper eq. 6, SPEC §1).
 
     For every parameter leaf g of shape ``[N, ...]`` (per-example gradients of the per-example losses E_i,
@@ -155,8 +247,9 @@ def bang(epsilon: Any, beta: Any = 1.0, ratio: Any = 1.0) -> optax.GradientTrans
 
     Args:
       epsilon: ε ≥ 0, a scalar or a per-layer pytree (a prefix of the params tree).
-      beta: β ≥ 0, applied after balancing (and before any weight decay later in the chain).
-      ratio: factor on ε for misclassified examples (the paper's CIFAR runs use 0.5).
+      beta: β ≥ 0, applied after balancing (and before any weight decay later in the chain); default 1.
+      ratio: factor on ε for misclassified examples (the paper's CIFAR runs use 0.5); default 1.
+      config: a :class:`BangConfig` instead of the three keywords.
 
     The update takes keyword arguments ``kappa_norms`` (a pytree with the structure of the gradients, each
     leaf an ``[N]`` array of the norms of that leaf's layer-output gradients) and ``correct`` (``[N]`` bool),
@@ -175,8 +268,9 @@ def bang(epsilon: Any, beta: Any = 1.0, ratio: Any = 1.0) -> optax.GradientTrans
       updates, opt_state = tx.update(pe.grads, opt_state, params,
                                      kappa_norms=pe.kappa_norms, correct=pe.correct)
     """
-    for name, value in (("epsilon", epsilon), ("beta", beta), ("ratio", ratio)):
-        check_hyperparameter(name, value)
+    if config is None and epsilon is None:
+        raise TypeError("bang() needs epsilon= (or config=bang_jax.BangConfig(...))")
+    config = as_bang_config(config, epsilon=epsilon, beta=beta, ratio=ratio)
 
     def init_fn(params):
         del params
@@ -214,16 +308,15 @@ def bang(epsilon: Any, beta: Any = 1.0, ratio: Any = 1.0) -> optax.GradientTrans
                 raise ValueError(
                     f"kappa_norms leaf {jax.tree_util.keystr(path)} must have shape ({n},), got {jnp.shape(k)}"
                 )
-        eps_tree = broadcast_to_params("epsilon", epsilon, updates)
-        beta_tree = broadcast_to_params("beta", beta, updates)
-        ratio_tree = broadcast_to_params("ratio", ratio, updates)
+        eps_tree = broadcast_to_params("epsilon", config.epsilon, updates)
+        ratio_tree = broadcast_to_params("ratio", config.ratio, updates)
 
-        def balance(g, k, e, b, r):
+        def balance(g, k, e, r):
             w = eta(k, correct, e, r).astype(g.dtype)
-            return (b * jnp.tensordot(w, g, axes=1) / n).astype(g.dtype)
+            return (jnp.tensordot(w, g, axes=1) / n).astype(g.dtype)
 
-        out = jax.tree.map(balance, updates, norm_leaves, eps_tree, beta_tree, ratio_tree)
-        return out, state
+        out = jax.tree.map(balance, updates, norm_leaves, eps_tree, ratio_tree)
+        return apply_beta(out, config.beta), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from bang_jax.balance import broadcast_to_params, check_hyperparameter, eta, path_keys, safe_norm
+from bang_jax.balance import BangConfig, apply_beta, as_bang_config, broadcast_to_params, eta, path_keys, safe_norm
 
 __all__ = [
     "WEIGHTED_LAYER_TYPES",
@@ -367,28 +367,16 @@ def per_example_grads(
     return PerExampleGrads(grads, kappa_norms, correct, jnp.mean(losses), logits)
 
 
-def _layer_value(name, value, params, path, owner):
-    """The single value of a scalar/per-layer hyperparameter for one layer (ValueError if it varies inside)."""
-    full = traverse_util.flatten_dict(broadcast_to_params(name, value, params))
-    vals = [v for k, v in full.items() if owner.get(k) == path]
-    first = vals[0]
-    if any(v is not first for v in vals[1:]):
-        raise ValueError(
-            f"bang_grad needs one {name} per layer, but layer {'/'.join(path)} has different values for its "
-            "leaves (the per-example path with bang() accepts per-leaf values)"
-        )
-    return first
-
-
 def bang_grad(
     apply_fn,
     variables,
     images,
     labels,
     *,
-    epsilon,
-    beta=1.0,
-    ratio=1.0,
+    epsilon=None,
+    beta=None,
+    ratio=None,
+    config: BangConfig | None = None,
     rngs=None,
     dropout_masks=None,
     layer_types=WEIGHTED_LAYER_TYPES,
@@ -405,16 +393,20 @@ def bang_grad(
     Args:
       apply_fn, variables, images, labels, rngs, dropout_masks, layer_types, **apply_kwargs: as in
         :func:`per_example_grads`.
-      epsilon: ε ≥ 0, scalar or per-layer pytree (a prefix of the params tree; one value per layer).
-      beta: β ≥ 0, scalar or pytree prefix; multiplies every parameter's gradient.
-      ratio: factor on ε for misclassified examples.
-      return_aux: also return a :class:`BangAux`.
+      epsilon: ε ≥ 0, scalar or per-layer pytree (a prefix of the params tree, as for :func:`bang_jax.bang`;
+        a layer whose kernel and bias get different ε has one η per leaf).
+      beta: β ≥ 0, scalar or pytree prefix; multiplies every parameter's gradient (default 1).
+      ratio: factor on ε for misclassified examples (default 1).
+      config: a :class:`bang_jax.BangConfig` instead of the three keywords.
+      return_aux: also return a :class:`BangAux` (its ``layer_eta`` is keyed by layer path, or by leaf path
+        for a layer whose leaves have different ε or ratio).
 
     Returns:
       The balanced gradient with the structure of ``variables['params']`` (and the aux if asked).
     """
-    for name, value in (("epsilon", epsilon), ("beta", beta), ("ratio", ratio)):
-        check_hyperparameter(name, value)
+    if config is None and epsilon is None:
+        raise TypeError("bang_grad() needs epsilon= (or config=bang_jax.BangConfig(...))")
+    config = as_bang_config(config, epsilon=epsilon, beta=beta, ratio=ratio)
     _check_batch(images, labels)
     params = _params_of(variables)
     modules, out_shapes = _discover(
@@ -447,25 +439,33 @@ def bang_grad(
     )(zero_perts, rest)
     correct = jnp.argmax(logits, axis=-1) == labels
 
+    eps_leaves = traverse_util.flatten_dict(broadcast_to_params("epsilon", config.epsilon, params))
+    ratio_leaves = traverse_util.flatten_dict(broadcast_to_params("ratio", config.ratio, params))
     layer_grads, norms, etas = {}, {}, {}
     for path, module in modules.items():
         kappa = kappas[path]
         norms[path] = safe_norm(kappa)
-        e = eta(
-            norms[path],
-            correct,
-            _layer_value("epsilon", epsilon, params, path, owner),
-            _layer_value("ratio", ratio, params, path, owner),
-        )
-        etas[path] = e
-        scaled = kappa * e.astype(kappa.dtype).reshape((-1,) + (1,) * (kappa.ndim - 1))
-        x = inputs[path]
-        _, vjp = jax.vjp(lambda p, module=module, x=x: module.apply({"params": p}, x), layer_params[path])
-        layer_grads[path] = vjp(scaled)[0]
+        sub = traverse_util.flatten_dict(layer_params[path])
+        # Leaves sharing the same ε and ratio objects share one η and one VJP (the usual case); a per-leaf
+        # config (e.g. inside a train state) gives one VJP per leaf, whose unused parts XLA removes under jit.
+        groups: dict[tuple[int, int], list] = {}
+        for k in sub:
+            groups.setdefault((id(eps_leaves[path + k]), id(ratio_leaves[path + k])), []).append(k)
+        grads_of_layer = {}
+        for keys in groups.values():
+            e = eta(norms[path], correct, eps_leaves[path + keys[0]], ratio_leaves[path + keys[0]])
+            etas[path if len(groups) == 1 else path + keys[0]] = e
+            scaled = kappa * e.astype(kappa.dtype).reshape((-1,) + (1,) * (kappa.ndim - 1))
 
-    grads = _merge_params(layer_grads, rest_grads)
-    beta_tree = broadcast_to_params("beta", beta, grads)
-    grads = jax.tree.map(lambda g, b: (g * b).astype(g.dtype), grads, beta_tree)
+            def layer_out(selected, module=module, x=inputs[path], keys=keys, sub=sub):
+                p = {**sub, **dict(zip(keys, selected))}
+                return module.apply({"params": traverse_util.unflatten_dict(p)}, x)
+
+            _, vjp = jax.vjp(layer_out, [sub[k] for k in keys])
+            grads_of_layer.update(zip(keys, vjp(scaled)[0]))
+        layer_grads[path] = traverse_util.unflatten_dict(grads_of_layer)
+
+    grads = apply_beta(_merge_params(layer_grads, rest_grads), config.beta)
     if not return_aux:
         return grads
     return grads, BangAux(loss, logits, correct, norms, etas)
