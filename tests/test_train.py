@@ -6,9 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from bang_jax.models import LeNet
+import optax
+
+from bang_jax import BangConfig, bang, caffe_sgd, per_example_grads
+from bang_jax.checkpoint import CheckpointError
+from bang_jax.data import batch_indices
 from bang_jax.evaluate import evaluate_accuracy
-from bang_jax.train import LENET_SOLVER, BangHParams, batch_indices, train
+from bang_jax.models import LeNet
+from bang_jax.solvers import LENET_SOLVER
+from bang_jax.train import Checkpoint, LogMetrics, ModelSpec, Snapshots, StopAfter, TrainConfig, train
 
 
 def test_sequential_order_wraps_like_caffe_lmdb():
@@ -36,37 +42,100 @@ def tiny_data():
     return images, labels
 
 
-HP = [BangHParams("R0", 0.0, seed=1), BangHParams("B1", 0.815, 1.0, seed=2)]
+MODELS = [ModelSpec(name="R0", seed=1), ModelSpec(name="B1", seed=2, bang=BangConfig(epsilon=0.815))]
 
 
-def run(tmp, images, labels, **kw):
-    return train(LeNet(), images, labels, HP, solver=LENET_SOLVER, num_steps=12, batch_size=16, out_dir=tmp,
-                 checkpoint_every=4, log_every=4, progress=False, **kw)
+def cfg(steps=12, **kw):
+    return TrainConfig(solver=LENET_SOLVER, steps=steps, batch_size=16, **kw)
 
 
-def test_resume_gives_the_same_final_weights(tmp_path, tiny_data):
-    full = run(tmp_path / "full", *tiny_data)
-    part = run(tmp_path / "part", *tiny_data, stop_after=5)  # stops at 5, checkpoint written at 5
-    assert int(part.states.step[0]) == 5
-    resumed = run(tmp_path / "part", *tiny_data, resume=True)
+def run(tmp, data, *, stop=None, resume=False, models=MODELS, config=None):
+    callbacks = [LogMetrics(4), Checkpoint(4, resume=resume)] + ([StopAfter(stop)] if stop else [])
+    return train(LeNet(), data, models, config or cfg(), tmp, callbacks, progress=False)
+
+
+def test_resume_gives_the_same_final_weights_and_clean_metrics(tmp_path, tiny_data):
+    full = run(tmp_path / "full", tiny_data)
+    part = run(tmp_path / "part", tiny_data, stop=5)  # stops at 5, checkpoint written at 5
+    assert int(part.states.step[0]) == 5 and part.iteration == 5
+    resumed = run(tmp_path / "part", tiny_data, resume=True)
     for a, b in zip(jax.tree.leaves(full.states), jax.tree.leaves(resumed.states)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     lines = [json.loads(s) for s in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    assert [d["iteration"] for d in lines if d["model"] == "R0"] == [4, 5, 8, 12]
+    r0 = [(d["window_start"], d["iteration"]) for d in lines if d["model"] == "R0"]
+    assert r0 == [(0, 4), (5, 8), (8, 12)]  # the 4..5 window was not logged; nothing twice
     assert {"loss", "accuracy", "lr", "grad_norm", "update_norm", "kappa_zero_share"} <= set(lines[0])
+    full_lines = [json.loads(s) for s in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [d for d in lines if d["iteration"] == 12] == [d for d in full_lines if d["iteration"] == 12]
 
 
-def test_regular_model_in_bang_path_equals_plain_training(tmp_path, tiny_data):
-    a = train(LeNet(), *tiny_data, HP[:1], solver=LENET_SOLVER, num_steps=6, batch_size=16, progress=False)
-    b = train(LeNet(), *tiny_data, HP[:1], solver=LENET_SOLVER, num_steps=6, batch_size=16, progress=False, method="plain")
+def test_resume_refuses_other_settings_and_fresh_run_refuses_existing_checkpoint(tmp_path, tiny_data):
+    run(tmp_path, tiny_data, stop=4)
+    other = [MODELS[0], ModelSpec(name="B1", seed=2, bang=BangConfig(epsilon=0.9))]
+    with pytest.raises(CheckpointError, match="models"):
+        run(tmp_path, tiny_data, resume=True, models=other)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        run(tmp_path, tiny_data, resume=True, config=TrainConfig(solver=LENET_SOLVER, steps=12, batch_size=8))
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        run(tmp_path, tiny_data)
+    # more steps may be asked for on resume
+    assert run(tmp_path, tiny_data, resume=True, config=cfg(steps=16)).iteration == 16
+
+
+def test_snapshots_on_any_schedule_and_resume_rewrites_them(tmp_path, tiny_data):
+    from bang_jax.checkpoint import list_snapshots, snapshot_path
+
+    cbs = lambda resume, stop=None: [LogMetrics(5), Snapshots(every=3, at=[7]), Checkpoint(5, resume=resume)] + (  # noqa: E731
+        [StopAfter(stop)] if stop else [])
+    train(LeNet(), tiny_data, MODELS, cfg(), tmp_path, cbs(False, stop=8), progress=False)
+    assert list_snapshots(tmp_path) == [3, 6, 7]  # checkpoint at 8 (stop); snapshot 9 never reached
+    before = snapshot_path(tmp_path, 6).read_bytes()
+    # A kill after the snapshot at 9 but before the checkpoint at 10 leaves a snapshot the checkpoint (8) does
+    # not cover: resume removes it and writes it again as training passes 9.
+    snapshot_path(tmp_path, 9).write_bytes(b"stale")
+    train(LeNet(), tiny_data, MODELS, cfg(), tmp_path, cbs(True), progress=False)
+    assert list_snapshots(tmp_path) == [3, 6, 7, 9, 12]
+    assert snapshot_path(tmp_path, 6).read_bytes() == before
+    assert snapshot_path(tmp_path, 9).read_bytes() != b"stale"
+
+
+def test_regular_model_in_bang_path_equals_plain_training(tiny_data):
+    a = train(LeNet(), tiny_data, MODELS[:1], cfg(6), progress=False)
+    b = train(LeNet(), tiny_data, MODELS[:1], cfg(6, method="plain"), progress=False)
     for x, y in zip(jax.tree.leaves(a.variables[0]), jax.tree.leaves(b.variables[0])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=1e-6)
 
 
+def test_per_example_training_is_the_readme_chain(tiny_data):
+    """method='per_example' trains exactly as optax.chain(bang(...), solver) on per_example_grads would."""
+    per_layer = ModelSpec(name="B", seed=3, bang=BangConfig(epsilon={"conv1": 0.8, "conv2": 0.7, "ip1": 0.815,
+                                                                    "ip2": 0.9}, beta=1.1))
+    result = train(LeNet(), tiny_data, [per_layer], cfg(2, method="per_example"), progress=False)
+    images, labels = tiny_data
+    model = LeNet()
+    params = model.init(jax.random.PRNGKey(3), images[:1].astype(np.float32), train=False)["params"]
+    tx = optax.chain(bang(config=per_layer.bang), caffe_sgd(LENET_SOLVER.schedule(), 0.9, 5e-4))
+    state = tx.init(params)
+    key = jax.random.fold_in(jax.random.PRNGKey(3), 1)
+    for it in range(2):
+        idx = batch_indices(len(images), 16, it, 1)[0]
+        pe = per_example_grads(model.apply, {"params": params}, images[idx].astype(np.float32), labels[idx],
+                               rngs={"dropout": jax.random.fold_in(key, it)}, train=True)
+        updates, state = tx.update(pe.grads, state, params, kappa_norms=pe.kappa_norms, correct=pe.correct)
+        params = optax.apply_updates(params, updates)
+    for x, y in zip(jax.tree.leaves(result.variables[0]["params"]), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    # Without dropout (whose masks the two methods draw differently) both methods train alike.
+    no_drop = LeNet(dropout_rate=0.0)
+    a, b = (train(no_drop, tiny_data, [per_layer], cfg(3, method=m), progress=False) for m in ("per_example",
+                                                                                              "single_pass"))
+    for x, y in zip(jax.tree.leaves(a.variables[0]["params"]), jax.tree.leaves(b.variables[0]["params"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
 def test_vmap_and_loop_batching_agree(tiny_data):
-    kw = dict(solver=LENET_SOLVER, num_steps=4, batch_size=16, progress=False)
-    a = train(LeNet(), *tiny_data, HP, model_batching="loop", **kw)
-    b = train(LeNet(), *tiny_data, HP, model_batching="vmap", **kw)
+    a = train(LeNet(), tiny_data, MODELS, cfg(4, model_batching="loop"), progress=False)
+    b = train(LeNet(), tiny_data, MODELS, cfg(4, model_batching="vmap"), progress=False)
     for x, y in zip(jax.tree.leaves(a.states.params), jax.tree.leaves(b.states.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
@@ -74,18 +143,26 @@ def test_vmap_and_loop_batching_agree(tiny_data):
 def test_bad_arguments(tiny_data):
     images, labels = tiny_data
     with pytest.raises(ValueError, match="labels"):
-        train(LeNet(), images, labels[:5], HP, solver=LENET_SOLVER, num_steps=1, batch_size=4)
+        train(LeNet(), (images, labels[:5]), MODELS, cfg(1))
     with pytest.raises(ValueError, match="unique"):
-        train(LeNet(), images, labels, [HP[0], HP[0]], solver=LENET_SOLVER, num_steps=1, batch_size=4)
+        train(LeNet(), tiny_data, [MODELS[0], MODELS[0]], cfg(1))
+    with pytest.raises(ValueError, match="plain"):
+        train(LeNet(), tiny_data, MODELS, cfg(1, method="plain"))
     with pytest.raises(ValueError, match="epsilon"):
-        BangHParams("X", epsilon=float("nan"))
+        ModelSpec(name="X", bang=BangConfig(epsilon=float("nan")))
+    with pytest.raises(ValueError, match="steps"):
+        cfg(0)
+    with pytest.raises(ValueError, match="every"):
+        LogMetrics(0)
+    with pytest.raises(ValueError, match="workdir"):
+        train(LeNet(), tiny_data, MODELS, cfg(1), None, [Checkpoint(1)])
 
 
 @pytest.mark.slow
 def test_full_lenet_schedule_reaches_99_percent(mnist):
     """The paper's LeNet solver for all 10,000 iterations (≈ 3.5 min per model on a 2-core CPU)."""
-    result = train(LeNet(), mnist.train_images, mnist.train_labels, [BangHParams("R0", 0.0, seed=0)],
-                   solver=LENET_SOLVER, num_steps=10_000, batch_size=64, progress=False)
+    result = train(LeNet(), mnist, [ModelSpec(name="R0", seed=0)],
+                   TrainConfig(solver=LENET_SOLVER, steps=10_000, batch_size=64), progress=False)
     acc = evaluate_accuracy(LeNet(), result.variables[0], mnist.test_images, mnist.test_labels)
     print(f"LeNet R0 after 10,000 iterations: {acc:.2f}% test accuracy")
     assert acc >= 99.0
@@ -100,13 +177,15 @@ def test_models_shard_over_several_devices_with_the_same_result(tmp_path):
     script = textwrap.dedent("""
         import sys, jax, numpy as np
         from bang_jax.models import LeNet
-        from bang_jax.train import LENET_SOLVER, BangHParams, train
+        from bang_jax import BangConfig
+        from bang_jax.solvers import LENET_SOLVER
+        from bang_jax.train import ModelSpec, TrainConfig, train
         rng = np.random.default_rng(0)
         labels = rng.integers(0, 10, 64).astype(np.int32)
         images = (rng.uniform(0, 60, (64, 28, 28, 1)) + labels[:, None, None, None] * 19).astype(np.uint8)
-        hp = [BangHParams("R0", 0.0, seed=1), BangHParams("B1", 0.815, seed=2)]
-        r = train(LeNet(), images, labels, hp, solver=LENET_SOLVER, num_steps=3, batch_size=16, progress=False,
-                  model_batching="vmap")
+        hp = [ModelSpec(name="R0", seed=1), ModelSpec(name="B1", seed=2, bang=BangConfig(epsilon=0.815))]
+        r = train(LeNet(), (images, labels), hp, TrainConfig(solver=LENET_SOLVER, steps=3, batch_size=16,
+                  model_batching="vmap"), progress=False)
         shards = r.states.params["ip1"]["kernel"].sharding
         print(jax.device_count(), len(shards.device_set))
         np.save(sys.argv[1], np.asarray(r.states.params["ip1"]["kernel"]))

@@ -32,6 +32,7 @@ __all__ = [
     "DataError",
     "DataFallbackWarning",
     "Dataset",
+    "batch_indices",
     "load_cifar10",
     "load_dataset",
     "load_fashion_mnist",
@@ -355,3 +356,26 @@ def load_cifar10(data_dir=None, **kwargs) -> Dataset:
 def mean_image(images: np.ndarray) -> np.ndarray:
     """Per-pixel mean image (float32 ``[H, W, C]``) of uint8 images, as Caffe's ``compute_image_mean``."""
     return np.mean(np.asarray(images), axis=0, dtype=np.float64).astype(np.float32)
+
+
+def batch_indices(num_examples: int, batch_size: int, start: int, count: int, *, order: str = "sequential", data_seed: int = 0) -> np.ndarray:
+    """``[count, batch_size]`` example indices of iterations ``start .. start+count-1``.
+
+    ``'sequential'`` is Caffe's LMDB order: iteration ``it`` reads examples ``it·B .. it·B+B−1`` modulo N, so
+    batches run across epoch boundaries. ``'shuffled'`` reads the same way through a fresh permutation of the
+    data each epoch (permutation e from ``numpy.random.default_rng([data_seed, e])``).
+    """
+    if batch_size < 1 or num_examples < 1:
+        raise ValueError(f"batch_size and num_examples must be positive, got {batch_size}, {num_examples}")
+    pos = (np.arange(start, start + count, dtype=np.int64)[:, None] * batch_size + np.arange(batch_size)[None, :])
+    if order == "sequential":
+        return (pos % num_examples).astype(np.int32)
+    if order != "shuffled":
+        raise ValueError(f"unknown data order {order!r} (sequential or shuffled)")
+    epochs = pos // num_examples
+    out = np.empty_like(pos)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([data_seed, int(e)]).permutation(num_examples)
+        sel = epochs == e
+        out[sel] = perm[pos[sel] % num_examples]
+    return out.astype(np.int32)

@@ -7,6 +7,7 @@ buffer, so ``optax.sgd`` (which applies lr after the trace) differs whenever lr 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -15,7 +16,14 @@ import optax
 
 from bang_jax.balance import path_keys
 
-__all__ = ["caffe_sgd", "inv_schedule", "multistep_schedule"]
+__all__ = [
+    "CIFAR_QUICK_SOLVER",
+    "LENET_SOLVER",
+    "SolverConfig",
+    "caffe_sgd",
+    "inv_schedule",
+    "multistep_schedule",
+]
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = True) -> None:
@@ -89,3 +97,44 @@ def caffe_sgd(
         optax.trace(decay=momentum, nesterov=False),
         optax.scale(-1.0),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """A Caffe SGD solver (SPEC §3). ``policy`` is ``'inv'``, ``'multistep'`` or ``'fixed'``."""
+
+    base_lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    policy: str = "fixed"
+    gamma: float = 0.0
+    power: float = 0.0
+    stepvalues: tuple[int, ...] = ()
+    bias_lr_mult: float = 2.0
+
+    def __post_init__(self):
+        _check_positive("base_lr", self.base_lr, allow_zero=False)
+        for name in ("momentum", "weight_decay", "gamma", "power", "bias_lr_mult"):
+            _check_positive(name, getattr(self, name))
+        if self.policy not in ("inv", "multistep", "fixed"):
+            raise ValueError(f"unknown lr policy {self.policy!r} (inv, multistep or fixed)")
+        object.__setattr__(self, "stepvalues", tuple(int(v) for v in self.stepvalues))
+
+    def schedule(self) -> optax.Schedule:
+        if self.policy == "inv":
+            return inv_schedule(self.base_lr, self.gamma, self.power)
+        if self.policy == "multistep":
+            return multistep_schedule(self.base_lr, self.stepvalues, self.gamma)
+        if self.policy == "fixed":
+            return lambda count: jnp.asarray(self.base_lr, jnp.float32)
+        raise ValueError(f"unknown lr policy {self.policy!r} (inv, multistep or fixed)")
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return caffe_sgd(self.schedule(), self.momentum, self.weight_decay, self.bias_lr_mult)
+
+
+# The paper's Caffe solvers: lenet_solver.prototxt and the BANG variant of cifar10_quick_solver.prototxt.
+LENET_SOLVER = SolverConfig(base_lr=0.01, momentum=0.9, weight_decay=5e-4, policy="inv", gamma=1e-4, power=0.75)
+CIFAR_QUICK_SOLVER = SolverConfig(
+    base_lr=0.001, momentum=0.9, weight_decay=0.004, policy="multistep", gamma=0.1, stepvalues=(18000, 19000)
+)

@@ -1,13 +1,25 @@
-"""Training with Caffe's solver semantics, regular or BANG, several models in one vmapped program.
+"""Training with Caffe's solver semantics, regular or BANG, several models in one jitted program.
 
-Regular and BANG training differ only in the gradient step: a model is described by :class:`BangHParams`
-(``epsilon = 0`` is regular training, since then η = 1 exactly), and every model of a run goes through the same
-jitted step (the models unrolled or ``vmap``-ed inside it), dispatched once per iteration. All models of a run see
-the same batches (Caffe's sequential order by default) and draw their own dropout masks.
+A run trains a list of :class:`ModelSpec` (identity: name and seed; hyperparameters: a
+:class:`bang_jax.BangConfig`, ``BangConfig()`` being regular training) under one :class:`TrainConfig`. Every model
+goes through the same jitted step (the models unrolled or ``vmap``-ed inside it), dispatched once per iteration;
+each model's BANG hyperparameters travel inside its :class:`TrainState`, so they are vmapped, sharded and
+checkpointed with its weights. All models see the same batches (Caffe's sequential order by default) and draw their
+own dropout masks.
 
-Runs are reproducible and resumable: initial weights come from ``seed``, dropout keys from ``fold_in(seed, it)``,
-and the batch at iteration ``it`` from ``(order, data_seed, it)`` alone, so a run resumed from a checkpoint ends
-with the same weights as an uninterrupted one.
+The gradient methods:
+
+* ``'single_pass'`` (default): :func:`bang_jax.bang_grad`, the authors' way, then the solver.
+* ``'per_example'``: :func:`bang_jax.per_example_grads` fed to ``optax.chain(bang(config), solver)`` — exactly the
+  chain the README teaches.
+* ``'plain'``: :func:`bang_jax.plain_grad`, for regular models only (asking for it with BANG hyperparameters is
+  an error).
+
+Periodic work — logging, checkpoints, snapshots, stopping early — is done by callbacks (:class:`LogMetrics`,
+:class:`Checkpoint`, :class:`Snapshots`, :class:`StopAfter`), in the spirit of CLU's periodic actions. Runs are
+reproducible and resumable: initial weights come from ``seed``, dropout keys from ``fold_in(seed, it)`` and the
+batch at iteration ``it`` from ``(order, data_seed, it)`` alone, so a run resumed from a checkpoint ends with the
+same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,77 +38,84 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 
-from bang_jax.balance import BangState, bang, check_hyperparameter
+from bang_jax import checkpoint as ckpt_lib
+from bang_jax.balance import BangConfig, bang
+from bang_jax.data import batch_indices
 from bang_jax.gradients import bang_grad, per_example_grads, plain_grad
-from bang_jax.solvers import caffe_sgd, inv_schedule, multistep_schedule
+from bang_jax.solvers import SolverConfig
 
 __all__ = [
-    "CIFAR_QUICK_SOLVER",
-    "LENET_SOLVER",
-    "BangHParams",
-    "SolverConfig",
+    "GRADIENT_METHODS",
+    "Callback",
+    "Checkpoint",
+    "LogMetrics",
+    "ModelSpec",
+    "Snapshots",
+    "StopAfter",
+    "TrainConfig",
+    "TrainResult",
     "TrainState",
-    "batch_indices",
-    "evaluate_accuracy",
     "init_states",
     "make_train_step",
-    "predict",
     "shard_models",
     "train",
 ]
 
 GRADIENT_METHODS = ("single_pass", "per_example", "plain")
+MODEL_BATCHINGS = ("loop", "vmap")
 
 
-@dataclasses.dataclass(frozen=True)
-class SolverConfig:
-    """A Caffe SGD solver (SPEC §3). ``policy`` is ``'inv'``, ``'multistep'`` or ``'fixed'``."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """One model of a run: its identity (``name``, ``seed`` of initial weights and dropout) and its BANG config."""
 
-    base_lr: float
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    policy: str = "fixed"
-    gamma: float = 0.0
-    power: float = 0.0
-    stepvalues: tuple[int, ...] = ()
-    bias_lr_mult: float = 2.0
-
-    def schedule(self) -> optax.Schedule:
-        if self.policy == "inv":
-            return inv_schedule(self.base_lr, self.gamma, self.power)
-        if self.policy == "multistep":
-            return multistep_schedule(self.base_lr, self.stepvalues, self.gamma)
-        if self.policy == "fixed":
-            return lambda count: jnp.asarray(self.base_lr, jnp.float32)
-        raise ValueError(f"unknown lr policy {self.policy!r} (inv, multistep or fixed)")
-
-    def optimizer(self) -> optax.GradientTransformation:
-        return caffe_sgd(self.schedule(), self.momentum, self.weight_decay, self.bias_lr_mult)
-
-
-LENET_SOLVER = SolverConfig(0.01, 0.9, 5e-4, "inv", gamma=1e-4, power=0.75)
-CIFAR_QUICK_SOLVER = SolverConfig(0.001, 0.9, 0.004, "multistep", gamma=0.1, stepvalues=(18000, 19000))
-
-
-@dataclasses.dataclass(frozen=True)
-class BangHParams:
-    """One model of a run: ``epsilon = 0`` (η = 1) is regular training; ``seed`` sets its initial weights."""
-
-    name: str = "R0"
-    epsilon: float = 0.0
-    beta: float = 1.0
-    ratio: float = 1.0
+    name: str
     seed: int = 0
+    bang: BangConfig = dataclasses.field(default_factory=BangConfig)
 
     def __post_init__(self):
-        for field in ("epsilon", "beta", "ratio"):
-            check_hyperparameter(f"{self.name}.{field}", getattr(self, field))
+        if not isinstance(self.name, str) or not self.name or any(c in self.name for c in ",:/\\ "):
+            raise ValueError(f"model name must be a non-empty string without , : / \\ or spaces, got {self.name!r}")
+        if not isinstance(self.bang, BangConfig):
+            raise TypeError(f"model {self.name}: bang must be a bang_jax.BangConfig, got {type(self.bang).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"model {self.name}: seed must be a non-negative integer, got {self.seed!r}")
 
     @property
     def is_bang(self) -> bool:
-        return self.epsilon != 0.0 or self.beta != 1.0
+        return not self.bang.is_regular
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "seed": int(self.seed), **self.bang.to_json()}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How the models of a run are trained (Caffe's ``max_iter`` is ``steps``)."""
+
+    solver: SolverConfig
+    steps: int
+    batch_size: int
+    order: str = "sequential"
+    data_seed: int = 0
+    method: str = "single_pass"
+    model_batching: str = "loop"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.order not in ("sequential", "shuffled"):
+            raise ValueError(f"order must be 'sequential' or 'shuffled', got {self.order!r}")
+        if self.method not in GRADIENT_METHODS:
+            raise ValueError(f"method must be one of {GRADIENT_METHODS}, got {self.method!r}")
+        if self.model_batching not in MODEL_BATCHINGS:
+            raise ValueError(f"model_batching must be one of {MODEL_BATCHINGS}, got {self.model_batching!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class TrainState(NamedTuple):
@@ -107,111 +125,122 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     key: jax.Array  # raw uint32 PRNG key data: the model's dropout stream
+    bang: BangConfig  # the model's BANG hyperparameters, one float32 scalar per parameter leaf
 
 
-def _hparam_arrays(hparams: Sequence[BangHParams]) -> dict[str, jax.Array]:
-    return {f: jnp.asarray([getattr(h, f) for h in hparams], jnp.float32) for f in ("epsilon", "beta", "ratio")}
+# ------------------------------------------------------------------------------------------------------------
+# The jitted step.
 
 
-def init_states(model: nn.Module, sample_images: jax.Array, hparams: Sequence[BangHParams], tx) -> tuple[TrainState, dict]:
+class _GradNormState(NamedTuple):
+    norm: jax.Array
+
+
+def _record_grad_norm() -> optax.GradientTransformation:
+    """A pass-through link of a chain that keeps the global norm of what flows through it in its state."""
+    return optax.GradientTransformation(
+        lambda params: _GradNormState(jnp.zeros((), jnp.float32)),
+        lambda updates, state, params=None: (updates, _GradNormState(optax.tree.norm(updates).astype(jnp.float32))),
+    )
+
+
+def _optimizer(config: TrainConfig, bang_config: BangConfig | None) -> optax.GradientTransformation:
+    """The optimiser chain of a step: ``chain(bang(config), solver)`` for the per-example method, else the solver."""
+    solver = config.solver.optimizer()
+    if config.method != "per_example":
+        return solver
+    return optax.chain(bang(config=bang_config if bang_config is not None else BangConfig()), _record_grad_norm(),
+                       solver)
+
+
+def init_states(model: nn.Module, sample_images, models: Sequence[ModelSpec], config: TrainConfig):
     """Initial states of all models stacked on a leading axis, and the shared non-param variables."""
-    params, consts = [], None
-    for h in hparams:
-        variables = model.init(jax.random.PRNGKey(h.seed), jnp.asarray(sample_images[:1], jnp.float32), train=False)
-        params.append(variables["params"])
+    tx = _optimizer(config, None)
+    states, consts = [], None
+    for spec in models:
+        variables = model.init(jax.random.PRNGKey(spec.seed), jnp.asarray(sample_images[:1], jnp.float32),
+                               train=False)
+        params = variables["params"]
         consts = {k: v for k, v in variables.items() if k != "params"}
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
-    opt_state = jax.vmap(tx.init)(stacked)
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(h.seed), 1) for h in hparams])
-    step = jnp.zeros((len(hparams),), jnp.int32)
-    return TrainState(step, stacked, opt_state, keys), consts
+        states.append(TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            key=jax.random.fold_in(jax.random.PRNGKey(spec.seed), 1),
+            bang=spec.bang.broadcast(params),
+        ))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states), consts
 
 
-def make_train_step(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    *,
-    method: str = "single_pass",
-    model_batching: str = "loop",
-) -> Callable:
-    """Builds ``step(states, hps, consts, images, labels, idx) -> (states, metrics)`` for all models (jit it).
+@functools.lru_cache(maxsize=32)
+def make_train_step(model: nn.Module, config: TrainConfig) -> Callable:
+    """The jitted ``step(states, consts, images, labels, idx) -> (states, metrics)`` for all models.
 
-    ``idx`` is the ``[B]`` batch's example indices, images the whole training set on device (uint8), ``hps``
-    the arrays of :func:`_hparam_arrays`. ``metrics`` holds ``[M]`` arrays: loss, accuracy, lr, grad_norm,
-    update_norm, kappa_zero_share (share of per-example κ norms that are exactly zero, over all layers).
+    Built once per (model, config) and cached. ``images`` and ``labels`` are the whole training set on the device
+    (uint8), ``idx`` the ``[B]`` example indices of this iteration's batch; ``states`` is donated. ``metrics``
+    holds ``[M]`` arrays: loss, accuracy, lr, grad_norm (of the balanced gradient), update_norm and
+    kappa_zero_share (share of per-example κ norms that are exactly zero, over all weighted layers).
 
-    ``model_batching``: ``'loop'`` unrolls the models inside the one program (fastest on CPU for a few
+    ``config.model_batching``: ``'loop'`` unrolls the models inside the one program (fastest on CPU for a few
     models), ``'vmap'`` vectorises over them (for large grids, and on accelerators).
 
     Why not ``lax.scan`` over iterations: on the XLA CPU backend a LeNet step inside ``scan`` ran 6× slower
     (119 ms against 20 ms, jax 0.10.2), so the loop over iterations stays in Python with async dispatch.
     """
-    if method not in GRADIENT_METHODS:
-        raise ValueError(f"unknown gradient method {method!r}; choose one of {GRADIENT_METHODS}")
+    schedule = config.solver.schedule()
+    method = config.method
 
-    def gradient(params, hp, consts, images, labels, key):
-        variables = {**consts, "params": params}
-        rngs = {"dropout": key}
-        if method == "plain":
-            grads, aux = plain_grad(model.apply, variables, images, labels, rngs=rngs, return_aux=True, train=True)
-            return grads, aux.loss, aux.correct, jnp.float32(jnp.nan)
-        if method == "single_pass":
-            grads, aux = bang_grad(
-                model.apply,
-                variables,
-                images,
-                labels,
-                epsilon=hp["epsilon"],
-                beta=hp["beta"],
-                ratio=hp["ratio"],
-                rngs=rngs,
-                return_aux=True,
-                train=True,
-            )
-            norms = jnp.concatenate(list(aux.layer_kappa_norms.values()))
-            return grads, aux.loss, aux.correct, jnp.mean(norms == 0)
-        pe = per_example_grads(model.apply, variables, images, labels, rngs=rngs, train=True)
-        balanced, _ = bang(hp["epsilon"], hp["beta"], hp["ratio"]).update(
-            pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct
-        )
-        norms = jnp.concatenate([v for v in jax.tree.leaves(pe.kappa_norms)])
-        return balanced, pe.loss, pe.correct, jnp.mean(norms == 0)
-
-    def one_step(state: TrainState, hp, consts, images, labels):
+    def one_step(state: TrainState, consts, images, labels):
         key = jax.random.fold_in(state.key, state.step)
-        grads, loss, correct, zero_share = gradient(state.params, hp, consts, images, labels, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        variables = {**consts, "params": state.params}
+        rngs = {"dropout": key}
+        tx = _optimizer(config, state.bang)
+        if method == "per_example":
+            pe = per_example_grads(model.apply, variables, images, labels, rngs=rngs, train=True)
+            updates, opt_state = tx.update(pe.grads, state.opt_state, state.params, kappa_norms=pe.kappa_norms,
+                                           correct=pe.correct)
+            loss, correct = pe.loss, pe.correct
+            grad_norm = opt_state[1].norm
+            zero_share = jnp.mean(jnp.concatenate(jax.tree.leaves(pe.kappa_norms)) == 0)
+        else:
+            if method == "plain":
+                grads, aux = plain_grad(model.apply, variables, images, labels, rngs=rngs, return_aux=True,
+                                        train=True)
+                zero_share = jnp.float32(jnp.nan)
+            else:
+                grads, aux = bang_grad(model.apply, variables, images, labels, config=state.bang, rngs=rngs,
+                                       return_aux=True, train=True)
+                zero_share = jnp.mean(jnp.concatenate(list(aux.layer_kappa_norms.values())) == 0)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            loss, correct, grad_norm = aux.loss, aux.correct, optax.tree.norm(grads)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(correct.astype(jnp.float32)),
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
             "kappa_zero_share": zero_share,
         }
-        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+        new = state._replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state)
+        return new, metrics
 
-    if model_batching == "vmap":
-        many_steps = jax.vmap(one_step, in_axes=(0, 0, None, None, None))
-    elif model_batching == "loop":
+    if config.model_batching == "vmap":
+        many_steps = jax.vmap(one_step, in_axes=(0, None, None, None))
+    else:
 
-        def many_steps(states, hps, consts, images, labels):
+        def many_steps(states, consts, images, labels):
             outs = []
             for m in range(states.step.shape[0]):
                 pick = lambda t, m=m: jax.tree.map(lambda x: x[m], t)  # noqa: E731
-                outs.append(one_step(pick(states), pick(hps), consts, images, labels))
+                outs.append(one_step(pick(states), consts, images, labels))
             return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
-    else:
-        raise ValueError(f"model_batching must be 'vmap' or 'loop', got {model_batching!r}")
-
-    def step(states, hps, consts, images, labels, idx):
+    def step(states, consts, images, labels, idx):
         batch = jnp.take(images, idx, axis=0).astype(jnp.float32)
-        return many_steps(states, hps, consts, batch, jnp.take(labels, idx, axis=0))
+        return many_steps(states, consts, batch, jnp.take(labels, idx, axis=0))
 
-    return step
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def shard_models(tree):
@@ -228,182 +257,365 @@ def shard_models(tree):
     return jax.device_put(tree, sharding)
 
 
-def batch_indices(num_examples: int, batch_size: int, start: int, count: int, *, order: str = "sequential", data_seed: int = 0) -> np.ndarray:
-    """``[count, batch_size]`` example indices of iterations ``start .. start+count-1``.
+# ------------------------------------------------------------------------------------------------------------
+# Callbacks: the periodic work of a run.
 
-    ``'sequential'`` is Caffe's LMDB order: iteration ``it`` reads examples ``it·B .. it·B+B−1`` modulo N, so
-    batches run across epoch boundaries. ``'shuffled'`` reads the same way through a fresh permutation of the
-    data each epoch (permutation e from ``numpy.random.default_rng([data_seed, e])``).
+
+@dataclasses.dataclass
+class LoopContext:
+    """What a callback sees: the run, the current iteration and states, and the metrics window since the last log."""
+
+    workdir: Path | None
+    models: Sequence[ModelSpec]
+    config: TrainConfig
+    iteration: int
+    start: int
+    states: Any
+    window: list = dataclasses.field(default_factory=list)
+    last_metrics: dict = dataclasses.field(default_factory=dict)
+    stop: bool = False
+    bar: Any = None
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    @property
+    def at_end(self) -> bool:
+        return self.iteration == self.config.steps
+
+
+class Callback:
+    """Periodic work: runs at every multiple of ``every`` (and where :meth:`due` says), in ``order``.
+
+    Subclasses implement ``__call__(ctx)`` and may implement ``on_start(ctx)`` (before the first step; resume
+    logic lives there) and ``on_end(ctx)``. At one iteration callbacks run by increasing ``order``: logs and
+    snapshots before the checkpoint, so that whatever a checkpoint covers is already on disk.
     """
-    if batch_size < 1 or num_examples < 1:
-        raise ValueError(f"batch_size and num_examples must be positive, got {batch_size}, {num_examples}")
-    pos = (np.arange(start, start + count, dtype=np.int64)[:, None] * batch_size + np.arange(batch_size)[None, :])
-    if order == "sequential":
-        return (pos % num_examples).astype(np.int32)
-    if order != "shuffled":
-        raise ValueError(f"unknown data order {order!r} (sequential or shuffled)")
-    epochs = pos // num_examples
-    out = np.empty_like(pos)
-    for e in np.unique(epochs):
-        perm = np.random.default_rng([data_seed, int(e)]).permutation(num_examples)
-        sel = epochs == e
-        out[sel] = perm[pos[sel] % num_examples]
-    return out.astype(np.int32)
+
+    every: int | None = None
+    order: int = 0
+    needs_workdir: bool = False
+
+    def due(self, iteration: int, ctx: LoopContext) -> bool:
+        return bool(self.every) and iteration % self.every == 0
+
+    def next_due(self, iteration: int, ctx: LoopContext) -> int | None:
+        """The first iteration after ``iteration`` at which this callback is due (None: never)."""
+        if not self.every:
+            return None
+        return (iteration // self.every + 1) * self.every
+
+    def on_start(self, ctx: LoopContext) -> None:
+        pass
+
+    def __call__(self, ctx: LoopContext) -> None:
+        pass
+
+    def on_end(self, ctx: LoopContext) -> None:
+        pass
+
+
+def _check_every(name: str, every) -> int:
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"{name}: every must be a positive integer, got {every!r}")
+    return int(every)
+
+
+class LogMetrics(Callback):
+    """Averages the step metrics over each window of ``every`` iterations (and the last, shorter one).
+
+    Writes ``metrics.jsonl`` in the work directory (one line per model: iteration, window_start, model and the
+    means) and shows them on the progress bar. On resume, lines past the checkpoint's iteration are dropped, so
+    the file never holds a line twice.
+    """
+
+    order = 0
+
+    def __init__(self, every: int = 100, *, filename: str = "metrics.jsonl"):
+        self.every = _check_every("LogMetrics", every)
+        self.filename = filename
+        self._window_start = 0
+
+    def due(self, iteration, ctx):
+        return iteration % self.every == 0 or ctx.at_end
+
+    def next_due(self, iteration, ctx):
+        return min((iteration // self.every + 1) * self.every, ctx.config.steps)
+
+    def on_start(self, ctx):
+        self._window_start = ctx.start
+        if ctx.workdir is None:
+            return
+        path = ctx.workdir / self.filename
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["iteration"] <= ctx.start:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a kill
+        ckpt_lib.atomic_write(path, "".join(s + "\n" for s in keep).encode())
+
+    def __call__(self, ctx):
+        if not ctx.window:
+            return
+        window = jax.device_get(ctx.window)
+        ctx.window.clear()
+        merged = {key: np.stack([w[key] for w in window]) for key in window[0]}
+        ctx.last_metrics = {
+            name: {key: _window_mean(v[:, m]) if key != "lr" else float(v[-1, m]) for key, v in merged.items()}
+            for m, name in enumerate(ctx.names)
+        }
+        if ctx.bar is not None:
+            ctx.bar.set_postfix({n: f"loss {v['loss']:.3f} acc {v['accuracy']:.3f}"
+                                 for n, v in ctx.last_metrics.items()})
+        if ctx.workdir is not None:
+            with open(ctx.workdir / self.filename, "a") as f:
+                for name, vals in ctx.last_metrics.items():
+                    f.write(json.dumps({"iteration": ctx.iteration, "window_start": self._window_start,
+                                        "model": name, **_finite(vals)}) + "\n")
+        self._window_start = ctx.iteration
+
+
+class Snapshots(Callback):
+    """Saves every model's params to ``snapshots/iter_NNNNNN.msgpack`` every ``every`` iterations or ``at`` them.
+
+    Runs before the checkpoint of the same iteration; on resume, snapshots past the checkpoint are removed (they
+    are written again, identically, as training passes them).
+    """
+
+    order = 10
+    needs_workdir = True
+
+    def __init__(self, every: int | None = None, *, at: Sequence[int] = (), include_start: bool = False):
+        self.every = None if every is None else _check_every("Snapshots", every)
+        self.at = frozenset(int(a) for a in at)
+        if any(a < 0 for a in self.at):
+            raise ValueError(f"Snapshots: iterations must be non-negative, got {sorted(self.at)}")
+        if self.every is None and not self.at and not include_start:
+            raise ValueError("Snapshots needs every= or at=")
+        self.include_start = include_start
+
+    def due(self, iteration, ctx):
+        return (bool(self.every) and iteration % self.every == 0) or iteration in self.at
+
+    def next_due(self, iteration, ctx):
+        later = [a for a in self.at if a > iteration]
+        if self.every:
+            later.append((iteration // self.every + 1) * self.every)
+        return min(later) if later else None
+
+    def on_start(self, ctx):
+        for it in ckpt_lib.list_snapshots(ctx.workdir):
+            if it > ctx.start:
+                ckpt_lib.snapshot_path(ctx.workdir, it).unlink()
+        if ctx.start == 0 and (self.include_start or 0 in self.at):
+            ckpt_lib.save_snapshot(ctx.workdir, 0, ctx.states.params)
+
+    def __call__(self, ctx):
+        ckpt_lib.save_snapshot(ctx.workdir, ctx.iteration, ctx.states.params)
+
+
+class Checkpoint(Callback):
+    """Saves all models' states every ``every`` iterations, at the end and when stopped early; resumes from them.
+
+    With ``resume=True`` a run continues from the work directory's checkpoint (if there is one) after checking
+    that it was made by the same models and train config (``steps`` may differ); otherwise an existing
+    checkpoint is an error unless ``overwrite=True``.
+    """
+
+    order = 100
+    needs_workdir = True
+
+    def __init__(self, every: int = 1000, *, resume: bool = False, overwrite: bool = False):
+        self.every = _check_every("Checkpoint", every)
+        self.resume = resume
+        self.overwrite = overwrite
+
+    def due(self, iteration, ctx):
+        return iteration % self.every == 0 or ctx.at_end or ctx.stop
+
+    def on_start(self, ctx):
+        info = ckpt_lib.checkpoint_info(ctx.workdir)
+        if info is None:
+            return
+        if not self.resume:
+            if self.overwrite:
+                return
+            raise ckpt_lib.CheckpointError(
+                f"{ctx.workdir} already holds a checkpoint (iteration {info.get('iteration')}); resume it or "
+                "allow overwriting it"
+            )
+        diffs = _differences(info, _run_info(ctx))
+        if diffs:
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint in {ctx.workdir} was made with other settings: " + "; ".join(diffs)
+            )
+        ctx.states = ckpt_lib.load_state(ctx.workdir, ctx.states)
+        ctx.start = ctx.iteration = int(np.asarray(ctx.states.step)[0])
+        print(f"resuming from {ctx.workdir / ckpt_lib.STATE} at iteration {ctx.start}", file=sys.stderr)
+
+    def __call__(self, ctx):
+        ckpt_lib.save_state(ctx.workdir, ctx.states, _run_info(ctx))
+
+
+class StopAfter(Callback):
+    """Stops the run (after checkpointing) once ``count`` iterations were done in this call — for tests."""
+
+    order = 50
+
+    def __init__(self, count: int):
+        self.count = _check_every("StopAfter", count)
+
+    def due(self, iteration, ctx):
+        return iteration - ctx.start >= self.count
+
+    def next_due(self, iteration, ctx):
+        return ctx.start + self.count if iteration < ctx.start + self.count else None
+
+    def __call__(self, ctx):
+        ctx.stop = True
+
+
+def _run_info(ctx: LoopContext) -> dict:
+    return {"iteration": ctx.iteration, "models": [m.to_json() for m in ctx.models],
+            "config": ctx.config.to_json()}
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    """Settings that differ between a checkpoint's description and this run (``steps`` may change)."""
+    now = json.loads(json.dumps(now))
+    out = []
+    if saved.get("models") != now["models"]:
+        out.append(f"models {saved.get('models')} != {now['models']}")
+    a = {k: v for k, v in (saved.get("config") or {}).items() if k != "steps"}
+    b = {k: v for k, v in now["config"].items() if k != "steps"}
+    out += [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The training loop with metrics, checkpoints and resume.
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, states: TrainState) -> None:
-    """Writes all models' states atomically (flax msgpack serialisation)."""
-    _atomic_write(Path(path), serialization.to_bytes(jax.device_get(states)))
-
-
-def load_checkpoint(path: Path, template: TrainState) -> TrainState:
-    try:
-        return serialization.from_bytes(template, Path(path).read_bytes())
-    except Exception as err:  # noqa: BLE001
-        raise RuntimeError(f"cannot restore checkpoint {path}: {err}") from err
+# The loop.
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """Final per-model variables (list, in ``hparams`` order) and the last logged metrics."""
+    """Final per-model variables (list, in ``models`` order), the final states and the last logged metrics."""
 
     variables: list[dict]
     states: TrainState
     last_metrics: dict
     seconds: float
+    iteration: int
+
+
+def _as_arrays(data) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(data, "train_images"):
+        return data.train_images, data.train_labels
+    try:
+        images, labels = data
+    except (TypeError, ValueError):
+        raise TypeError("data must be a bang_jax.Dataset or an (images, labels) pair") from None
+    return images, labels
 
 
 def train(
     model: nn.Module,
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    hparams: Sequence[BangHParams],
+    data,
+    models: Sequence[ModelSpec],
+    config: TrainConfig,
+    workdir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
     *,
-    solver: SolverConfig,
-    num_steps: int,
-    batch_size: int,
     consts: dict | None = None,
-    order: str = "sequential",
-    data_seed: int = 0,
-    method: str = "single_pass",
-    chunk_steps: int = 50,
-    model_batching: str = "loop",
-    log_every: int = 100,
-    out_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 1000,
-    resume: bool = False,
     progress: bool = True,
-    on_checkpoint: Callable[[int, TrainState], None] | None = None,
-    stop_after: int | None = None,
 ) -> TrainResult:
-    """Trains all ``hparams`` models together for ``num_steps`` iterations.
+    """Trains all ``models`` together for ``config.steps`` iterations.
 
     Args:
-      model: a Flax module taking ``(images, train=...)``.
-      train_images: ``[N, H, W, C]`` uint8 (kept on the device), train_labels ``[N]`` ints.
-      hparams: the models (regular: ``epsilon=0``).
-      solver: the Caffe solver; num_steps, batch_size: Caffe's max_iter and batch size.
-      consts: non-param variables to use (e.g. CifarQuick's mean image); default: as ``init`` makes them.
-      order, data_seed: see :func:`batch_indices`.
-      chunk_steps: iterations dispatched between progress-bar updates.
-      model_batching: see :func:`make_train_step`. With ``'vmap'`` and several devices (GPUs, TPU cores),
-        the models are sharded over the devices when their number divides evenly (:func:`shard_models`).
-      method: ``'single_pass'`` (default, the authors' way), ``'per_example'`` (vmap(grad) + :func:`bang`), or
-        ``'plain'`` (ignores ε, β, ratio: regular training for every model).
-      out_dir: if given, ``metrics.jsonl`` (one line per model every ``log_every`` iterations) and
-        ``checkpoints/state.msgpack`` (every ``checkpoint_every`` iterations and at the end) go there.
-      resume: continue from ``out_dir``'s checkpoint if there is one.
-      on_checkpoint: called with (iteration, states) after each checkpoint (e.g. to evaluate snapshots).
-      stop_after: stop (after checkpointing) once this many iterations are done in this call (for tests).
+      model: a Flax module taking ``(images, train=...)`` and returning logits.
+      data: a :class:`bang_jax.Dataset` or ``(images [N, H, W, C] uint8, labels [N] ints)``; kept on the device.
+      models: the models (``ModelSpec(name=..., seed=..., bang=BangConfig(...))``; regular: ``BangConfig()``).
+      config: the :class:`TrainConfig` (solver, steps, batch size, order, gradient method, model batching).
+      workdir: where callbacks write (metrics, checkpoints, snapshots); needed by :class:`Checkpoint` and
+        :class:`Snapshots`.
+      callbacks: periodic work, e.g. ``[LogMetrics(100), Snapshots(every=1000), Checkpoint(1000, resume=True)]``.
+      consts: non-param variables to use (e.g. CifarQuick's mean image); default: as ``model.init`` makes them.
+      progress: show a progress bar.
+
+    Returns:
+      :class:`TrainResult`. All arguments are checked before anything is written or computed.
     """
-    if num_steps < 1 or batch_size < 1:
-        raise ValueError(f"num_steps and batch_size must be positive, got {num_steps}, {batch_size}")
-    if len(train_images) != len(train_labels):
-        raise ValueError(f"{len(train_images)} training images but {len(train_labels)} labels")
-    if not hparams:
-        raise ValueError("no model to train: hparams is empty")
-    names = [h.name for h in hparams]
+    images, labels = _as_arrays(data)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} training images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError("the training set is empty")
+    if not models:
+        raise ValueError("no model to train: models is empty")
+    if not all(isinstance(m, ModelSpec) for m in models):
+        raise TypeError("models must be bang_jax.train.ModelSpec objects")
+    names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
-    chunk_steps = max(1, min(chunk_steps, log_every, checkpoint_every))
-    if model_batching == "vmap" and len(hparams) % jax.device_count():
-        print(f"note: {len(hparams)} models do not divide over {jax.device_count()} devices; not sharding",
-              file=sys.stderr)
-    tx = solver.optimizer()
-    states, init_consts = init_states(model, train_images, hparams, tx)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if config.method == "plain" and any(m.is_bang for m in models):
+        bad = [m.name for m in models if m.is_bang]
+        raise ValueError(f"method 'plain' ignores BANG hyperparameters, but {', '.join(bad)} have them; use "
+                         "'single_pass' or 'per_example'")
+    callbacks = sorted(callbacks, key=lambda c: c.order)
+    if workdir is None and any(c.needs_workdir for c in callbacks):
+        raise ValueError("Checkpoint and Snapshots callbacks need a workdir")
+    workdir = Path(workdir) if workdir is not None else None
+
+    states, init_consts = init_states(model, images, models, config)
     consts = init_consts if consts is None else consts
-    hps = _hparam_arrays(hparams)
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt = out / "checkpoints" / "state.msgpack" if out is not None else None
-    start = 0
-    if out is not None:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if resume and ckpt.exists():
-            states = load_checkpoint(ckpt, states)
-            start = int(np.asarray(states.step)[0])
-            print(f"resuming from {ckpt} at iteration {start}", file=sys.stderr)
-        elif not resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-    step_fn = jax.jit(
-        make_train_step(model, tx, solver.schedule(), method=method, model_batching=model_batching),
-        donate_argnums=(0,),
-    )
-    images = jnp.asarray(train_images)
-    labels = jnp.asarray(train_labels, jnp.int32)
-    if model_batching == "vmap" and jax.device_count() > 1 and len(hparams) % jax.device_count() == 0:
-        states, hps = shard_models((states, hps))
+    sharded = config.model_batching == "vmap" and jax.device_count() > 1
+    if sharded and len(models) % jax.device_count():
+        print(f"note: {len(models)} models do not divide over {jax.device_count()} devices; not sharding",
+              file=sys.stderr)
+        sharded = False
+    ctx = LoopContext(workdir, list(models), config, 0, 0, states)
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    for c in reversed(callbacks):  # the checkpoint first: the others clean up after the iteration it resumes at
+        c.on_start(ctx)
+    states = shard_models(ctx.states) if sharded else ctx.states
+    step_fn = make_train_step(model, config)
+    images_dev = jnp.asarray(images)
+    labels_dev = jnp.asarray(labels, jnp.int32)
+
     t0 = time.perf_counter()
-    last_metrics: dict = {}
-    window: list[dict] = []
-    end = num_steps if stop_after is None else min(num_steps, start + stop_after)
-    bar = _progress(total=num_steps, initial=start, enabled=progress, desc=f"train {'+'.join(names)}")
-    it = start
-    while it < end:
-        k = min(chunk_steps, end - it, log_every - it % log_every, checkpoint_every - it % checkpoint_every)
-        idx = batch_indices(len(train_images), batch_size, it, k, order=order, data_seed=data_seed)
-        for j in range(k):
-            states, metrics = step_fn(states, hps, consts, images, labels, idx[j])
-            window.append(metrics)
-        it += k
-        jax.block_until_ready(states.step)
-        bar.update(k)
-        if it % log_every == 0 or it == end:
-            window = jax.device_get(window)
-            merged = {key: np.stack([w[key] for w in window]) for key in window[0]}
-            window = []
-            last_metrics = {
-                h.name: {key: _window_mean(v[:, m]) if key != "lr" else float(v[-1, m]) for key, v in merged.items()}
-                for m, h in enumerate(hparams)
-            }
-            bar.set_postfix({n: f"loss {v['loss']:.3f} acc {v['accuracy']:.3f}" for n, v in last_metrics.items()})
-            if out is not None:
-                with open(out / "metrics.jsonl", "a") as f:
-                    for name, vals in last_metrics.items():
-                        f.write(json.dumps({"iteration": it, "model": name, **_finite(vals)}) + "\n")
-        if out is not None and (it % checkpoint_every == 0 or it == end):
-            save_checkpoint(ckpt, states)
-            if on_checkpoint is not None:
-                on_checkpoint(it, states)
-        elif out is None and on_checkpoint is not None and it % checkpoint_every == 0:
-            on_checkpoint(it, states)
+    it = ctx.start
+    end = config.steps
+    bar = _progress(total=end, initial=it, enabled=progress, desc=f"train {'+'.join(names)}")
+    ctx.bar = bar
+    while it < end and not ctx.stop:
+        nexts = [c.next_due(it, ctx) for c in callbacks] + [end, it + 50]
+        target = min(n for n in nexts if n is not None and n > it)
+        idx = batch_indices(len(images), config.batch_size, it, target - it, order=config.order,
+                            data_seed=config.data_seed)
+        for j in range(target - it):
+            states, metrics = step_fn(states, consts, images_dev, labels_dev, idx[j])
+            ctx.window.append(metrics)
+        bar.update(target - it)
+        it = ctx.iteration = target
+        ctx.states = states
+        for c in callbacks:
+            if c.due(it, ctx):
+                c(ctx)
+        if not any(isinstance(c, LogMetrics) for c in callbacks) and len(ctx.window) > 1000:
+            ctx.window.clear()
+    jax.block_until_ready(states)
+    for c in callbacks:
+        c.on_end(ctx)
     bar.close()
-    variables = [
-        {**consts, "params": jax.tree.map(lambda x, m=m: x[m], states.params)} for m in range(len(hparams))
-    ]
-    return TrainResult(variables, states, last_metrics, time.perf_counter() - t0)
+    variables = [{**consts, "params": jax.tree.map(lambda x, m=m: x[m], states.params)} for m in range(len(models))]
+    return TrainResult(variables, states, ctx.last_metrics, time.perf_counter() - t0, it)
 
 
 def _window_mean(values: np.ndarray) -> float:

@@ -1,0 +1,142 @@
+"""Atomic files, training checkpoints and weight snapshots: the one place run state is written and read.
+
+Every write goes through :func:`atomic_write`: the bytes land in a fresh temporary file in the same folder
+(created exclusively, never through a symlink), are fsynced, and replace the target with ``os.replace``, which
+swaps the directory entry itself, so a planted symlink is replaced rather than written through, and a kill at any
+moment leaves either the old file or the new one, never a torn one.
+
+Layout inside a work directory::
+
+    checkpoints/state.msgpack   all models' TrainState (flax msgpack), stacked on a leading model axis
+    checkpoints/state.json      what made it: iteration, the models (name, seed, BANG config), the train config
+    snapshots/iter_NNNNNN.msgpack   all models' params at a chosen iteration (for the noise study)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import serialization
+
+from bang_jax.balance import BangConfig
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "atomic_write_json",
+    "checkpoint_info",
+    "list_snapshots",
+    "load_snapshot",
+    "load_state",
+    "save_snapshot",
+    "save_state",
+    "snapshot_path",
+]
+
+STATE = Path("checkpoints") / "state.msgpack"
+STATE_INFO = Path("checkpoints") / "state.json"
+SNAPSHOTS = Path("snapshots")
+_SNAPSHOT_RE = re.compile(r"^iter_(\d{6,})\.msgpack$")
+
+
+def _bang_config_state(cfg: BangConfig) -> dict:
+    return {f: serialization.to_state_dict(getattr(cfg, f)) for f in ("epsilon", "beta", "ratio")}
+
+
+def _bang_config_restore(target: BangConfig, state: dict) -> BangConfig:
+    fields = {f: serialization.from_state_dict(getattr(target, f), state[f], name=f) for f in ("epsilon", "beta", "ratio")}
+    return BangConfig._unchecked(**fields)
+
+
+# A train state carries each model's BangConfig (broadcast to its params); checkpoints store it with the weights.
+serialization.register_serialization_state(BangConfig, _bang_config_state, _bang_config_restore, override=True)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or snapshot that cannot be read, or that does not belong to the run asked for."""
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Replaces ``path`` with ``data`` atomically (fsynced; symlinks are replaced, never followed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_state(workdir: str | os.PathLike, states: Any, info: dict) -> None:
+    """Writes the stacked train state, then its description (``info``: iteration, models, config)."""
+    workdir = Path(workdir)
+    atomic_write(workdir / STATE, serialization.to_bytes(jax.device_get(states)))
+    atomic_write_json(workdir / STATE_INFO, info)
+
+
+def checkpoint_info(workdir: str | os.PathLike) -> dict | None:
+    """The description saved with the checkpoint, or ``None`` when the work directory has no checkpoint."""
+    workdir = Path(workdir)
+    if not (workdir / STATE).exists():
+        return None
+    try:
+        return json.loads((workdir / STATE_INFO).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {workdir / STATE} has no readable {STATE_INFO.name}: {err}") from err
+
+
+def load_state(workdir: str | os.PathLike, template: Any) -> Any:
+    """Restores the train state saved in ``workdir`` into the structure of ``template``."""
+    path = Path(workdir) / STATE
+    try:
+        return serialization.from_bytes(template, path.read_bytes())
+    except Exception as err:  # noqa: BLE001 - msgpack/flax raise many kinds
+        raise CheckpointError(f"cannot restore checkpoint {path}: {err}") from err
+
+
+def snapshot_path(workdir: str | os.PathLike, iteration: int) -> Path:
+    return Path(workdir) / SNAPSHOTS / f"iter_{iteration:06d}.msgpack"
+
+
+def save_snapshot(workdir: str | os.PathLike, iteration: int, params: Any) -> None:
+    atomic_write(snapshot_path(workdir, iteration), serialization.to_bytes(jax.device_get(params)))
+
+
+def list_snapshots(workdir: str | os.PathLike) -> list[int]:
+    """Iterations of the snapshots in ``workdir``, sorted."""
+    folder = Path(workdir) / SNAPSHOTS
+    if not folder.is_dir():
+        return []
+    found = (_SNAPSHOT_RE.match(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def load_snapshot(workdir: str | os.PathLike, iteration: int, template: Any) -> Any:
+    path = snapshot_path(workdir, iteration)
+    try:
+        return serialization.from_bytes(template, path.read_bytes())
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"cannot restore snapshot {path}: {err}") from err
