@@ -11,7 +11,13 @@ models: ``lambda x: model.apply(variables, x)``). Build one and run the paper's 
 
 Any other direction (an ``[N, ...]`` array) can be passed to :func:`line_search_attack` or
 :func:`fixed_step_attack`. Beyond the paper, :func:`pgd_attack` runs L∞ PGD at a fixed budget on the logit
-margin, which a saturated softmax cannot mask.
+margin, which a saturated softmax cannot mask; :func:`minimal_pgd_attack` bisects the budget per image, giving a
+minimal L∞ to set beside the paper's line-search numbers; :func:`square_attack` (Andriushchenko et al. 2020) uses
+no gradient at all, only the logits of queried images, so it is the check for gradient masking::
+
+    res = pgd_attack(logits_fn, images, labels, epsilon=32.0)              # success at L∞ ≤ 32 pixels
+    res = minimal_pgd_attack(logits_fn, images, labels, max_epsilon=64.0)  # res.linf: smallest budget found
+    res = square_attack(logits_fn, images, labels, epsilon=32.0, queries=1000)  # res.queries: per image
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ __all__ = [
     "fixed_step_attack",
     "hot_cold_direction",
     "line_search_attack",
+    "minimal_pgd_attack",
     "pgd_attack",
+    "square_attack",
 ]
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -118,7 +126,8 @@ class AttackResult:
       linf, l2: norms of the actual perturbation (pixels; 0 where it failed).
       blank: the direction was all zeros.
       still_changing: failed at the step cap while the image was still changing (the cap cut the search).
-      max_step: the cap used.
+      max_step: the cap used (for the fixed-budget attacks: the budget in pixels, rounded).
+      queries: forward passes spent per image by a query attack (:func:`square_attack`), else None.
     """
 
     success: np.ndarray
@@ -129,6 +138,7 @@ class AttackResult:
     blank: np.ndarray
     still_changing: np.ndarray
     max_step: int
+    queries: np.ndarray | None = None
 
     @property
     def rate(self) -> float:
@@ -322,14 +332,29 @@ def _make_pgd_step(logits_fn, loss: str):
     return step
 
 
+def _per_image_budget(value, n: int, name: str) -> np.ndarray:
+    """A scalar or ``[n]`` budget in pixels as float32 ``[n]``; rejects negative, NaN and infinite values."""
+    v = np.asarray(value, np.float64)
+    if v.ndim > 1 or (v.ndim == 1 and v.shape[0] != n):
+        raise ValueError(f"{name} must be a scalar or one value per image ({n}), got shape {v.shape}")
+    if not np.all(np.isfinite(v) & (v >= 0)):
+        raise ValueError(f"{name} must be a finite non-negative number of pixels, got {value}")
+    return np.broadcast_to(v, (n,)).astype(np.float32)
+
+
+def _per_pixel(v, ndim):
+    """``[B]`` → ``[B, 1, …, 1]`` (rank ``ndim``) so it broadcasts against images without rank promotion."""
+    return jnp.asarray(v).reshape((-1,) + (1,) * (ndim - 1))
+
+
 def pgd_attack(
     logits_fn: LogitsFn,
     images,
     labels,
     *,
-    epsilon: float,
+    epsilon,
     steps: int = 50,
-    step_size: float | None = None,
+    step_size=None,
     loss: str = "margin",
     random_start: bool = True,
     seed: int = 0,
@@ -341,39 +366,297 @@ def pgd_attack(
     model whose softmax is saturated (as BANG's are) cannot hide behind a zero loss gradient the way it does
     from the paper's FGS. ``loss='ce'`` uses the cross-entropy. Keeps, per image, the iterate with the largest
     margin; success = that iterate is misclassified. Images are not rounded (continuous pixels in 0..255).
+
+    Args:
+      epsilon: the L∞ budget in pixels, a scalar or one per image ``[N]``.
+      step_size: pixels per step (scalar or ``[N]``); default ``epsilon / 4``.
     """
     if loss not in ("margin", "ce"):
         raise ValueError(f"loss must be 'margin' or 'ce', got {loss!r}")
-    if not (epsilon >= 0 and np.isfinite(epsilon)):
-        raise ValueError(f"epsilon must be a finite non-negative number of pixels, got {epsilon}")
-    step_size = epsilon / 4 if step_size is None else step_size
-    step = _make_pgd_step(logits_fn, loss)
     x_all = np.asarray(images, np.float32)
     y_all = np.asarray(labels, np.int32)
+    n = len(x_all)
+    eps_all = _per_image_budget(epsilon, n, "epsilon")
+    size_all = eps_all / 4 if step_size is None else _per_image_budget(step_size, n, "step_size")
+    step = _make_pgd_step(logits_fn, loss)
     adv = x_all.copy()
     rng = np.random.default_rng(seed)
-    for start in range(0, len(x_all), batch_size):
-        x0 = jnp.asarray(x_all[start : start + batch_size])
-        y = jnp.asarray(y_all[start : start + batch_size])
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        x0 = jnp.asarray(x_all[sl])
+        y = jnp.asarray(y_all[sl])
+        eps, size = _per_pixel(eps_all[sl], x0.ndim), _per_pixel(size_all[sl], x0.ndim)
         x = x0
         if random_start:
-            x = jnp.clip(x0 + rng.uniform(-epsilon, epsilon, x0.shape).astype(np.float32), 0.0, 255.0)
+            x = jnp.clip(x0 + rng.uniform(-1.0, 1.0, x0.shape).astype(np.float32) * eps, 0.0, 255.0)
         best, best_margin = x0, _margin_loss(logits_fn(x0), y)
         for _ in range(steps):
-            x, best, best_margin = step(x, x0, y, jnp.float32(epsilon), jnp.float32(step_size), best, best_margin)
-        adv[start : start + batch_size] = np.asarray(best)
+            x, best, best_margin = step(x, x0, y, eps, size, best, best_margin)
+        adv[sl] = np.asarray(best)
     pred = np.concatenate([np.asarray(jnp.argmax(logits_fn(jnp.asarray(adv[i : i + batch_size])), axis=-1))
-                           for i in range(0, len(adv), batch_size)])
+                           for i in range(0, n, batch_size)]) if n else np.zeros(0, np.int32)
     success = pred != y_all
-    delta = (adv - x_all).reshape(len(x_all), -1)
-    n = len(x_all)
+    delta = (adv - x_all).reshape(n, -1)
     return AttackResult(
         success=success,
         adversarial=adv,
         step=np.zeros(n, np.int64),
-        linf=np.where(success, np.abs(delta).max(axis=1), 0.0),
+        linf=np.where(success, np.abs(delta).max(axis=1, initial=0.0), 0.0),
         l2=np.where(success, np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)), 0.0),
         blank=np.zeros(n, bool),
         still_changing=np.zeros(n, bool),
-        max_step=int(round(epsilon)),
+        max_step=int(round(float(eps_all.max(initial=0.0)))),
+    )
+
+
+def minimal_pgd_attack(
+    logits_fn: LogitsFn,
+    images,
+    labels,
+    *,
+    max_epsilon: float = 64.0,
+    search_steps: int = 8,
+    steps: int = 40,
+    loss: str = "margin",
+    seed: int = 0,
+    batch_size: int = 1000,
+) -> AttackResult:
+    """The smallest L∞ budget (pixels) at which PGD finds an adversarial, per image, by bisection.
+
+    Runs :func:`pgd_attack` at ``max_epsilon``; for every image it fools, it bisects [0, L∞ found]
+    ``search_steps`` times, all such images in one batch, each with its own budget: PGD at the midpoint;
+    success → the upper end becomes the L∞ of that adversarial (kept), failure → the lower end becomes the
+    midpoint. The result's ``linf`` is the L∞ of the smallest adversarial found, within
+    ``max_epsilon / 2**search_steps`` of the smallest budget at which PGD succeeds; PGD is not monotone in the
+    budget, so like the paper's line search this is an upper bound on the true minimal perturbation.
+    Images misclassified when clean are successes with L∞ 0. ``success`` = fooled within ``max_epsilon``; rates
+    are over the images passed in. Pixels are continuous (not rounded), unlike the paper's line search.
+    """
+    if not (np.isfinite(max_epsilon) and max_epsilon > 0):
+        raise ValueError(f"max_epsilon must be a positive number of pixels, got {max_epsilon}")
+    if int(search_steps) != search_steps or search_steps < 0:
+        raise ValueError(f"search_steps must be a non-negative integer, got {search_steps}")
+    x = np.asarray(images, np.float32)
+    y = np.asarray(labels, np.int32)
+    n = len(x)
+    kw = dict(steps=steps, loss=loss, batch_size=batch_size)
+    res = pgd_attack(logits_fn, x, y, epsilon=max_epsilon, seed=seed, **kw)
+    clean_wrong = np.zeros(n, bool)
+    for i in range(0, n, batch_size):
+        clean_wrong[i : i + batch_size] = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x[i : i + batch_size])), -1)) != y[i : i + batch_size]
+    success = res.success | clean_wrong
+    adv = np.where(clean_wrong.reshape((-1,) + (1,) * (x.ndim - 1)), x, res.adversarial)
+    hi = np.where(clean_wrong, 0.0, res.linf).astype(np.float32)
+    lo = np.zeros(n, np.float32)
+    for k in range(int(search_steps)):
+        idx = np.flatnonzero(success & ~clean_wrong)
+        if not idx.size:
+            break
+        mid = (lo[idx] + hi[idx]) / 2
+        r = pgd_attack(logits_fn, x[idx], y[idx], epsilon=mid, seed=seed + k + 1, **kw)
+        ok = r.success & (r.linf <= hi[idx])
+        hi[idx[ok]] = r.linf[ok]
+        adv[idx[ok]] = r.adversarial[ok]
+        lo[idx[~r.success]] = mid[~r.success]
+    delta = (adv - x).reshape(n, -1)
+    return AttackResult(
+        success=success,
+        adversarial=np.where(success.reshape((-1,) + (1,) * (x.ndim - 1)), adv, x),
+        step=np.zeros(n, np.int64),
+        linf=np.where(success, np.abs(delta).max(axis=1, initial=0.0), 0.0),
+        l2=np.where(success, np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)), 0.0),
+        blank=np.zeros(n, bool),
+        still_changing=np.zeros(n, bool),
+        max_step=int(round(max_epsilon)),
+    )
+
+
+# Square attack (Andriushchenko, Croce, Flammarion, Hein, ECCV 2020), L∞, untargeted, margin loss.
+# p_init is halved after these iterations of a 10,000-query budget (the schedule is rescaled to the budget used).
+SQUARE_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_fraction(p_init, iteration, queries):
+    """p(i), the fraction of pixels a square covers at iteration ``iteration`` (0-based) of a ``queries`` budget.
+
+    The paper's piecewise-constant schedule: i is rescaled to a 10,000-query budget, i' = floor(10,000·i/queries),
+    and p_init is halved once for every threshold of :data:`SQUARE_SCHEDULE` that i' exceeds (p_init / 512
+    after 8,000). jnp-traceable.
+    """
+    it = jnp.floor(jnp.asarray(iteration, jnp.float32) / queries * 10000.0)
+    halvings = jnp.sum(it > jnp.asarray(SQUARE_SCHEDULE, jnp.float32))
+    return p_init / 2.0 ** halvings.astype(jnp.float32)
+
+
+def _square_init_one(key, x0, epsilon):
+    """Vertical stripes: one random sign per column and channel, x = clip(x0 ± ε, 0, 255)."""
+    _, w, c = x0.shape
+    signs = jax.random.rademacher(key, (1, w, c), dtype=jnp.float32)
+    return jnp.clip(x0 + signs * epsilon, 0.0, 255.0)
+
+
+def _square_proposal_one(key, x0, x_best, iteration, epsilon, p_init, queries):
+    """One image's candidate: a random s×s window of x_best set to clip(x0 ± ε) with one sign per channel.
+
+    s = round(sqrt(p(i)·H·W)) clipped to [1, H−1]; the corner is uniform in [0, H−s) × [0, W−s). If the window
+    would not change x_best, the signs are negated (which always changes it when ε > 0); the paper resamples
+    until it changes, which for one channel is the same thing.
+    """
+    h, w, c = x0.shape
+    p = square_fraction(p_init, iteration, queries)
+    s = jnp.clip(jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32), 1, h - 1)
+    k_h, k_w, k_s = jax.random.split(key, 3)
+    top = jax.random.randint(k_h, (), 0, h - s)
+    left = jax.random.randint(k_w, (), 0, w - s)
+    rows, cols = jnp.arange(h), jnp.arange(w)
+    in_rows = (rows >= top) & (rows < top + s)
+    in_cols = (cols >= left) & (cols < left + s)
+    window = (in_rows[:, None] & in_cols[None, :])[:, :, None]  # [H, W, 1]
+    signs = jax.random.rademacher(k_s, (1, 1, c), dtype=jnp.float32)
+
+    def propose(sg):
+        return jnp.where(window, jnp.clip(x0 + sg * epsilon, 0.0, 255.0), x_best)
+
+    cand = propose(signs)
+    return jnp.where(jnp.all(cand == x_best), propose(-signs), cand)
+
+
+def _image_keys(seed, index):
+    """One PRNG key per image from its index in the full input, so results do not depend on batching."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_square_fns(logits_fn):
+    """Jitted (init, run) of the Square attack for ``logits_fn`` (cached: no recompilation per call or budget)."""
+
+    def evaluate(x, labels):
+        z = logits_fn(x)
+        return _margin_loss(z, labels), jnp.argmax(z, axis=-1) != labels
+
+    @jax.jit
+    def init(seed, index, x0, labels, epsilon):
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(_image_keys(seed, index))
+        clean_loss, clean_wrong = evaluate(x0, labels)
+        stripes = jax.vmap(_square_init_one, in_axes=(0, 0, None))(keys, x0, epsilon)
+        loss, fooled = evaluate(stripes, labels)
+        keep_clean = clean_wrong.reshape((-1,) + (1,) * (x0.ndim - 1))
+        x_best = jnp.where(keep_clean, x0, stripes)
+        # the stripes are the starting point even when they lower the margin (as in the paper)
+        loss_best = jnp.where(clean_wrong, clean_loss, loss)
+        done = clean_wrong | fooled
+        used = jnp.where(clean_wrong, 0, 1).astype(jnp.int32)
+        return x_best, loss_best, done, used
+
+    @jax.jit
+    def run(seed, index, x0, labels, x_best, loss_best, done, used, epsilon, p_init, queries, i_start, i_stop):
+        keys = _image_keys(seed, index)
+        propose = jax.vmap(_square_proposal_one, in_axes=(0, 0, 0, None, None, None, None))
+
+        def cond(state):
+            i, _, _, done, _ = state
+            return (i < i_stop) & ~jnp.all(done)
+
+        def body(state):
+            i, x_best, loss_best, done, used = state
+            keys_i = jax.vmap(lambda k: jax.random.fold_in(k, i + 1))(keys)
+            cand = propose(keys_i, x0, x_best, i, epsilon, p_init, queries)
+            loss, fooled = evaluate(cand, labels)
+            active = ~done
+            better = active & ((loss > loss_best) | fooled)
+            x_best = jnp.where(better.reshape((-1,) + (1,) * (x0.ndim - 1)), cand, x_best)
+            return i + 1, x_best, jnp.where(better, loss, loss_best), done | (active & fooled), used + active
+
+        state = (i_start, x_best, loss_best, done, used)
+        _, x_best, loss_best, done, used = jax.lax.while_loop(cond, body, state)
+        return x_best, loss_best, done, used
+
+    return init, run
+
+
+def square_attack(
+    logits_fn: LogitsFn,
+    images,
+    labels,
+    *,
+    epsilon: float,
+    queries: int = 1000,
+    p_init: float = 0.8,
+    seed: int = 0,
+    batch_size: int = 1000,
+    chunk_queries: int | None = 100,
+) -> AttackResult:
+    """L∞ Square attack (Andriushchenko et al. 2020): random search on the logit margin, no gradients at all.
+
+    Per image: start from vertical stripes x0 ± ε (1 query); then at each iteration i propose changing one
+    random s×s square to clip(x0 ± ε) (one random sign per channel; s from the schedule p(i) of
+    :func:`square_fraction`), query the model, and accept the proposal if the margin loss
+    max_{j≠y} z_j − z_y increases. An image stops as soon as it is misclassified. Images misclassified when clean
+    are successes with 0 queries. At most ``queries`` forward passes per image (the stripes included).
+    Pixels stay in [x0 − ε, x0 + ε] ∩ [0, 255] (continuous; integer when x0 and ε are).
+
+    ``p_init`` 0.8 is AutoAttack's setting for L∞ (the paper used 0.05 on ImageNet). Every image has its own
+    PRNG stream (``seed`` folded with the image's index), so a result does not depend on ``batch_size`` or
+    ``chunk_queries``. The queries run as a jitted ``lax.while_loop`` over chunks of ``chunk_queries``
+    iterations for the still-active images of each batch (``None``: one loop for the whole budget; the loop
+    stops early once a whole batch is fooled).
+
+    Returns:
+      :class:`AttackResult` with ``queries`` (forward passes used per image), ``linf``/``l2`` of the
+      adversarial (0 where it failed), ``adversarial`` (the original where it failed).
+    """
+    eps = float(epsilon)
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"epsilon must be a finite non-negative number of pixels, got {epsilon}")
+    if int(queries) != queries or queries < 1:
+        raise ValueError(f"queries must be a positive integer, got {queries}")
+    if not 0 < p_init <= 1:
+        raise ValueError(f"p_init must be in (0, 1], got {p_init}")
+    if chunk_queries is not None and (int(chunk_queries) != chunk_queries or chunk_queries < 1):
+        raise ValueError(f"chunk_queries must be a positive integer or None, got {chunk_queries}")
+    x_all = np.asarray(images, np.float32)
+    y_all = np.asarray(labels, np.int32)
+    n = len(x_all)
+    if x_all.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {x_all.shape}")
+    init, run = _make_square_fns(logits_fn)
+    iterations = int(queries) - 1
+    chunk = iterations if chunk_queries is None else int(chunk_queries)
+    x_best = x_all.copy()
+    done = np.zeros(n, bool)
+    used = np.zeros(n, np.int32)
+    loss_best = np.zeros(n, np.float32)
+    scalars = (jnp.float32(eps), jnp.float32(p_init), jnp.float32(queries))
+    for start in range(0, n, batch_size):
+        ids = np.arange(start, min(start + batch_size, n))
+        xb, lb, db, ub = init(seed, jnp.asarray(ids, jnp.int32), x_all[ids], y_all[ids], scalars[0])
+        x_best[ids], loss_best[ids] = np.asarray(xb), np.asarray(lb)
+        done[ids], used[ids] = np.asarray(db), np.asarray(ub)
+        i = 0
+        while i < iterations:
+            act = ids[~done[ids]]
+            if not act.size:
+                break
+            p = 1 << max(3, int(np.ceil(np.log2(act.size))))  # pad to a power of two: few recompilations
+            pad = np.pad(act, (0, p - act.size), mode="edge")
+            i_stop = min(i + max(chunk, 1), iterations)
+            xb, lb, db, ub = run(seed, jnp.asarray(pad, jnp.int32), x_all[pad], y_all[pad], x_best[pad],
+                                 loss_best[pad], done[pad], used[pad], *scalars, jnp.int32(i), jnp.int32(i_stop))
+            k = act.size
+            x_best[act], loss_best[act] = np.asarray(xb)[:k], np.asarray(lb)[:k]
+            done[act], used[act] = np.asarray(db)[:k], np.asarray(ub)[:k]
+            i = i_stop
+    success = done
+    adv = np.where(success.reshape((-1,) + (1,) * (x_all.ndim - 1)), x_best, x_all)
+    delta = (adv - x_all).reshape(n, -1)
+    return AttackResult(
+        success=success,
+        adversarial=adv,
+        step=np.zeros(n, np.int64),
+        linf=np.abs(delta).max(axis=1, initial=0.0),
+        l2=np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)),
+        blank=np.zeros(n, bool),
+        still_changing=np.zeros(n, bool),
+        max_step=int(round(eps)),
+        queries=used.astype(np.int64),
     )

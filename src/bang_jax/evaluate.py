@@ -1,13 +1,20 @@
 """Robustness evaluation of a model on the paper's attacks, from the command line.
 
-    python -m bang_jax.evaluate --caffe-weights ../shared/data/bang_caffe/lenet_bang.caffemodel.h5 \\
+    python -m bang_jax.evaluate --caffe-weights $BANG_DATA_DIR/bang_caffe/lenet_bang.caffemodel.h5 \\
         --dataset mnist [--attacks fgs,hc1] [--limit N] [--json OUT] [--data-dir DIR]
+    python -m bang_jax.evaluate ... --attacks fgs,pgd,square --curves --plot curves.png --json out.json
 
 Attacks the correctly classified test images (the first ``--limit`` of the test set) with FGS in the paper's
 protocol (blank when float32 p_true == 1), FGS with the exact gradient, and HC1, each with the minimal-step line
 search of SPEC §4 (FGS up to t = 255, HC1 up to ``--hc1-max-step``, default 1020), and prints a Table-1 style row.
-``--attacks fgs,hc1,pgd`` adds L∞ PGD (margin and cross-entropy losses) at the budgets of ``--pgd-eps``.
-Rates are percent of attacked images, L∞ in pixels, PASS over successes, blanks as counts.
+More attacks (``--attacks``, comma-separated): ``pgd`` — L∞ PGD (margin and cross-entropy losses) at the budgets
+of ``--pgd-eps``; ``pgd_min`` — the smallest budget at which PGD on the margin succeeds, per image (bisection up
+to ``--pgd-min-max-eps``), reported like the paper's minimal perturbations; ``square`` — the gradient-free
+Square attack at the budgets of ``--square-eps`` with ``--square-queries`` queries per image.
+``--curves`` adds robust accuracy vs ε (``--curve-eps``) for FGS, FGS-exact, PGD-CE, PGD-margin and Square, and
+the gradient-masking report (:mod:`bang_jax.robustness`); ``--plot`` draws the curves.
+Rates are percent of attacked images, L∞ in pixels, PASS over successes, blanks as counts; robust accuracy is
+percent of all evaluated images.
 """
 
 from __future__ import annotations
@@ -17,17 +24,35 @@ import functools
 import json
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bang_jax.attacks import fgs_direction, hot_cold_direction, line_search_attack, pgd_attack
+from bang_jax.attacks import (
+    fgs_direction,
+    hot_cold_direction,
+    line_search_attack,
+    minimal_pgd_attack,
+    pgd_attack,
+    square_attack,
+)
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import load_dataset, mean_image
 from bang_jax.metrics import pass_scores
+from bang_jax.robustness import (
+    ATTACKS as CURVE_ATTACKS,
+    DEFAULT_EPSILONS,
+    masking_report,
+    plot_curves,
+    robustness_curves,
+    validate_curve_args,
+)
 
-__all__ = ["evaluate_accuracy", "evaluate_model", "main", "predict"]
+__all__ = ["ATTACKS", "evaluate_accuracy", "evaluate_model", "main", "predict"]
+
+ATTACKS = ("fgs", "hc1", "pgd", "pgd_min", "square")
 
 
 def predict(model: nn.Module, variables: dict, images, *, batch_size: int = 1000) -> np.ndarray:
@@ -70,13 +95,59 @@ def _summary(prefix, result, x, with_pass=True):
     return out
 
 
-def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), hc1_max_step=1020,
-                   pgd_epsilons=(16.0, 32.0, 64.0), pgd_steps=40, progress=True):
-    """Accuracy and attack statistics (a dict) of ``model`` on ``images`` (pixels) with integer ``labels``.
+def _budgets(values, name):
+    eps = tuple(float(e) for e in values)
+    if not all(np.isfinite(e) and e >= 0 for e in eps):
+        raise ValueError(f"{name} must be finite non-negative numbers of pixels, got {list(values)}")
+    return eps
 
-    ``attacks``: ``"fgs"`` (paper protocol and exact gradient), ``"hc1"``, and ``"pgd"`` (L∞ PGD on the logit
-    margin and on the cross-entropy at each budget in ``pgd_epsilons``, giving ``pgd_margin_rate_eps16`` …).
+
+def _validate(attacks, *, pgd_epsilons, square_epsilons, square_queries, pgd_steps, pgd_min_max_epsilon, curves,
+              curve_attacks):
+    """All argument checks of :func:`evaluate_model`, done before any attack runs."""
+    attacks = tuple(attacks)
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}: choose from {', '.join(ATTACKS)}")
+    pgd_epsilons = _budgets(pgd_epsilons, "pgd_epsilons")
+    square_epsilons = pgd_epsilons if square_epsilons is None else _budgets(square_epsilons, "square_epsilons")
+    if int(square_queries) != square_queries or square_queries < 1:
+        raise ValueError(f"square_queries must be a positive integer, got {square_queries}")
+    if int(pgd_steps) != pgd_steps or pgd_steps < 1:
+        raise ValueError(f"pgd_steps must be a positive integer, got {pgd_steps}")
+    if not (np.isfinite(pgd_min_max_epsilon) and pgd_min_max_epsilon > 0):
+        raise ValueError(f"pgd_min_max_epsilon must be a positive number of pixels, got {pgd_min_max_epsilon}")
+    if curves is True:
+        curves = DEFAULT_EPSILONS
+    if curves is not None and curves is not False:
+        curves, curve_attacks = validate_curve_args(curves, curve_attacks, square_queries=square_queries,
+                                                    pgd_steps=pgd_steps)
+    else:
+        curves = None
+    return attacks, pgd_epsilons, square_epsilons, curves, tuple(curve_attacks)
+
+
+def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), hc1_max_step=1020,
+                   pgd_epsilons=(16.0, 32.0, 64.0), pgd_steps=40, pgd_min_max_epsilon=64.0, square_epsilons=None,
+                   square_queries=1000, curves=None, curve_attacks=CURVE_ATTACKS, seed=0, progress=True):
+    """Accuracy and attack statistics (a JSON-able dict) of ``model`` on ``images`` (pixels) with integer ``labels``.
+
+    ``attacks`` (validated, with every other argument, before anything runs): ``"fgs"`` (paper protocol and
+    exact gradient), ``"hc1"``, ``"pgd"`` (L∞ PGD on the logit margin and on the cross-entropy at each budget in
+    ``pgd_epsilons``, giving ``pgd_margin_rate_eps16`` …), ``"pgd_min"`` (per image, the smallest budget up to
+    ``pgd_min_max_epsilon`` at which PGD on the margin succeeds: ``pgd_min_rate``, ``pgd_min_linf_mean`` …, as the
+    paper reports its minimal perturbations) and ``"square"`` (the gradient-free Square attack at each budget in
+    ``square_epsilons``, default ``pgd_epsilons``: ``square_rate_eps16``, ``square_queries_mean_eps16`` over
+    successes). Rates are % of attacked (correctly classified) images.
+
+    ``curves``: a sequence of budgets ε (pixels), or True for :data:`bang_jax.robustness.DEFAULT_EPSILONS`, adds
+    ``row["curves"]`` (:func:`bang_jax.robustness.robustness_curves` over ``curve_attacks``; robust accuracy is %
+    of all evaluated images) and ``row["masking"]`` (:func:`bang_jax.robustness.masking_report`, with a
+    ``verdict``).
     """
+    attacks, pgd_epsilons, square_epsilons, curves, curve_attacks = _validate(
+        attacks, pgd_epsilons=pgd_epsilons, square_epsilons=square_epsilons, square_queries=square_queries,
+        pgd_steps=pgd_steps, pgd_min_max_epsilon=pgd_min_max_epsilon, curves=curves, curve_attacks=curve_attacks)
     logits_fn = jax.jit(lambda x: model.apply(variables, x))
     pred = np.argmax(predict(model, variables, images), axis=1)
     correct = pred == np.asarray(labels)
@@ -95,16 +166,38 @@ def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), 
         elif attack == "pgd":
             for eps in pgd_epsilons:
                 for loss in ("margin", "ce"):
-                    res = pgd_attack(logits_fn, x, y, epsilon=float(eps), steps=pgd_steps, loss=loss)
+                    res = pgd_attack(logits_fn, x, y, epsilon=float(eps), steps=pgd_steps, loss=loss, seed=seed)
                     row[f"pgd_{loss}_rate_eps{eps:g}"] = res.rate
+        elif attack == "pgd_min":
+            res = minimal_pgd_attack(logits_fn, x, y, max_epsilon=pgd_min_max_epsilon, steps=pgd_steps, seed=seed)
+            row |= _summary("pgd_min", res, x)
+        elif attack == "square":
+            row["square_queries"] = int(square_queries)
+            for eps in square_epsilons:
+                res = square_attack(logits_fn, x, y, epsilon=float(eps), queries=square_queries, seed=seed)
+                row[f"square_rate_eps{eps:g}"] = res.rate
+                row[f"square_queries_mean_eps{eps:g}"] = (float(res.queries[res.success].mean())
+                                                         if res.success.any() else None)
         elif attack == "hc1":
             d, blank = hot_cold_direction(logits_fn, x, y)
             res = line_search_attack(logits_fn, x, y, d, blank=blank, max_step=hc1_max_step, progress=progress)
             row |= _summary("hc1", res, x)
-        else:
-            raise ValueError(f"unknown attack {attack!r} (fgs, hc1, pgd)")
         row[f"{attack}_seconds"] = time.perf_counter() - t0
+    if curves is not None:
+        t0 = time.perf_counter()
+        row["curves"] = robustness_curves(logits_fn, images, labels, curves, attacks=curve_attacks,
+                                          pgd_steps=pgd_steps, square_queries=square_queries, seed=seed,
+                                          progress=progress)
+        row["masking"] = masking_report(logits_fn, images, labels, curves=row["curves"])
+        row["curves_seconds"] = time.perf_counter() - t0
     return row
+
+
+def _parse_floats(text):
+    try:
+        return tuple(float(e) for e in text.split(",") if e.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _fmt(v, pct=False):
@@ -117,23 +210,47 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--caffe-weights", required=True, help="a .caffemodel.h5 file (LeNet or CIFAR-10 quick)")
     p.add_argument("--dataset", required=True, choices=["mnist", "cifar10"])
-    p.add_argument("--attacks", default="fgs,hc1", help="comma-separated: fgs, hc1, pgd (default: %(default)s)")
+    p.add_argument("--attacks", default="fgs,hc1",
+                   help=f"comma-separated: {', '.join(ATTACKS)}; empty: none (default: %(default)s)")
     p.add_argument("--pgd-eps", default="16,32,64", help="L∞ budgets (pixels) of the pgd attack")
+    p.add_argument("--pgd-steps", type=int, default=40, help="PGD steps (pgd, pgd_min, curves)")
+    p.add_argument("--pgd-min-max-eps", type=float, default=64.0, help="largest budget of pgd_min (pixels)")
+    p.add_argument("--square-eps", help="L∞ budgets (pixels) of the square attack (default: --pgd-eps)")
+    p.add_argument("--square-queries", type=int, default=1000, help="Square queries per image and budget")
+    p.add_argument("--curves", action="store_true",
+                   help="robust accuracy vs ε curves and the gradient-masking report")
+    p.add_argument("--curve-eps", default=",".join(f"{e:g}" for e in DEFAULT_EPSILONS),
+                   help="budgets (pixels) of the curves (default: %(default)s)")
+    p.add_argument("--curve-attacks", default=",".join(CURVE_ATTACKS), help="attacks of the curves")
+    p.add_argument("--plot", help="write the curves as a PNG (needs --curves)")
+    p.add_argument("--seed", type=int, default=0, help="seed of PGD's random start and Square")
     p.add_argument("--limit", type=int, help="use the first N test images")
     p.add_argument("--hc1-max-step", type=int, default=1020)
     p.add_argument("--data-dir", help="dataset directory (default: $BANG_DATA_DIR)")
     p.add_argument("--json", help="write the results as one JSON object to this file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    try:
+        attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        options = dict(
+            pgd_epsilons=_parse_floats(args.pgd_eps), pgd_steps=args.pgd_steps,
+            pgd_min_max_epsilon=args.pgd_min_max_eps, square_queries=args.square_queries,
+            square_epsilons=None if args.square_eps is None else _parse_floats(args.square_eps),
+            curves=_parse_floats(args.curve_eps) if args.curves else None,
+            curve_attacks=tuple(a.strip() for a in args.curve_attacks.split(",") if a.strip()),
+        )
+        _validate(attacks, **options)
+        if args.plot and not args.curves:
+            raise ValueError("--plot needs --curves")
+    except ValueError as err:
+        p.error(str(err))
     ds = load_dataset(args.dataset, args.data_dir)
     mean = mean_image(ds.train_images) if args.dataset == "cifar10" else None
     model, variables = load_caffe_weights(args.caffe_weights, mean_image=mean)
     n = len(ds.test_images) if args.limit is None else min(args.limit, len(ds.test_images))
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     row = evaluate_model(
         model, variables, ds.test_images[:n], ds.test_labels[:n], attacks=attacks,
-        hc1_max_step=args.hc1_max_step, progress=not args.no_progress,
-        pgd_epsilons=tuple(float(e) for e in args.pgd_eps.split(",") if e),
+        hc1_max_step=args.hc1_max_step, progress=not args.no_progress, seed=args.seed, **options,
     )
     row = {"weights": str(args.caffe_weights), "dataset": args.dataset, "data_source": ds.source} | row
     print(f"\n{args.caffe_weights} on {n} {args.dataset} test images ({row['attacked']} attacked)")
@@ -148,7 +265,26 @@ def main(argv=None):
     )
     pgd = {k: v for k, v in row.items() if k.startswith("pgd_") and "_rate_" in k}
     if pgd:
-        print("PGD (40 steps) success: " + ", ".join(f"{k[4:]} {v:.2f}%" for k, v in pgd.items()))
+        print(f"PGD ({args.pgd_steps} steps) success: " + ", ".join(f"{k[4:]} {v:.2f}%" for k, v in pgd.items()))
+    if "pgd_min_rate" in row:
+        print(f"PGD-margin minimal budget: success {_fmt(row['pgd_min_rate'], True)} within "
+              f"{args.pgd_min_max_eps:g}, L∞ {_fmt(row['pgd_min_linf_mean'])}±{_fmt(row['pgd_min_linf_std'])}, "
+              f"PASS {_fmt(row['pgd_min_pass_mean'])}")
+    square = {k: v for k, v in row.items() if k.startswith("square_rate_")}
+    if square:
+        print(f"Square ({args.square_queries} queries) success: "
+              + ", ".join(f"{k[12:]} {v:.2f}%" for k, v in square.items()))
+    if "curves" in row:
+        c = row["curves"]
+        print("robust accuracy (% of all images) | ε = " + " ".join(f"{e:>5g}" for e in c["epsilons"]))
+        for name, data in list(c["attacks"].items()) + [("best", c["best"])]:
+            print(f"  {name:<32} | " + " ".join(f"{a:5.1f}" for a in data["robust_accuracy"]))
+        m = row["masking"]
+        print(f"masking: CE loss == 0 (float32) on {_fmt(m['ce_loss_zero_share'])}%, CE input gradient all zero on "
+              f"{_fmt(m['ce_grad_zero_share'])}%, median logit margin {_fmt(m['margin_median'])}")
+        print(f"verdict: {m['verdict']}")
+        if args.plot:
+            print(f"wrote {plot_curves({Path(args.caffe_weights).stem: c}, args.plot)}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=2)

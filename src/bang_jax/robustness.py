@@ -1,0 +1,446 @@
+"""Robust accuracy over the budget, and the diagnostics that reveal gradient masking.
+
+A defence that hides its gradient (Athalye, Carlini, Wagner 2018; Carlini et al. 2019, "On evaluating adversarial
+robustness") looks robust to gradient attacks and not to an attack that never uses a gradient. This module puts
+the paper's FGS beside attacks that a saturated softmax cannot fool — PGD on the logit margin and the
+gradient-free Square attack — as curves over the L∞ budget, and turns the tell-tale numbers into a verdict::
+
+    logits_fn = jax.jit(lambda x: model.apply(variables, x))
+    curves = robustness_curves(logits_fn, images, labels, epsilons=(0, 8, 16, 32, 64))
+    report = masking_report(logits_fn, images, labels, curves=curves)
+    print(report["verdict"])
+    plot_curves({"R0": curves_r0, "B1": curves_b1}, "curves.png")   # one panel per model, side by side
+
+Everything returned is JSON-able (lists, floats, ints, strings, None).
+
+Definitions (also written into the returned dicts):
+
+* **Robust accuracy at ε** = % of **all** evaluated images that are classified correctly and for which the attack
+  found no adversarial with L∞ ≤ ε (pixels 0..255). Images misclassified when clean count as not robust, so at
+  ε = 0 it is the clean accuracy.
+* **Success rate at ε** = % of the **attacked** images (those classified correctly when clean) fooled with
+  L∞ ≤ ε — the convention of every ``rate`` in :mod:`bang_jax.attacks` and :mod:`bang_jax.evaluate`.
+* An adversarial found at a smaller budget counts at every larger one, so every curve is monotone. The
+  fixed-budget attacks (PGD, Square) therefore run at the budgets in increasing order, each on the images not
+  fooled yet.
+* FGS curves come from the paper's minimal-step line search (SPEC §4) along the FGS direction, searched up to
+  the largest ε: success at ε iff the smallest successful step has L∞ ≤ ε. One search gives the whole curve, and
+  it is the paper's own success criterion. (A single fixed step of size ε, :func:`~bang_jax.attacks.fixed_step_attack`,
+  can miss where a smaller step would succeed.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bang_jax.attacks import (
+    _margin_loss,
+    fgs_direction,
+    line_search_attack,
+    pgd_attack,
+    square_attack,
+)
+
+__all__ = [
+    "ATTACKS",
+    "DEFAULT_EPSILONS",
+    "GRADIENT_ATTACKS",
+    "masking_report",
+    "plot_curves",
+    "robustness_curves",
+    "validate_curve_args",
+]
+
+ATTACKS = ("fgs", "fgs_exact", "pgd_ce", "pgd_margin", "square")
+GRADIENT_ATTACKS = ("fgs", "fgs_exact", "pgd_ce", "pgd_margin")
+CE_ATTACKS = ("fgs", "pgd_ce")  # attacks whose direction comes from the cross-entropy gradient
+DEFAULT_EPSILONS = (0.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+ATTACK_LABELS = {
+    "fgs": "FGS (paper rule)",
+    "fgs_exact": "FGS (exact gradient)",
+    "pgd_ce": "PGD cross-entropy",
+    "pgd_margin": "PGD logit margin",
+    "square": "Square (no gradient)",
+    "best": "best of all",
+}
+# ln(2^24): above this logit margin the float32 softmax probability of the true class rounds to 1.0
+FLOAT32_SATURATION_MARGIN = float(np.log(2.0**24))
+_TOL = 1e-3  # pixels: float rounding of clip(x0 ± ε)
+
+DEFINITIONS = {
+    "robust_accuracy": "% of ALL evaluated images classified correctly with no adversarial found at L∞ ≤ ε "
+                       "(pixels 0..255); clean errors count as not robust",
+    "success_rate": "% of attacked images (correctly classified when clean) fooled at L∞ ≤ ε",
+    "monotone": "an adversarial found at a smaller budget counts at every larger one",
+    "fgs": "paper's minimal-step line search along sign ∇CE, searched to the largest ε (success at ε iff the "
+           "smallest successful step has L∞ ≤ ε); 'fgs' blanks when float32 p_true == 1, 'fgs_exact' does not",
+}
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def validate_curve_args(epsilons, attacks, *, square_queries: int = 1000, pgd_steps: int = 40):
+    """Check the arguments of :func:`robustness_curves` (raises ``ValueError``); returns (epsilons, attacks).
+
+    Call it before starting any long computation, so a typo fails at once and not after the first attack.
+    """
+    attacks = tuple(attacks)
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}: choose from {', '.join(ATTACKS)}")
+    if not attacks:
+        raise ValueError("no attack given")
+    if len(set(attacks)) != len(attacks):
+        raise ValueError(f"attack listed twice: {attacks}")
+    eps = [float(e) for e in epsilons]
+    if not eps:
+        raise ValueError("no epsilon given")
+    if not all(math.isfinite(e) and e >= 0 for e in eps):
+        raise ValueError(f"epsilons must be finite non-negative numbers of pixels, got {list(epsilons)}")
+    if int(square_queries) != square_queries or square_queries < 1:
+        raise ValueError(f"square_queries must be a positive integer, got {square_queries}")
+    if int(pgd_steps) != pgd_steps or pgd_steps < 1:
+        raise ValueError(f"pgd_steps must be a positive integer, got {pgd_steps}")
+    return tuple(sorted(set(eps))), attacks
+
+
+def _predict(logits_fn, x, batch_size):
+    return np.concatenate([np.asarray(logits_fn(jnp.asarray(x[i : i + batch_size]))) for i in range(0, len(x), batch_size)])
+
+
+def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, square_p_init, seed, batch_size):
+    """Per attacked image: L∞ of the smallest adversarial found at the budgets ``epsilons`` (inf: none)."""
+    n = len(x)
+    found = np.full(n, np.inf)
+    positive = [e for e in epsilons if e > 0]
+    if not positive or not n:
+        return found
+    if attack in ("fgs", "fgs_exact"):
+        d, blank = fgs_direction(logits_fn, x, y, exact=attack == "fgs_exact")
+        res = line_search_attack(logits_fn, x, y, np.asarray(d), blank=np.asarray(blank),
+                                 max_step=int(math.ceil(max(positive))), batch_size=batch_size)
+        found[res.success] = res.linf[res.success]
+        return found
+    for k, eps in enumerate(positive):
+        todo = np.flatnonzero(found > eps + _TOL)
+        if not todo.size:
+            break
+        if attack == "square":
+            res = square_attack(logits_fn, x[todo], y[todo], epsilon=eps, queries=square_queries,
+                                p_init=square_p_init, seed=seed + k, batch_size=batch_size)
+        else:
+            res = pgd_attack(logits_fn, x[todo], y[todo], epsilon=eps, steps=pgd_steps, loss=attack[4:],
+                             seed=seed + k, batch_size=batch_size)
+        found[todo[res.success]] = res.linf[res.success]
+    return found
+
+
+def _curve(min_linf_all, correct, epsilons):
+    fooled = [(min_linf_all <= e + _TOL) | ~correct for e in epsilons]
+    n, k = len(correct), int(correct.sum())
+    return {
+        "robust_accuracy": [float(100.0 * np.mean(~f)) if n else None for f in fooled],
+        "success_rate": [float(100.0 * np.mean(f[correct])) if k else None for f in fooled],
+    }
+
+
+def robustness_curves(
+    logits_fn: LogitsFn,
+    images,
+    labels,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    *,
+    attacks: Sequence[str] = ATTACKS,
+    pgd_steps: int = 40,
+    square_queries: int = 1000,
+    square_p_init: float = 0.8,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = False,
+) -> dict:
+    """Robust accuracy vs the L∞ budget ε (pixels) of ``logits_fn`` on ``images`` [N, H, W, C] (pixels 0..255).
+
+    Attacks (names of :data:`ATTACKS`): ``fgs`` (paper rule: blank when float32 p_true == 1) and ``fgs_exact``
+    by the minimal-step line search; ``pgd_ce`` and ``pgd_margin`` (:func:`~bang_jax.attacks.pgd_attack`,
+    ``pgd_steps`` steps of ε/4, random start); ``square`` (:func:`~bang_jax.attacks.square_attack`,
+    ``square_queries`` queries per image and budget). See the module docstring for the definitions.
+
+    Returns a JSON-able dict: ``epsilons``; ``images``, ``attacked``, ``clean_accuracy``; ``attacks[name]`` with
+    ``robust_accuracy`` and ``success_rate`` (lists over ``epsilons``), ``min_linf`` (per image: L∞ of the
+    smallest adversarial found, 0 for clean errors, None where none was found up to the largest ε),
+    ``seconds`` and ``settings``; ``best`` — per image the smallest L∞ over all attacks (the curve of the
+    strongest combination); ``definitions``.
+    """
+    epsilons, attacks = validate_curve_args(epsilons, attacks, square_queries=square_queries, pgd_steps=pgd_steps)
+    x_all = np.asarray(images, np.float32)
+    y_all = np.asarray(labels, np.int32)
+    if x_all.ndim != 4 or len(x_all) != len(y_all):
+        raise ValueError(f"images must be [N, H, W, C] with one label each, got {x_all.shape} and {y_all.shape}")
+    correct = np.argmax(_predict(logits_fn, x_all, batch_size), axis=1) == y_all
+    x, y = x_all[correct], y_all[correct]
+    out = {
+        "epsilons": list(epsilons),
+        "images": int(len(y_all)),
+        "attacked": int(correct.sum()),
+        "clean_accuracy": float(100.0 * correct.mean()) if len(y_all) else None,
+        "definitions": DEFINITIONS,
+        "attacks": {},
+    }
+    best = np.where(correct, np.inf, 0.0)
+    for attack in attacks:
+        t0 = time.perf_counter()
+        found = _min_linf(attack, logits_fn, x, y, epsilons, pgd_steps=pgd_steps, square_queries=square_queries,
+                          square_p_init=square_p_init, seed=seed, batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        min_linf = np.zeros(len(y_all))
+        min_linf[correct] = found
+        best = np.minimum(best, min_linf)
+        settings = {}
+        if attack.startswith("pgd"):
+            settings = {"steps": pgd_steps, "step_size": "epsilon/4", "random_start": True, "seed": seed}
+        elif attack == "square":
+            settings = {"queries": square_queries, "p_init": square_p_init, "seed": seed}
+        else:
+            settings = {"line_search_max_step": int(math.ceil(max(epsilons)))}
+        out["attacks"][attack] = _curve(min_linf, correct, epsilons) | {
+            "min_linf": [None if not np.isfinite(v) else float(v) for v in min_linf],
+            "seconds": round(seconds, 2),
+            "settings": settings,
+        }
+        if progress:
+            ra = ", ".join(f"{e:g}: {a:.1f}%" for e, a in zip(epsilons, out["attacks"][attack]["robust_accuracy"]))
+            print(f"  {attack:<10} robust accuracy {ra}  ({seconds:.1f} s)", flush=True)
+    out["best"] = _curve(best, correct, epsilons)
+    return out
+
+
+def _min_linf_array(curves, attack):
+    return np.array([np.inf if v is None else v for v in curves["attacks"][attack]["min_linf"]], np.float64)
+
+
+def _margins_and_gradients(logits_fn, x, y, batch_size):
+    """Per image: logit margin z_y − max_{j≠y} z_j, float32 CE loss == 0, float32 CE input gradient all zero."""
+
+    def ce(v, labels):
+        z = logits_fn(v).astype(jnp.float32)
+        return -jnp.take_along_axis(jax.nn.log_softmax(z), labels[:, None], axis=1)[:, 0]
+
+    @jax.jit
+    def stats(v, labels):
+        loss, vjp = jax.vjp(lambda a: ce(a, labels), v)
+        g = vjp(jnp.ones_like(loss))[0]
+        margin = -_margin_loss(logits_fn(v), labels)
+        return margin, loss == 0.0, jnp.all(g.reshape(g.shape[0], -1) == 0.0, axis=1)
+
+    outs = [stats(jnp.asarray(x[i : i + batch_size]), jnp.asarray(y[i : i + batch_size]))
+            for i in range(0, len(x), batch_size)]
+    return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(3))
+
+
+def masking_report(
+    logits_fn: LogitsFn,
+    images,
+    labels,
+    *,
+    curves: Mapping | None = None,
+    margin_edges: Sequence[float] = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
+    batch_size: int = 500,
+    **curve_kwargs,
+) -> dict:
+    """Gradient-masking diagnostics of ``logits_fn`` on the correctly classified ``images`` (pixels 0..255).
+
+    ``curves``: the output of :func:`robustness_curves` on the same images (computed with ``curve_kwargs`` when
+    None); the gap needs ``square`` and at least one gradient attack in it.
+
+    Returns a JSON-able dict over the attacked images (classified correctly when clean):
+
+    * ``ce_loss_zero_share`` — % whose float32 cross-entropy is exactly 0 (p_true rounds to 1.0): the paper's
+      FGS gives up on them ("blank gradient").
+    * ``ce_grad_zero_share`` — % whose float32 autodiff input gradient of the cross-entropy is all zeros.
+    * ``margin_median``, ``margin_quantiles`` (10/25/50/75/90 %), ``margin_histogram`` (``edges``, ``counts``;
+      the last bin is open), ``margin_saturated_share`` — % with margin > ln 2²⁴ ≈ 16.6, where float32 p_true
+      rounds to 1.
+    * ``gap`` — per ε: success of ``square`` and of the union of the gradient attacks (% of attacked), their
+      difference in points, the images fooled only by Square / only by a gradient attack, and whether Square's
+      lead is beyond sampling noise (paired: only − other > 2·sqrt(only + other) and ≥ max(2, 1 % of attacked)).
+      ``gap_vs`` gives Square's lead over each gradient attack alone, with the same test.
+    * ``verdict`` — one line computed from these numbers: "gradient masking" when Square beats every gradient
+      attack together at some ε; "cross-entropy masking" when it only beats the cross-entropy attacks (FGS,
+      PGD-CE) or when ≥ 10 % of the images have a zero float32 loss; else "no sign of gradient masking". It ends
+      with the best attack's robust accuracy at the largest ε (Carlini et al.: it should reach 0 there).
+    """
+    x_all = np.asarray(images, np.float32)
+    y_all = np.asarray(labels, np.int32)
+    if curves is None:
+        curves = robustness_curves(logits_fn, x_all, y_all, batch_size=batch_size, **curve_kwargs)
+    if curves["images"] != len(y_all):
+        raise ValueError(f"curves were computed on {curves['images']} images, got {len(y_all)}")
+    correct = np.argmax(_predict(logits_fn, x_all, batch_size), axis=1) == y_all
+    x, y = x_all[correct], y_all[correct]
+    k = int(correct.sum())
+    margin, loss_zero, grad_zero = _margins_and_gradients(logits_fn, x, y, batch_size) if k else (np.zeros(0),) * 3
+    edges = [float(e) for e in margin_edges]
+    counts = np.histogram(np.clip(margin, edges[0], None), bins=edges + [np.inf])[0] if k else np.zeros(len(edges))
+
+    def pct(mask):
+        return float(100.0 * np.mean(mask)) if k else None
+
+    report = {
+        "attacked": k,
+        "ce_loss_zero_share": pct(loss_zero),
+        "ce_grad_zero_share": pct(grad_zero),
+        "margin_median": float(np.median(margin)) if k else None,
+        "margin_quantiles": {str(q): float(np.percentile(margin, q)) for q in (10, 25, 50, 75, 90)} if k else None,
+        "margin_histogram": {"edges": edges, "counts": [int(c) for c in counts]},
+        "margin_saturated_share": pct(margin > FLOAT32_SATURATION_MARGIN),
+        "definitions": {
+            "shares": "% of attacked images (correctly classified when clean)",
+            "gap": "Square success minus the success of the union of the gradient attacks, points of % attacked; "
+                   "significant if square_only − gradient_only > 2·sqrt(square_only + gradient_only) and "
+                   "≥ max(2, 1% of attacked)",
+        },
+    }
+    eps = curves["epsilons"]
+    grad_attacks = [a for a in GRADIENT_ATTACKS if a in curves["attacks"]]
+    have_gap = "square" in curves["attacks"] and grad_attacks
+    flags = []
+    if have_gap:
+        sq = _min_linf_array(curves, "square")[correct]
+        union = np.min([_min_linf_array(curves, a)[correct] for a in grad_attacks], axis=0)
+
+        def compare(other):
+            rows = []
+            for e in eps:
+                s, g = sq <= e + _TOL, other <= e + _TOL
+                only_s, only_g = int(np.sum(s & ~g)), int(np.sum(g & ~s))
+                rows.append({
+                    "epsilon": e, "square": pct(s), "gradient": pct(g),
+                    "gap": pct(s) - pct(g) if k else None,
+                    "square_only": only_s, "gradient_only": only_g,
+                    "significant": bool(only_s - only_g > 2 * math.sqrt(only_s + only_g)
+                                        and only_s - only_g >= max(2, 0.01 * k)),
+                })
+            return rows
+
+        report["gap"] = {"gradient_attacks": grad_attacks, "rows": compare(union)}
+        report["gap_vs"] = {a: compare(_min_linf_array(curves, a)[correct]) for a in grad_attacks}
+        beats_all = [r for r in report["gap"]["rows"] if r["significant"]]
+        beats_ce = {a: [r for r in report["gap_vs"][a] if r["significant"]] for a in grad_attacks if a in CE_ATTACKS}
+        if beats_all:
+            worst = max(beats_all, key=lambda r: r["gap"])
+            where = ", ".join(f"{r['epsilon']:g}" for r in beats_all)
+            flags.append(("gradient masking", f"gradient-free Square beats all gradient attacks together at "
+                          f"ε = {where} (by up to {worst['gap']:.1f} points, ε = {worst['epsilon']:g})"))
+        for a, rows in beats_ce.items():
+            if rows and not beats_all:
+                worst = max(rows, key=lambda r: r["gap"])
+                flags.append(("cross-entropy masking", f"Square beats {ATTACK_LABELS[a]} by "
+                              f"{worst['gap']:.1f} points at ε = {worst['epsilon']:g}"))
+    else:
+        report["gap"] = None
+        report["gap_vs"] = None
+    if k and report["ce_loss_zero_share"] >= 10.0:
+        flags.insert(0, ("cross-entropy masking", f"float32 cross-entropy exactly 0 on "
+                         f"{report['ce_loss_zero_share']:.1f}% of attacked images (median logit margin "
+                         f"{report['margin_median']:.1f}: blank gradient for the paper's FGS)"))
+    best_last = curves["best"]["robust_accuracy"][-1]
+    tail = f"best attack's robust accuracy at ε = {eps[-1]:g}: {best_last:.1f}%" if best_last is not None else ""
+    if not flags:
+        sq_note = "" if have_gap else " (no Square/gradient pair to compare)"
+        verdict = f"no sign of gradient masking{sq_note}"
+    else:
+        kind = "gradient masking" if any(f[0] == "gradient masking" for f in flags) else "cross-entropy masking"
+        verdict = kind + ": " + "; ".join(f[1] for f in flags)
+        if kind == "cross-entropy masking" and have_gap:
+            verdict += "; the logit-margin attacks are not masked (Square does not beat them together)"
+    report["verdict"] = verdict + (f"; {tail}" if tail else "")
+    return report
+
+
+def plot_curves(curves_by_model: Mapping[str, Mapping], path, *, ncols: int | None = None, title: str | None = None,
+                attacks: Sequence[str] | None = None):
+    """Robust accuracy vs ε, one panel per model, side by side; writes ``path`` (PNG) and returns it.
+
+    ``curves_by_model`` maps a panel title (e.g. "LeNet R0") to a :func:`robustness_curves` dict (or to a dict
+    holding one under ``"curves"``, as :func:`bang_jax.evaluate.evaluate_model` returns). The dashed black line is
+    the best of all attacks per image.
+    """
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    items = [(name, c.get("curves", c)) for name, c in curves_by_model.items()]
+    if not items:
+        raise ValueError("no curves to plot")
+    ncols = ncols or len(items)
+    nrows = math.ceil(len(items) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), sharey=True, squeeze=False)
+    styles = {"fgs": ("tab:red", "o"), "fgs_exact": ("tab:orange", "s"), "pgd_ce": ("tab:purple", "v"),
+              "pgd_margin": ("tab:blue", "^"), "square": ("tab:green", "D")}
+    for ax, (name, c) in zip(axes.flat, items):
+        eps = c["epsilons"]
+        for attack, data in c["attacks"].items():
+            if attacks is not None and attack not in attacks:
+                continue
+            color, marker = styles.get(attack, (None, "."))
+            ax.plot(eps, data["robust_accuracy"], marker=marker, ms=3.5, lw=1.3, color=color,
+                    label=ATTACK_LABELS.get(attack, attack))
+        ax.plot(eps, c["best"]["robust_accuracy"], "k--", lw=1.0, label=ATTACK_LABELS["best"])
+        ax.set_title(f"{name} ({c['images']} images)", fontsize=9)
+        ax.set_xlabel("L∞ budget ε (pixels of 255)", fontsize=8)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("robust accuracy (%)", fontsize=8)
+    for ax in list(axes.flat)[len(items):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend_cols = min(len(labels), 3 * ncols)
+    fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    legend_inches = 0.2 * math.ceil(len(labels) / legend_cols) + 0.1
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 0.96 if title else 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    """``python -m bang_jax.robustness OUT.png A.json B.json … [--names R0,B1] [--ncols 2]``: plot saved curves.
+
+    Each JSON is a :func:`robustness_curves` dict or an ``evaluate --curves --json`` row (curves under
+    ``"curves"``); panels are named by ``--names`` or the file stems.
+    """
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("out", help="PNG to write")
+    p.add_argument("json", nargs="+", help="curves JSON files (robustness_curves or evaluate --curves --json)")
+    p.add_argument("--names", help="comma-separated panel titles, one per JSON")
+    p.add_argument("--ncols", type=int)
+    p.add_argument("--title")
+    args = p.parse_args(argv)
+    names = args.names.split(",") if args.names else [Path(f).stem for f in args.json]
+    if len(names) != len(args.json):
+        raise SystemExit(f"{len(names)} names for {len(args.json)} files")
+    data = {n: json.loads(Path(f).read_text()) for n, f in zip(names, args.json)}
+    missing = [n for n, d in data.items() if "attacks" not in d.get("curves", d)]
+    if missing:
+        raise SystemExit(f"no curves in {missing}: run evaluate with --curves")
+    print(plot_curves(data, args.out, ncols=args.ncols, title=args.title))
+
+
+if __name__ == "__main__":
+    main()
