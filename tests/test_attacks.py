@@ -216,3 +216,56 @@ def test_pgd_margin_finds_the_analytic_minimal_budget():
     assert res.success[0] and res.linf[0] <= 3.5 + 1e-4
     with pytest.raises(ValueError, match="epsilon"):
         pgd_attack(fn, x, np.array([0]), epsilon=float("nan"))
+
+
+def test_pgd_and_fgsm_agree_with_foolbox_on_released_r0(data_dir):
+    """At ε = 24 pixels, on 200 test images of the released LeNet R0, our FGSM, PGD-CE and PGD-margin succeed as
+    often as Foolbox 3's (FGSM, LinfPGD, and LinfPGD with the margin loss) within paired sampling noise."""
+    fb = pytest.importorskip("foolbox")
+    import eagerpy as ep
+    import jax
+
+    from bang_jax.attacks import pgd_attack
+    from bang_jax.caffe import load_caffe_weights
+    from bang_jax.data import load_dataset
+
+    weights = data_dir / "bang_caffe" / "lenet.caffemodel.h5"
+    if not weights.is_file():
+        pytest.skip("released weights not available")
+    ds = load_dataset("mnist", data_dir, source="files")
+    model, v = load_caffe_weights(weights)
+    fn = jax.jit(lambda a: model.apply(v, a))
+    x, y = ds.test_images[:200].astype(np.float32), ds.test_labels[:200].astype(np.int32)
+    ok = np.asarray(jnp.argmax(fn(x), axis=1)) == y
+    x, y = x[ok], y[ok]
+    eps = 24.0
+    fmodel = fb.JAXModel(fn, bounds=(0, 255))
+
+    class MarginPGD(fb.attacks.LinfPGD):
+        def get_loss_fn(self, model, labels):
+            def loss_fn(inputs):
+                z = model(inputs)
+                onehot = ep.onehot_like(z, labels)
+                return (ep.max(z - onehot * 1e9, axis=-1) - (z * onehot).sum(axis=-1)).sum()
+            return loss_fn
+
+    def foolbox_success(attack):
+        _, _, success = attack(fmodel, jnp.asarray(x), jnp.asarray(y), epsilons=eps)
+        return np.asarray(success.raw if hasattr(success, "raw") else success)
+
+    d, _ = fgs_direction(fn, x, y, exact=True)
+    ours = {
+        "fgsm": fixed_step_attack(fn, x, y, d, eps).success,
+        "pgd_ce": pgd_attack(fn, x, y, epsilon=eps, steps=40, loss="ce").success,
+        "pgd_margin": pgd_attack(fn, x, y, epsilon=eps, steps=40, loss="margin").success,
+    }
+    theirs = {
+        "fgsm": foolbox_success(fb.attacks.FGSM()),
+        "pgd_ce": foolbox_success(fb.attacks.LinfPGD(abs_stepsize=eps / 4, steps=40)),
+        "pgd_margin": foolbox_success(MarginPGD(abs_stepsize=eps / 4, steps=40)),
+    }
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        only_ours, only_theirs = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+        assert 0.1 < a.mean() < 0.9, (name, a.mean())  # a budget where the rate can disagree
+        assert abs(only_ours - only_theirs) <= 3 * np.sqrt(only_ours + only_theirs) + 2, (name, a.mean(), b.mean())

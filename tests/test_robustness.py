@@ -192,19 +192,22 @@ def test_masking_report_verdicts():
     kw = dict(pgd_steps=10, square_queries=150)
 
     calm = linear_model(scale=0.25)  # logit margins 0.5, 2, 4, 10: the softmax never saturates
-    plain = masking_report(calm, x, y, curves=robustness_curves(calm, x, y, eps, **kw))
+    plain = masking_report(calm, x, y, curves=robustness_curves(calm, x, y, eps, attacks=("pgd_margin", "square"),
+                                                                **kw))
     json.dumps(plain)
     assert plain["ce_loss_zero_share"] == 0.0 and plain["verdict"].startswith("no sign of gradient masking")
     assert plain["margin_median"] == pytest.approx(3.0)
     assert sum(plain["margin_histogram"]["counts"]) == 16
 
     saturated = linear_model(scale=10.0)  # logit margins 20 … 400: float32 p_true == 1 (above ~16.6)
-    rep = masking_report(saturated, x, y, curves=robustness_curves(saturated, x, y, eps, **kw))
+    rep = masking_report(saturated, x, y, curves=robustness_curves(saturated, x, y, eps, attacks=("fgs", "pgd_margin", "square"),
+                                                                   **kw))
     assert rep["ce_loss_zero_share"] == 100.0 and rep["margin_saturated_share"] == 100.0
     assert rep["verdict"].startswith("cross-entropy masking")
 
     shattered = linear_model(quantise=8.0)  # zero input gradient everywhere: only Square can move
-    rep = masking_report(shattered, x, y, curves=robustness_curves(shattered, x, y, eps, **kw))
+    rep = masking_report(shattered, x, y, curves=robustness_curves(shattered, x, y, eps,
+                                                                   attacks=("pgd_margin", "square"), **kw))
     assert rep["ce_grad_zero_share"] == 100.0
     assert rep["verdict"].startswith("gradient masking"), rep["verdict"]
     row = rep["gap"]["rows"][-1]
