@@ -22,7 +22,7 @@ import optax
 
 from bang_jax import BangState, bang, bang_grad, per_example_grads, plain_grad
 from bang_jax.models import CifarQuick, LeNet
-from bang_jax.train import CIFAR_QUICK_SOLVER, LENET_SOLVER
+from bang_jax.solvers import CIFAR_QUICK_SOLVER, LENET_SOLVER
 
 SETUPS = {
     "lenet": (LeNet(), (64, 28, 28, 1), LENET_SOLVER, dict(epsilon=0.815, beta=1.0, ratio=1.0)),

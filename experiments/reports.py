@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bang_jax.checkpoint import atomic_write
+
 COLUMNS = [
     ("accuracy", "Accuracy", "pct"),
     ("fgs_rate", "FGS rate", "pct"),
@@ -29,21 +31,27 @@ def _cell(row: dict, key: str, kind: str) -> str:
     return fmt.format(v) + (f" ± {fmt.format(std)}" if std is not None and key.endswith("_mean") else "")
 
 
+def _hyper(value, digits: int) -> str:
+    """A hyperparameter for a table cell: a number, or a per-layer mapping written out."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}:{_hyper(v, digits)}" for k, v in value.items())
+    return f"{value:.{digits}f}"
+
+
 def write_table(path: Path, title: str, results: list[dict], paper: dict[str, dict], note: str = "") -> str:
     """A Markdown table laid out like the paper's Table 1/2, our row above the paper's for each model."""
     head = "| model | β | ε | ratio | source | " + " | ".join(c[1] for c in COLUMNS) + " |"
     lines = [f"# {title}", "", head, "|" + " --- |" * (5 + len(COLUMNS))]
     for r in results:
-        beta = "–" if r.get("regular") else f"{r['beta']:.2f}"
-        eps = "–" if r.get("regular") else f"{r['epsilon']:.3f}"
-        lines.append(f"| {r['id']} | {beta} | {eps} | {r['ratio']:.2f} | ours | "
+        beta, eps, ratio = (_hyper(r[k], digits) for k, digits in (("beta", 2), ("epsilon", 3), ("ratio", 2)))
+        lines.append(f"| {r['id']} | {beta} | {eps} | {ratio} | ours | "
                      + " | ".join(_cell(r, k, kind) for k, _, kind in COLUMNS) + " |")
         if r["id"] in paper:
             lines.append(f"| {r['id']} | | | | paper | " + " | ".join(_cell(paper[r["id"]], k, kind) for k, _, kind in COLUMNS) + " |")
     if note:
         lines += ["", note]
     text = "\n".join(lines) + "\n"
-    Path(path).write_text(text)
+    atomic_write(path, text.encode())
     return text
 
 
@@ -56,8 +64,12 @@ def _plt():
     return plt
 
 
-def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray], title: str) -> None:
-    """Fig. 1: originals and, per model, the minimal HC1 adversarial image and its perturbation."""
+def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray], title: str):
+    """Fig. 1: originals and, per model, the minimal HC1 adversarial image and its perturbation.
+
+    All perturbation panels share one symmetric colour scale (the largest |perturbation| of any model) and one
+    colour bar, so models can be compared. Returns the figure.
+    """
     plt = _plt()
     names = list(adversarial)
     n = len(originals)
@@ -72,14 +84,15 @@ def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray],
         else:
             ax.imshow(img.astype(np.uint8))
 
+    deltas = {name: np.asarray(adversarial[name], np.float32) - np.asarray(originals, np.float32) for name in names}
+    lim = max([1.0] + [float(np.abs(d).max()) for d in deltas.values()])  # one colour scale for every panel
+    mappable = None
     for j in range(n):
         show(axes[0, j], originals[j])
         for i, name in enumerate(names):
-            adv = adversarial[name][j]
-            show(axes[1 + 2 * i, j], adv)
-            delta = np.asarray(adv, np.float32) - np.asarray(originals[j], np.float32)
-            lim = max(1.0, float(np.abs(delta).max()))
-            axes[2 + 2 * i, j].imshow(delta.mean(axis=-1), cmap="RdBu_r", vmin=-lim, vmax=lim)  # channel mean
+            show(axes[1 + 2 * i, j], adversarial[name][j])
+            delta = deltas[name][j]
+            mappable = axes[2 + 2 * i, j].imshow(delta.mean(axis=-1), cmap="RdBu_r", vmin=-lim, vmax=lim)
             axes[2 + 2 * i, j].set_xlabel(f"L∞ {np.abs(delta).max():.0f}", fontsize=7)
     for ax in axes.ravel():
         ax.set_xticks([])
@@ -90,11 +103,15 @@ def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray],
         axes[2 + 2 * i, 0].set_ylabel(f"{name} pert.", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes[2::2, :].ravel().tolist(), shrink=0.8,
+                     label="perturbation (pixels; channel mean)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
-def plot_grid(path: Path, results: list[dict], title: str) -> None:
+def plot_grid(path: Path, results: list[dict], title: str):
     """Figs. 2/4: accuracy, FGS rate and HC1 PASS over the β×ε grid (bilinear interpolation)."""
     plt = _plt()
     bang = [r for r in results if not r.get("regular")]
@@ -115,3 +132,4 @@ def plot_grid(path: Path, results: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig

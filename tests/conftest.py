@@ -34,3 +34,14 @@ def mnist(data_dir):
     if ds.source.startswith("files") is False:
         pytest.skip("MNIST files not found")
     return ds
+
+
+@pytest.fixture(scope="session")
+def cifar10(data_dir):
+    """The real CIFAR-10, loaded (and checksummed) once per test session."""
+    from bang_jax.data import load_dataset
+
+    try:
+        return load_dataset("cifar10", data_dir, source="files")
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"CIFAR-10 files not available: {err}")

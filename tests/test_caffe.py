@@ -4,18 +4,18 @@ import numpy as np
 import pytest
 
 from bang_jax.caffe import load_caffe_weights
-from bang_jax.data import load_dataset, mean_image
+from bang_jax.data import mean_image
 from bang_jax.evaluate import evaluate_accuracy
 
 PAPER = {"lenet": 99.16, "lenet_bang": 99.22, "cifar10": 79.59, "cifar10_bang": 79.26}
 
 
 @pytest.mark.parametrize("name", list(PAPER))
-def test_released_weights_reach_the_papers_accuracy(data_dir, name):
+def test_released_weights_reach_the_papers_accuracy(data_dir, request, name):
     path = data_dir / "bang_caffe" / f"{name}.caffemodel.h5"
     if not path.is_file():
         pytest.skip(f"{path} not available")
-    ds = load_dataset("cifar10" if name.startswith("cifar") else "mnist", data_dir, source="files")
+    ds = request.getfixturevalue("cifar10" if name.startswith("cifar") else "mnist")
     mean = mean_image(ds.train_images) if name.startswith("cifar") else None
     model, variables = load_caffe_weights(path, mean_image=mean)
     acc = evaluate_accuracy(model, variables, ds.test_images, ds.test_labels)

@@ -116,12 +116,11 @@ def test_tfds_source_with_mock(tmp_path, monkeypatch):
         assert ds.train_images.shape == (20, 32, 32, 3)
 
 
-def test_real_mnist_and_cifar(data_dir):
-    mnist = load_dataset("mnist", data_dir, source="files")
+def test_real_mnist_and_cifar(mnist, cifar10):
     assert mnist.train_images.shape == (60000, 28, 28, 1) and mnist.test_images.shape == (10000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(mnist.test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
     np.testing.assert_allclose(mnist.train_images.mean(), 33.318421449829934)
-    cifar = load_dataset("cifar10", data_dir, source="files")
+    cifar = cifar10
     assert cifar.train_images.shape == (50000, 32, 32, 3)
     np.testing.assert_array_equal(np.bincount(cifar.train_labels), [5000] * 10)
     np.testing.assert_allclose(

@@ -28,7 +28,7 @@ def test_mnist_smoke_preset_end_to_end(tmp_path):
     assert names >= {"config.json", "metrics.jsonl", "results.json", "checkpoints", "snapshots", "table1.md",
                      "noise.json", "noise.png", "fig1_hc1.png", "timings.json"}
     config = json.loads((out / "config.json").read_text())
-    assert config["num_steps"] == 60 and config["order"] == "sequential" and config["data_source"]
+    assert config["steps"] == 60 and config["order"] == "sequential" and config["data_source"]
     assert [m["name"] for m in config["models"]] == ["R0", "B1"] and [m["seed"] for m in config["models"]] == [0, 3]
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -42,6 +42,48 @@ def test_mnist_smoke_preset_end_to_end(tmp_path):
     assert noise["iterations"] == [30, 60] and len(noise["rates"]["R0"][0]) == 3
     table = (out / "table1.md").read_text()
     assert "| R0 | | | | paper | 99.16% | 90.33%" in table and "| B1 | 1.00 | 0.815 |" in table
+    assert "| R0 | 1.00 | 0.000 | 1.00 | ours |" in table
+
+
+def _tree_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_finished_run_is_reevaluated_by_stages_without_retraining_and_guarded(tmp_path):
+    """A per-layer ε model trains and reports; later stages re-evaluate it; wrong commands change nothing."""
+    out = tmp_path / "run"
+    spec = "R0,L(epsilon={conv1: 0.7, conv2: 0.75, ip1: 0.815, ip2: 0.9}, beta=1.1)"
+    mnist.main(["--preset", "smoke", "--out", str(out), "--no-progress", "--models", spec, "--steps", "20",
+                "--checkpoint-every", "10", "--log-every", "10", "--noise-every", "0", "--attacks", "fgs",
+                "--test-limit", "100"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["models"][1] == {"name": "L", "seed": 1, "beta": 1.1, "ratio": 1.0,
+                                   "epsilon": {"conv1": 0.7, "conv2": 0.75, "ip1": 0.815, "ip2": 0.9}}
+    assert "| L | 1.10 | conv1:0.700 conv2:0.750 ip1:0.815 ip2:0.900 |" in (out / "table1.md").read_text()
+    checkpoint = (out / "checkpoints" / "state.msgpack").read_bytes()
+    results = mnist.main(["--out", str(out), "--stages", "evaluate,report", "--attacks", "hc1", "--no-progress"])
+    assert (out / "checkpoints" / "state.msgpack").read_bytes() == checkpoint
+    assert [r["id"] for r in results] == ["R0", "L"]
+    assert all("hc1_rate" in r and "fgs_rate" not in r for r in results)
+    assert json.loads((out / "config.json").read_text())["attacks"] == ["hc1"]
+
+    before = _tree_bytes(out)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cases = [
+        ([], "already holds a run"),  # rerun without --resume
+        (["--resume", "--batch-size", "32"], "batch_size: 64 → 32"),
+        (["--resume", "--models", "R0,B1"], "models"),
+        (["--stages", "evaluate", "--attacks", "fgs,cw"], "unknown attack(s) cw"),
+        (["--stages", "evaluate", "--steps", "0"], "--steps must be a positive integer"),
+        (["--stages", "evaluate,bogus"], "unknown stage(s) bogus"),
+        (["--stages", "evaluate", "--noise-every", "-7"], "--noise-every must be a non-negative integer"),
+    ]
+    for extra, message in cases:
+        res = subprocess.run([sys.executable, "-m", "experiments.mnist", "--out", str(out), "--no-progress", *extra],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2, (extra, res.stderr[-1500:])
+        assert message in res.stderr and "Traceback" not in res.stderr, (extra, res.stderr[-1500:])
+    assert _tree_bytes(out) == before
 
 
 def test_cifar10_smoke_preset_end_to_end(tmp_path, data_dir):

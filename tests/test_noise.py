@@ -43,5 +43,25 @@ def test_noise_study_and_heat_maps(tmp_path):
     assert study.rates["easy"].shape == (2, 3) and study.iterations == [0, 500]
     assert (study.rates["hard"][:, 1:] > study.rates["easy"][:, 1:]).all()
     assert study.rates["easy"][1, 1] < study.rates["easy"][0, 1]  # larger margin, fewer flips
-    plot_noise_study(study, tmp_path / "noise.png", title="test")
-    assert (tmp_path / "noise.png").stat().st_size > 10_000
+    fig = plot_noise_study(study, tmp_path / "noise.png", title="test")
+    meshes = [ax.collections[0] for ax in fig.axes[:3]]  # the panels (their colour bars come after)
+    assert len(meshes) == 3
+    # The cells drawn are the rates given (one per measured iteration and σ), the third their difference.
+    np.testing.assert_array_equal(np.asarray(meshes[0].get_array()).reshape(2, 3), study.rates["easy"])
+    np.testing.assert_array_equal(np.asarray(meshes[2].get_array()).reshape(2, 3),
+                                  study.rates["easy"] - study.rates["hard"])
+    # Each cell holds its measured σ and iteration, and cells meet halfway between measurements.
+    coords = meshes[0].get_coordinates()
+    x_edges, y_edges = coords[0, :, 0], coords[:, 0, 1]
+    np.testing.assert_allclose(x_edges[1:-1], [5.0, 20.0])
+    np.testing.assert_allclose(y_edges[1:-1], [250.0])
+    assert all(x_edges[i] < s < x_edges[i + 1] for i, s in enumerate([0.0, 10.0, 30.0]))
+    assert "difference" in fig.axes[-1].get_ylabel()
+    image = plt_imread(tmp_path / "noise.png")
+    assert image.std() > 0.05  # not a blank canvas
+
+
+def plt_imread(path):
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)

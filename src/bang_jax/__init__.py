@@ -14,11 +14,14 @@ from bang_jax.gradients import (
     weighted_layers,
 )
 from bang_jax.models import CifarQuick, LeNet, set_mean_image
-from bang_jax.solvers import caffe_sgd, inv_schedule, multistep_schedule
+from bang_jax.solvers import CIFAR_QUICK_SOLVER, LENET_SOLVER, SolverConfig, caffe_sgd, inv_schedule, multistep_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CIFAR_QUICK_SOLVER",
+    "LENET_SOLVER",
+    "SolverConfig",
     "WEIGHTED_LAYER_TYPES",
     "BangAux",
     "BangConfig",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["pass_score", "pass_scores", "ssim"]
+__all__ = ["pass_score", "pass_scores", "ssim", "ssim_map"]
 
 _C1 = (0.01 * 255) ** 2
 _C2 = (0.03 * 255) ** 2
@@ -23,16 +23,19 @@ def _blur(img):
     return cv2.GaussianBlur(img, (11, 11), 1.5)
 
 
-def _ssim_channel(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
+def ssim_map(a, b) -> np.ndarray:
+    """The full-size SSIM map ``[H, W]`` of two one-channel images (pixel units; reflect-101 borders)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"ssim_map needs two [H, W] images of one shape, got {a.shape} and {b.shape}")
     mu_a, mu_b = _blur(a), _blur(b)
     var_a = _blur(a * a) - mu_a**2
     var_b = _blur(b * b) - mu_b**2
     cov = _blur(a * b) - mu_a * mu_b
     num = (2 * mu_a * mu_b + _C1) * (2 * cov + _C2)
     den = (mu_a**2 + mu_b**2 + _C1) * (var_a + var_b + _C2)
-    return float(np.mean(num / den))
+    return num / den
 
 
 def ssim(a, b) -> float:
@@ -42,10 +45,10 @@ def ssim(a, b) -> float:
     if a.shape != b.shape:
         raise ValueError(f"ssim needs images of one shape, got {a.shape} and {b.shape}")
     if a.ndim == 2:
-        return _ssim_channel(a, b)
+        return float(np.mean(ssim_map(a, b)))
     if a.ndim != 3:
         raise ValueError(f"ssim needs [H, W] or [H, W, C] images, got shape {a.shape}")
-    return float(np.mean([_ssim_channel(a[..., c], b[..., c]) for c in range(a.shape[2])]))
+    return float(np.mean([np.mean(ssim_map(a[..., c], b[..., c])) for c in range(a.shape[2])]))
 
 
 def _gray(img: np.ndarray) -> np.ndarray:

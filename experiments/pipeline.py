@@ -1,0 +1,393 @@
+"""The experiment pipeline: named stages that each read and write the run directory.
+
+Stages, in order (``--stages`` picks some; default all):
+
+* ``train`` — trains all models together (``bang_jax.train.train``): ``metrics.jsonl``,
+  ``checkpoints/state.msgpack`` (+ ``state.json``), ``snapshots/iter_*.msgpack`` (noise-study weights);
+* ``evaluate`` — accuracy and attacks on the final weights: ``results.json``;
+* ``noise`` — the random-noise study over the snapshots: ``noise.json``, ``noise.png`` (Figs. 3/5);
+* ``figures`` — ``fig1_hc1.png`` (Fig. 1) and ``grid.png`` (Figs. 2/4, grid presets);
+* ``report`` — ``table1.md``/``table2.md`` beside the paper's numbers and ``timings.json``.
+
+``config.json`` records every setting of the run. A later command on the same ``--out`` starts from it: with
+``--resume`` training continues (settings may differ only in ``steps`` and the evaluation settings), and with
+``--stages evaluate,report --attacks fgs,hc1,pgd`` a finished run is re-evaluated without retraining. A run
+directory is never overwritten without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from bang_jax import checkpoint as ckpt_lib
+from bang_jax import data as data_lib
+from bang_jax import models as models_lib
+from bang_jax.attacks import hot_cold_direction, line_search_attack
+from bang_jax.evaluate import evaluate_model, predict
+from bang_jax.noise import noise_study, plot_noise_study
+from bang_jax.train import Checkpoint, LogMetrics, Snapshots, init_states, train
+from experiments import reports
+from experiments.config import (
+    EVALUATION_ONLY,
+    MAY_CHANGE,
+    STAGES,
+    ConfigError,
+    ExperimentConfig,
+    add_config_flags,
+    apply_overrides,
+    differences,
+    load_saved,
+    overrides_from_args,
+    parse_models,
+)
+from experiments.configs import DATASETS
+from experiments.paper_tables import TABLE1, TABLE2
+
+MODEL_CLASSES = {"lenet": models_lib.LeNet, "cifar_quick": models_lib.CifarQuick}
+PAPER_TABLES = {"mnist": TABLE1, "cifar10": TABLE2}
+# What the pipeline writes into a run directory (and what --overwrite clears).
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "table1.md", "table2.md", "noise.json", "noise.png",
+             "fig1_hc1.png", "grid.png", "timings.json")
+RUN_DIRS = ("checkpoints", "snapshots")
+USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError)
+
+
+@dataclasses.dataclass
+class Run:
+    """A run directory and what the stages share: the config, the data, the model and its constants."""
+
+    cfg: ExperimentConfig
+    out: Path
+    progress: bool = True
+    written: list = dataclasses.field(default_factory=list)
+    _data: data_lib.Dataset | None = None
+    _consts: dict | None = None
+
+    @property
+    def module(self):
+        return DATASETS[self.cfg.dataset]
+
+    @property
+    def model(self):
+        return MODEL_CLASSES[self.cfg.model]()
+
+    @property
+    def data(self) -> data_lib.Dataset:
+        if self._data is None:
+            self._data = data_lib.load_dataset(self.cfg.dataset, self.cfg.data_dir)
+            print(f"data: {self._data} (comparable to the paper: {self._data.comparable_to_paper})", file=sys.stderr)
+        return self._data
+
+    @property
+    def consts(self) -> dict:
+        """The model's non-param variables (CIFAR-quick: the training-set mean image)."""
+        if self._consts is None:
+            model = self.model
+            sample = np.zeros((1,) + self.data.train_images.shape[1:], np.float32)
+            variables = model.init(jax.random.PRNGKey(0), sample, train=False)
+            if self.cfg.model == "cifar_quick":
+                variables = models_lib.set_mean_image(variables, data_lib.mean_image(self.data.train_images))
+            self._consts = {k: v for k, v in variables.items() if k != "params"}
+        return self._consts
+
+    def test_set(self):
+        ds = self.data
+        n = len(ds.test_images) if self.cfg.test_limit is None else min(self.cfg.test_limit, len(ds.test_images))
+        return ds.test_images[:n], ds.test_labels[:n]
+
+    def write(self, name: str, text: str) -> None:
+        ckpt_lib.atomic_write(self.out / name, text.encode())
+        self.written.append(name)
+
+    def write_json(self, name: str, obj) -> None:
+        self.write(name, json.dumps(obj, indent=2) + "\n")
+
+    def final_variables(self) -> dict[str, dict]:
+        """{model name: variables} from the checkpoint, which must be at the configured last iteration."""
+        info = ckpt_lib.checkpoint_info(self.out)
+        if info is None:
+            raise ConfigError(f"{self.out} has no checkpoint: run the train stage first")
+        if info.get("iteration") != self.cfg.steps:
+            raise ConfigError(f"training in {self.out} stopped at iteration {info.get('iteration')} of "
+                              f"{self.cfg.steps}: finish it with --resume")
+        template, _ = init_states(self.model, self.data.train_images[:1], self.cfg.models, self.cfg.train_config())
+        states = ckpt_lib.load_state(self.out, template)
+        return {m.name: {**self.consts, "params": jax.tree.map(lambda x, i=i: x[i], states.params)}
+                for i, m in enumerate(self.cfg.models)}
+
+    def pair(self) -> list[str]:
+        """The first regular and the first BANG model (the two the figures compare), or []."""
+        regular = [m.name for m in self.cfg.models if not m.is_bang]
+        bang = [m.name for m in self.cfg.models if m.is_bang]
+        return regular[:1] + bang[:1] if regular and bang else []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The stages.
+
+
+def stage_train(run: Run, *, resume: bool, overwrite: bool) -> None:
+    cfg = run.cfg
+    callbacks = [LogMetrics(cfg.log_every), Checkpoint(cfg.checkpoint_every, resume=resume, overwrite=overwrite)]
+    if cfg.noise_every:
+        callbacks.append(Snapshots(every=cfg.noise_every))
+    print(f"training {len(cfg.models)} {cfg.model} model(s) together for {cfg.steps} iterations (batch "
+          f"{cfg.batch_size}, {cfg.order} order, {cfg.method}) → {run.out}", file=sys.stderr)
+    train(run.model, run.data, cfg.models, cfg.train_config(), run.out, callbacks, consts=run.consts,
+          progress=run.progress)
+    run.written += ["metrics.jsonl", "checkpoints/"] + (["snapshots/"] if cfg.noise_every else [])
+
+
+def _final_losses(out: Path, steps: int) -> dict[str, float | None]:
+    losses = {}
+    path = out / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            d = json.loads(line)
+            if d["iteration"] == steps:
+                losses[d["model"]] = d.get("loss")
+    return losses
+
+
+def stage_evaluate(run: Run) -> None:
+    cfg = run.cfg
+    variables = run.final_variables()
+    test_x, test_y = run.test_set()
+    losses = _final_losses(run.out, cfg.steps)
+    results = []
+    for m in cfg.models:
+        row = evaluate_model(run.model, variables[m.name], test_x, test_y, attacks=cfg.attacks,
+                             hc1_max_step=cfg.hc1_max_step, pgd_epsilons=cfg.pgd_eps, progress=run.progress)
+        results.append({"id": m.name, **m.bang.to_json(), "seed": m.seed, "regular": not m.is_bang,
+                        "final_train_loss": losses.get(m.name), "data_source": run.data.source} | row)
+    run.write_json("results.json", results)
+
+
+def stage_noise(run: Run) -> None:
+    cfg = run.cfg
+    pair = run.pair()
+    if not cfg.noise_every or len(pair) != 2:
+        print("noise stage: nothing to do (needs --noise-every > 0 and a regular and a BANG model)", file=sys.stderr)
+        return
+    expected = list(range(cfg.noise_every, cfg.steps + 1, cfg.noise_every))
+    have = ckpt_lib.list_snapshots(run.out)
+    missing = sorted(set(expected) - set(have))
+    if missing:
+        raise ConfigError(f"{run.out}/snapshots lacks the snapshots of iterations {missing}: the noise study "
+                          "needs them all (finish training with --resume)")
+    template, _ = init_states(run.model, run.data.train_images[:1], cfg.models, cfg.train_config())
+    names = [m.name for m in cfg.models]
+    snaps = {n: [] for n in pair}
+    for it in expected:
+        stacked = ckpt_lib.load_snapshot(run.out, it, template.params)
+        for n in pair:
+            i = names.index(n)
+            snaps[n].append((it, {**run.consts, "params": jax.tree.map(lambda x, i=i: x[i], stacked)}))
+    test_x, test_y = run.test_set()
+    model = run.model
+    try:
+        study = noise_study(lambda v, x: model.apply(v, x), snaps, test_x, test_y, cfg.noise_sigmas,
+                            per_class=cfg.noise_per_class, copies=cfg.noise_copies, progress=run.progress)
+    except ValueError as err:  # too few images that every snapshot gets right (very short runs)
+        print(f"WARNING: noise study skipped: {err}", file=sys.stderr)
+        return
+    run.write_json("noise.json", study.to_json())
+    plot_noise_study(study, run.out / "noise.png", names=pair,
+                     title=f"{cfg.dataset}: % of noisy copies misclassified ({cfg.noise_copies} copies)")
+    run.written.append("noise.png")
+
+
+def stage_figures(run: Run) -> None:
+    cfg = run.cfg
+    pair = run.pair()
+    if len(pair) == 2 and "hc1" in cfg.attacks and cfg.figure_images:
+        variables = run.final_variables()
+        test_x, test_y = run.test_set()
+        model = run.model
+        preds = [np.argmax(predict(model, variables[n], test_x), axis=1) for n in pair]
+        idx = np.flatnonzero((preds[0] == test_y) & (preds[1] == test_y))[: cfg.figure_images]
+        x, y = np.asarray(test_x[idx], np.float32), np.asarray(test_y[idx])
+        adv = {}
+        for name in pair:
+            fn = jax.jit(lambda v, variables=variables[name]: model.apply(variables, v))
+            d, blank = hot_cold_direction(fn, x, y)
+            adv[name] = line_search_attack(fn, x, y, d, blank=blank, max_step=cfg.hc1_max_step,
+                                           progress=False).adversarial
+        reports.plot_hc1_examples(run.out / "fig1_hc1.png", x, adv,
+                                  f"minimal HC1 perturbations: {pair[0]} vs {pair[1]}")
+        run.written.append("fig1_hc1.png")
+    bang_models = [m for m in cfg.models if m.is_bang]
+    if len(bang_models) > 4 and (run.out / "results.json").exists():
+        reports.plot_grid(run.out / "grid.png", json.loads((run.out / "results.json").read_text()),
+                          f"{cfg.dataset}: BANG β×ε grid")
+        run.written.append("grid.png")
+
+
+def stage_report(run: Run) -> str:
+    cfg = run.cfg
+    path = run.out / "results.json"
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: run the evaluate stage first")
+    results = json.loads(path.read_text())
+    source = results[0].get("data_source", "?") if results else "?"
+    note = (f"{cfg.steps} iterations, {results[0]['test_images'] if results else 0} test images (data: {source}). "
+            "FGS = the paper's protocol (blank when float32 p_true == 1); FGS-exact = the same direction without "
+            f"that underflow. HC1 searched to t ≤ {cfg.hc1_max_step}.")
+    if not json.loads((run.out / "config.json").read_text()).get("comparable_to_paper", True):
+        note += f" DATA: {source} — NOT comparable to the paper."
+    module = run.module
+    table = reports.write_table(run.out / module.TABLE_FILE, f"{module.TITLE} ({cfg.preset} preset)", results,
+                                PAPER_TABLES[cfg.dataset], note)
+    run.written.append(module.TABLE_FILE)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
+    module = DATASETS[dataset]
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{dataset}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=module.PRESETS, help="what to run (default: default)")
+    p.add_argument("--out", help=f"run directory (default: runs/{dataset}-<preset>)")
+    p.add_argument("--models", help="comma-separated: table rows (R0,B1), NAME(beta=…, epsilon=…, ratio=…) with "
+                                    "numbers or {layer: number} mappings, or NAME:BETA:EPSILON[:RATIO]")
+    p.add_argument("--seed-offset", type=int, default=0, help="added to every model's init/dropout seed")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated stages to run, of " + ",".join(STAGES) + " (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue training from the run directory's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    add_config_flags(p)
+    return p
+
+
+def _stages(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {','.join(STAGES)}")
+    return [s for s in STAGES if s in names]
+
+
+def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig, Path, list[str], dict | None]:
+    """The validated config of this command, its run directory, its stages and the directory's saved config."""
+    module = DATASETS[dataset]
+    stages = _stages(args.stages)
+    out = Path(args.out or f"runs/{dataset}-{args.preset or 'default'}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    saved = load_saved(out)
+    continuing = saved is not None and not args.overwrite and (args.resume or "train" not in stages)
+    if continuing:
+        if saved.get("dataset") != dataset:
+            raise ConfigError(f"{out} holds a {saved.get('dataset')} run, not {dataset}")
+        cfg = ExperimentConfig.from_json(saved)
+        if args.preset and args.preset != cfg.preset:
+            raise ConfigError(f"{out} holds a '{cfg.preset}' run; --preset {args.preset} does not match it")
+    else:
+        cfg = module.get_config(args.preset or "default")
+    if args.models:
+        cfg = dataclasses.replace(cfg, models=parse_models(args.models, module.TABLE, args.seed_offset))
+    elif args.seed_offset:
+        cfg = dataclasses.replace(cfg, models=tuple(dataclasses.replace(m, seed=m.seed + args.seed_offset)
+                                                    for m in cfg.models))
+    cfg = apply_overrides(cfg, overrides_from_args(args))
+    cfg.validate()
+    if saved is not None and not args.overwrite:
+        if "train" in stages and not args.resume:
+            raise ConfigError(f"{out} already holds a run ('{saved.get('preset')}' preset): add --resume to continue "
+                              "it, --stages evaluate,report (…) to redo later stages, or --overwrite to replace it")
+        diffs = differences(saved, cfg, allowed=MAY_CHANGE if "train" in stages else EVALUATION_ONLY)
+        if diffs:
+            raise ConfigError(f"{out} was made with other settings; these cannot change on "
+                              f"{'resume' if 'train' in stages else 'later stages'}: " + "; ".join(diffs))
+    if saved is None and "train" not in stages:
+        raise ConfigError(f"{out} holds no run (no config.json): include the train stage")
+    if saved is None and out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"--out {out} is a non-empty directory that holds no run of ours; choose another --out "
+                          "or add --overwrite")
+    return cfg, out, stages, saved
+
+
+def _clear(out: Path) -> None:
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+    for name in RUN_DIRS:
+        p = out / name
+        if p.is_symlink():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+
+
+def run_command(dataset: str, argv=None, description: str = "") -> list[dict] | None:
+    args = build_parser(dataset, description).parse_args(argv)
+    try:
+        return _run(dataset, args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
+    cfg, out, stages, saved = configure(dataset, args)
+    module = DATASETS[dataset]
+    if cfg.preset in ("paper", "grid") and "train" in stages:
+        est = len(cfg.models) * cfg.steps * module.STEP_SECONDS_CPU / 60
+        print(f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
+              "(a GPU runs this far faster); attacks and noise come on top", file=sys.stderr)
+    run = Run(cfg, out, progress=not args.no_progress)
+    _ = run.data  # the data is checked before anything is written
+    if args.overwrite:
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = cfg.to_json() | {
+        "data_source": run.data.source,
+        "comparable_to_paper": run.data.comparable_to_paper,
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "command": " ".join(sys.argv),
+    }
+    run.write_json("config.json", config)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() and saved is not None else {}
+    t_start = time.perf_counter()
+    table = None
+    for stage in stages:
+        t0 = time.perf_counter()
+        if stage == "train":
+            stage_train(run, resume=args.resume, overwrite=args.overwrite)
+        elif stage == "evaluate":
+            stage_evaluate(run)
+        elif stage == "noise":
+            stage_noise(run)
+        elif stage == "figures":
+            stage_figures(run)
+        else:
+            table = stage_report(run)
+        timings[f"{stage}_seconds"] = time.perf_counter() - t0
+    run.write_json("timings.json", timings | {"last_command_seconds": time.perf_counter() - t_start})
+    if table:
+        print()
+        print(table)
+    print(f"\nwrote in {out}/: " + ", ".join(dict.fromkeys(run.written)), file=sys.stderr)
+    results = out / "results.json"
+    return json.loads(results.read_text()) if results.exists() else None
