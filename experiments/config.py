@@ -30,12 +30,12 @@ from bang_jax.balance import BangConfig
 from bang_jax.solvers import SolverConfig
 from bang_jax.train import GRADIENT_METHODS, MODEL_BATCHINGS, ModelSpec, TrainConfig
 
-ATTACKS = ("fgs", "hc1", "pgd")
+from bang_jax.evaluate import ATTACKS  # noqa: E402  (the attacks evaluate_model knows)
 STAGES = ("train", "evaluate", "noise", "figures", "report")
 # Settings that may differ between a run directory's config and a later command on it (resume or later stages).
 MAY_CHANGE = frozenset({
-    "steps", "test_limit", "attacks", "hc1_max_step", "pgd_eps", "noise_sigmas", "noise_per_class",
-    "noise_copies", "figure_images", "log_every", "checkpoint_every", "data_dir",
+    "steps", "test_limit", "attacks", "hc1_max_step", "pgd_eps", "square_queries", "curve_eps", "noise_sigmas",
+    "noise_per_class", "noise_copies", "figure_images", "log_every", "checkpoint_every", "data_dir",
 })
 # Settings that only the stages after training read: changing them never needs retraining.
 EVALUATION_ONLY = MAY_CHANGE - {"steps", "log_every", "checkpoint_every"}
@@ -67,6 +67,8 @@ class ExperimentConfig:
     attacks: tuple[str, ...] = ("fgs", "hc1")
     hc1_max_step: int = 1020
     pgd_eps: tuple[float, ...] = (16.0, 32.0, 64.0)
+    square_queries: int = 1000  # query budget of the Square attack (attacks square, and the curves)
+    curve_eps: tuple[float, ...] = ()  # budgets of the robust-accuracy curves and masking report (empty: none)
     noise_every: int = 0  # snapshot interval of the noise study in iterations (0: no noise study)
     noise_sigmas: tuple[float, ...] = ()
     noise_per_class: int = 100
@@ -88,7 +90,7 @@ class ExperimentConfig:
                                   f" integer, got {v!r}")
 
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "hc1_max_step", "noise_per_class",
-                     "noise_copies"):
+                     "noise_copies", "square_queries"):
             positive(name)
         for name in ("data_seed", "noise_every", "figure_images"):
             positive(name, allow_zero=True)
@@ -101,7 +103,7 @@ class ExperimentConfig:
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown:
             raise ConfigError(f"--attacks: unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
-        for name in ("noise_sigmas", "pgd_eps"):
+        for name in ("noise_sigmas", "pgd_eps", "curve_eps"):
             bad = [s for s in getattr(self, name) if not (s >= 0 and s != float("inf"))]
             if bad:
                 raise ConfigError(f"--{name.replace('_', '-')} must be finite non-negative numbers, got {bad}")

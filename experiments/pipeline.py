@@ -6,7 +6,8 @@ Stages, in order (``--stages`` picks some; default all):
   ``checkpoints/state.msgpack`` (+ ``state.json``), ``snapshots/iter_*.msgpack`` (noise-study weights);
 * ``evaluate`` — accuracy and attacks on the final weights: ``results.json``;
 * ``noise`` — the random-noise study over the snapshots: ``noise.json``, ``noise.png`` (Figs. 3/5);
-* ``figures`` — ``fig1_hc1.png`` (Fig. 1) and ``grid.png`` (Figs. 2/4, grid presets);
+* ``figures`` — ``fig1_hc1.png`` (Fig. 1), ``curves.png`` (robust accuracy vs ε, with ``--curve-eps``) and
+  ``grid.png`` (Figs. 2/4, grid presets);
 * ``report`` — ``table1.md``/``table2.md`` beside the paper's numbers and ``timings.json``.
 
 ``config.json`` records every setting of the run. A later command on the same ``--out`` starts from it: with
@@ -34,6 +35,7 @@ from bang_jax import models as models_lib
 from bang_jax.attacks import hot_cold_direction, line_search_attack
 from bang_jax.evaluate import evaluate_model, predict
 from bang_jax.noise import noise_study, plot_noise_study
+from bang_jax.robustness import plot_curves
 from bang_jax.train import Checkpoint, LogMetrics, Snapshots, init_states, train
 from experiments import reports
 from experiments.config import (
@@ -56,7 +58,7 @@ MODEL_CLASSES = {"lenet": models_lib.LeNet, "cifar_quick": models_lib.CifarQuick
 PAPER_TABLES = {"mnist": TABLE1, "cifar10": TABLE2}
 # What the pipeline writes into a run directory (and what --overwrite clears).
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "table1.md", "table2.md", "noise.json", "noise.png",
-             "fig1_hc1.png", "grid.png", "timings.json")
+             "fig1_hc1.png", "grid.png", "curves.png", "timings.json")
 RUN_DIRS = ("checkpoints", "snapshots")
 USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError)
 
@@ -166,7 +168,9 @@ def stage_evaluate(run: Run) -> None:
     results = []
     for m in cfg.models:
         row = evaluate_model(run.model, variables[m.name], test_x, test_y, attacks=cfg.attacks,
-                             hc1_max_step=cfg.hc1_max_step, pgd_epsilons=cfg.pgd_eps, progress=run.progress)
+                             hc1_max_step=cfg.hc1_max_step, pgd_epsilons=cfg.pgd_eps,
+                             square_queries=cfg.square_queries, curves=cfg.curve_eps or None,
+                             progress=run.progress)
         results.append({"id": m.name, **m.bang.to_json(), "seed": m.seed, "regular": not m.is_bang,
                         "final_train_loss": losses.get(m.name), "data_source": run.data.source} | row)
     run.write_json("results.json", results)
@@ -225,10 +229,15 @@ def stage_figures(run: Run) -> None:
         reports.plot_hc1_examples(run.out / "fig1_hc1.png", x, adv,
                                   f"minimal HC1 perturbations: {pair[0]} vs {pair[1]}")
         run.written.append("fig1_hc1.png")
+    results = json.loads((run.out / "results.json").read_text()) if (run.out / "results.json").exists() else []
+    curves = {r["id"]: r["curves"] for r in results if r.get("curves")}
+    if curves:
+        shown = {n: curves[n] for n in (pair or list(curves)[:4]) if n in curves}
+        plot_curves(shown, run.out / "curves.png", title=f"{cfg.dataset}: robust accuracy vs L∞ budget")
+        run.written.append("curves.png")
     bang_models = [m for m in cfg.models if m.is_bang]
-    if len(bang_models) > 4 and (run.out / "results.json").exists():
-        reports.plot_grid(run.out / "grid.png", json.loads((run.out / "results.json").read_text()),
-                          f"{cfg.dataset}: BANG β×ε grid")
+    if len(bang_models) > 4 and results:
+        reports.plot_grid(run.out / "grid.png", results, f"{cfg.dataset}: BANG β×ε grid")
         run.written.append("grid.png")
 
 
@@ -244,6 +253,9 @@ def stage_report(run: Run) -> str:
             f"that underflow. HC1 searched to t ≤ {cfg.hc1_max_step}.")
     if not json.loads((run.out / "config.json").read_text()).get("comparable_to_paper", True):
         note += f" DATA: {source} — NOT comparable to the paper."
+    verdicts = [f"{r['id']}: {r['masking']['verdict']}" for r in results if r.get("masking")]
+    if verdicts:
+        note += " Gradient masking — " + " | ".join(verdicts)
     module = run.module
     table = reports.write_table(run.out / module.TABLE_FILE, f"{module.TITLE} ({cfg.preset} preset)", results,
                                 PAPER_TABLES[cfg.dataset], note)
