@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import bang_jax
-from bang_jax import bang, eta, safe_norm
+from bang_jax import bang, eta, mark_per_example, safe_norm
 
 
 def eta_reference(norms, correct, epsilon, ratio):
@@ -75,7 +75,7 @@ def test_bang_matches_python_loop_with_per_layer_hyperparameters():
     eps = {"a": 0.8, "b": 0.5}
     beta = {"a": 1.3, "b": 0.7}
     tx = bang(epsilon=eps, beta=beta, ratio=0.5)
-    out, _ = jax.jit(lambda g, k, c: tx.update(g, tx.init(None), kappa_norms=k, correct=c))(grads, norms, correct)
+    out, _ = jax.jit(lambda g, k, c: tx.update(mark_per_example(g), tx.init(None), kappa_norms=k, correct=c))(grads, norms, correct)
     for layer in ("a", "b"):
         w = eta_reference(list(np.asarray(norms[layer]["kernel"])), list(np.asarray(correct)), eps[layer], 0.5)
         for leaf in grads[layer]:
@@ -87,7 +87,7 @@ def test_bang_matches_python_loop_with_per_layer_hyperparameters():
 def test_epsilon_zero_beta_one_is_the_plain_mean_exactly():
     grads, norms, correct = _per_example_tree(5, seed=1)
     tx = bang(epsilon=0.0, beta=1.0)
-    out, _ = tx.update(grads, tx.init(None), kappa_norms=norms, correct=correct)
+    out, _ = tx.update(mark_per_example(grads), tx.init(None), kappa_norms=norms, correct=correct)
     for g, o in zip(jax.tree.leaves(grads), jax.tree.leaves(out)):
         np.testing.assert_array_equal(np.asarray(o), np.asarray(jnp.tensordot(jnp.ones(5), g, axes=1) / 5))
         np.testing.assert_allclose(np.asarray(o), np.asarray(g).mean(0), rtol=1e-6)
@@ -97,11 +97,11 @@ def test_zero_norms_and_single_example_batches_are_finite():
     grads, norms, correct = _per_example_tree(4, seed=2)
     zero_norms = jax.tree.map(jnp.zeros_like, norms)
     tx = bang(epsilon=0.8)
-    out, _ = tx.update(grads, tx.init(None), kappa_norms=zero_norms, correct=correct)
+    out, _ = tx.update(mark_per_example(grads), tx.init(None), kappa_norms=zero_norms, correct=correct)
     for g, o in zip(jax.tree.leaves(grads), jax.tree.leaves(out)):
         np.testing.assert_allclose(np.asarray(o), np.asarray(g).mean(0), rtol=1e-6)  # all zero: unchanged
     one = jax.tree.map(lambda x: x[:1], (grads, norms, correct))
-    out1, _ = tx.update(one[0], tx.init(None), kappa_norms=one[1], correct=one[2])
+    out1, _ = tx.update(mark_per_example(one[0]), tx.init(None), kappa_norms=one[1], correct=one[2])
     for g, o in zip(jax.tree.leaves(one[0]), jax.tree.leaves(out1)):
         np.testing.assert_allclose(np.asarray(o), np.asarray(g)[0], rtol=1e-6)
 
@@ -110,7 +110,7 @@ def test_bang_first_in_chain_then_decay():
     grads, norms, correct = _per_example_tree(4, seed=3)
     params = jax.tree.map(lambda g: jnp.ones(g.shape[1:]), grads)
     tx = optax.chain(bang(epsilon=0.0, beta=2.0), optax.add_decayed_weights(0.5))
-    out, _ = tx.update(grads, tx.init(params), params, kappa_norms=norms, correct=correct)
+    out, _ = tx.update(mark_per_example(grads), tx.init(params), params, kappa_norms=norms, correct=correct)
     for g, o in zip(jax.tree.leaves(grads), jax.tree.leaves(out)):
         # β scales the balanced gradient, not the decay
         np.testing.assert_allclose(np.asarray(o), 2.0 * np.asarray(g).mean(0) + 0.5, rtol=1e-5)
@@ -124,7 +124,7 @@ def test_no_recompilation_on_second_call():
     @jax.jit
     def f(g, k, c):
         traces.append(1)
-        return tx.update(g, tx.init(None), kappa_norms=k, correct=c)[0]
+        return tx.update(mark_per_example(g), tx.init(None), kappa_norms=k, correct=c)[0]
 
     f(grads, norms, correct)
     f(jax.tree.map(lambda x: x + 1, grads), norms, correct)
@@ -144,8 +144,11 @@ def test_misuse_raises_clear_errors():
     tx = bang(epsilon=0.8)
     state = tx.init(None)
     mean_grads = jax.tree.map(lambda g: g.mean(0), grads)
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="batch-mean"):
         tx.update(mean_grads, state, kappa_norms=norms, correct=correct)
+    with pytest.raises(ValueError, match="batch"):
+        tx.update(mark_per_example(jax.tree.map(lambda g: g[:3], grads)), state, kappa_norms=norms, correct=correct)
+    grads = mark_per_example(grads)
     with pytest.raises(ValueError, match="kappa_norms"):
         tx.update(grads, state, correct=correct)
     with pytest.raises(ValueError, match="kappa_norms"):
@@ -184,3 +187,71 @@ def test_bang_config_is_the_one_validator_and_a_pytree():
         bang_jax.bang(epsilon=0.8, config=cfg)
     with pytest.raises(TypeError, match="epsilon"):
         bang_jax.bang()
+
+
+def _chain_setup(seed=6):
+    grads, norms, correct = _per_example_tree(4, seed=seed)
+    params = jax.tree.map(lambda g: jnp.ones(g.shape[1:]), grads)
+    return mark_per_example(grads), norms, correct, params
+
+
+@pytest.mark.parametrize("before", [optax.adamw(1e-3), optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9)])
+def test_bang_after_a_stateful_transformation_fails_naming_bang(before):
+    """Adam's moments, momentum and weight decay would take per-example shapes silently: the marker stops them."""
+    grads, norms, correct, params = _chain_setup()
+    tx = optax.chain(before, bang(epsilon=0.8))
+    with pytest.raises((ValueError, TypeError), match="bang_jax.bang\\(\\), placed FIRST"):
+        tx.update(grads, tx.init(params), params, kappa_norms=norms, correct=correct)
+
+
+@pytest.mark.parametrize("before", [optax.clip_by_global_norm(1e-3), optax.scale(0.5), optax.scale_by_sign()])
+def test_bang_after_an_elementwise_transformation_fails_eagerly_and_under_jit(before):
+    grads, norms, correct, params = _chain_setup()
+    tx = optax.chain(before, bang(epsilon=0.8))
+    with pytest.raises(ValueError, match="placed before bang"):
+        tx.update(grads, tx.init(params), params, kappa_norms=norms, correct=correct)
+    step = jax.jit(lambda g, k, c: tx.update(g, tx.init(params), params, kappa_norms=k, correct=c)[0])
+    with pytest.raises(Exception, match="placed before bang"):
+        jax.block_until_ready(step(grads, norms, correct))
+    # First in the chain, the same transformation is fine.
+    ok = optax.chain(bang(epsilon=0.8), before)
+    jax.block_until_ready(jax.jit(lambda g, k, c: ok.update(g, ok.init(params), params, kappa_norms=k, correct=c)[0])(
+        grads, norms, correct))
+
+
+def test_per_example_gradients_cannot_reach_apply_updates_or_multisteps():
+    grads, norms, correct, params = _chain_setup()
+    with pytest.raises(TypeError, match="only bang_jax.bang\\(\\) accepts them"):
+        optax.apply_updates(params, grads)
+    inner = optax.chain(bang(epsilon=0.8), optax.sgd(0.1))
+    ms = optax.MultiSteps(inner, 2)
+    with pytest.raises(ValueError, match="MultiSteps"):
+        ms.update(grads, ms.init(params), params, kappa_norms=norms, correct=correct)
+    # Accumulating the balanced gradient is the right composition.
+    acc = optax.chain(bang(epsilon=0.8), optax.MultiSteps(optax.sgd(0.1), 2).gradient_transformation())
+    state = acc.init(params)
+    for _ in range(2):
+        updates, state = acc.update(grads, state, params, kappa_norms=norms, correct=correct)
+    assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+
+
+def test_bang_inside_masked_and_multi_transform():
+    grads, norms, correct, params = _chain_setup()
+    ref, _ = bang(epsilon=0.8).update(grads, None, params, kappa_norms=norms, correct=correct)
+    labels = {"a": "bang", "b": "other"}
+    tx = optax.multi_transform(
+        {"bang": optax.chain(bang(epsilon=0.8), optax.scale(-1.0)),
+         "other": optax.chain(bang(epsilon=0.0), optax.scale(-2.0))},
+        labels,
+    )
+    out, _ = tx.update(grads, tx.init(params), params, kappa_norms=norms, correct=correct)
+    for leaf in ("kernel", "bias"):
+        np.testing.assert_allclose(np.asarray(out["a"][leaf]), -np.asarray(ref["a"][leaf]), rtol=1e-6)
+    plain_b = np.asarray(grads["b"]["kernel"].value).mean(0)
+    np.testing.assert_allclose(np.asarray(out["b"]["kernel"]), -2.0 * plain_b, rtol=1e-5)
+    # optax.masked alone leaves the masked-out leaves' per-example gradients unconsumed: applying them fails.
+    masked = optax.masked(bang(epsilon=0.8), {"a": True, "b": False})
+    out, _ = masked.update(grads, masked.init(params), params, kappa_norms=norms, correct=correct)
+    np.testing.assert_allclose(np.asarray(out["a"]["bias"]), np.asarray(ref["a"]["bias"]), rtol=1e-6)
+    with pytest.raises(TypeError, match="every partition must start with bang"):
+        optax.apply_updates(params, out)

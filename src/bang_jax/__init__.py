@@ -7,7 +7,7 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message="'bang_jax.data' found in sys.modules", category=RuntimeWarning)
 del _warnings
 
-from bang_jax.balance import BangConfig, BangState, bang, eta, safe_norm
+from bang_jax.balance import BangConfig, BangState, PerExampleGrad, bang, eta, mark_per_example, safe_norm
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import Dataset, load_cifar10, load_dataset, load_fashion_mnist, load_mnist
 from bang_jax.gradients import (
@@ -15,6 +15,8 @@ from bang_jax.gradients import (
     BangAux,
     PerExampleGrads,
     bang_grad,
+    default_correct,
+    default_loss,
     per_example_grads,
     plain_grad,
     sample_dropout_masks,
@@ -22,6 +24,8 @@ from bang_jax.gradients import (
 )
 from bang_jax.models import CifarQuick, LeNet, set_mean_image
 from bang_jax.solvers import CIFAR_QUICK_SOLVER, LENET_SOLVER, SolverConfig, caffe_sgd, inv_schedule, multistep_schedule
+
+from bang_jax import nnx  # noqa: E402  (bang_jax.nnx: the same API for Flax NNX models)
 
 __version__ = "0.1.0"
 
@@ -36,10 +40,13 @@ __all__ = [
     "CifarQuick",
     "Dataset",
     "LeNet",
+    "PerExampleGrad",
     "PerExampleGrads",
     "bang",
     "bang_grad",
     "caffe_sgd",
+    "default_correct",
+    "default_loss",
     "eta",
     "inv_schedule",
     "load_caffe_weights",
@@ -47,7 +54,9 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "load_mnist",
+    "mark_per_example",
     "multistep_schedule",
+    "nnx",
     "per_example_grads",
     "plain_grad",
     "safe_norm",

@@ -18,6 +18,7 @@ tiny cotangents do not underflow to zero in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -29,11 +30,13 @@ import optax
 __all__ = [
     "BangConfig",
     "BangState",
+    "PerExampleGrad",
     "apply_beta",
     "bang",
     "broadcast_to_params",
     "check_hyperparameter",
     "eta",
+    "mark_per_example",
     "safe_norm",
 ]
 
@@ -232,6 +235,108 @@ def apply_beta(grads: Any, beta: Any) -> Any:
     return jax.tree.map(lambda g, b: (g * b).astype(g.dtype), grads, beta_tree)
 
 
+class _PerExampleGradType(type):
+    """Metaclass whose only job is a class repr that names the misuse in JAX's pytree-mismatch errors.
+
+    An optax transformation placed before :func:`bang` that combines the updates with its own state (Adam's
+    moments, momentum, weight decay, ``MultiSteps``' accumulator) fails inside ``jax.tree.map`` with "the
+    prefix pytree has a subtree of type <…>"; this repr is what appears between the brackets.
+    """
+
+    def __repr__(cls):
+        return (
+            "<per-example gradients (bang_jax.PerExampleGrad): only bang_jax.bang(), placed FIRST in the optax "
+            "chain, accepts them>"
+        )
+
+
+_MISUSE = (
+    "per-example gradients (bang_jax.PerExampleGrad) reached {what}; only bang_jax.bang() accepts them, and it "
+    "must be the first transformation of the optax chain (under optax.masked / multi_transform every partition "
+    "must start with bang(); for gradient accumulation use optax.chain(bang(...), "
+    "optax.MultiSteps(solver, k).gradient_transformation()))"
+)
+
+
+class PerExampleGrad(metaclass=_PerExampleGradType):
+    """One parameter's per-example gradients, marked for :func:`bang` (the only transformation that accepts them).
+
+    Attributes:
+      value: ``[N, *param.shape]`` per-example gradients, batch on axis 0.
+      sq_norms: ``[N]`` float32 ``‖value_i‖²`` at creation, a fingerprint: :func:`bang` recomputes it and raises
+        if a transformation before it changed the gradients (e.g. ``clip_by_global_norm`` or ``scale`` placed
+        first in the chain).
+
+    A pytree node (children ``value`` and ``sq_norms``), so it crosses ``jit``/``vmap`` boundaries and
+    ``nnx.Optimizer.update``. Arithmetic on it raises, so per-example gradients that reach ``apply_updates`` or an
+    optimiser unbalanced fail loudly instead of being averaged or broadcast silently.
+    """
+
+    __slots__ = ("value", "sq_norms")
+
+    def __init__(self, value, sq_norms):
+        self.value = value
+        self.sq_norms = sq_norms
+
+    def __repr__(self):
+        return f"PerExampleGrad(value={getattr(self.value, 'shape', self.value)}, sq_norms=…)"
+
+    def _refuse(self, *_args, **_kwargs):
+        raise TypeError(_MISUSE.format(what="arithmetic"))
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
+    __neg__ = __pow__ = __matmul__ = __rmatmul__ = _refuse
+
+    def __jax_array__(self):
+        raise TypeError(_MISUSE.format(what="a jax.numpy function"))
+
+
+jax.tree_util.register_pytree_with_keys(
+    PerExampleGrad,
+    lambda m: (((jax.tree_util.GetAttrKey("value"), m.value), (jax.tree_util.GetAttrKey("sq_norms"), m.sq_norms)), None),
+    lambda _, children: PerExampleGrad(*children),
+    flatten_func=lambda m: ((m.value, m.sq_norms), None),
+)
+
+
+def _per_example_sq_norms(value: jax.Array) -> jax.Array:
+    """``[N]`` float32 ‖value_i‖² (the fingerprint kept in :class:`PerExampleGrad`)."""
+    flat = jnp.reshape(value, (value.shape[0], -1)).astype(jnp.promote_types(value.dtype, jnp.float32))
+    return jnp.sum(jnp.square(flat), axis=1).astype(jnp.float32)
+
+
+def mark_per_example(grads: Any) -> Any:
+    """Marks a pytree of per-example gradients you computed yourself (batch on axis 0 of every leaf) for :func:`bang`.
+
+    :func:`bang_jax.per_example_grads` already returns marked gradients; this is for your own ``vmap(grad)``.
+    """
+
+    def mark(g):
+        g = jnp.asarray(g)
+        if g.ndim == 0:
+            raise ValueError("per-example gradients need a leading batch axis; got a scalar leaf")
+        return PerExampleGrad(g, _per_example_sq_norms(g))
+
+    return jax.tree.map(mark, grads)
+
+
+def _is_marker_or_masked(x) -> bool:
+    return isinstance(x, (PerExampleGrad, optax.MaskedNode))
+
+
+def _raise_if_touched(paths: tuple[str, ...], bad) -> None:
+    bad = np.asarray(bad).reshape(-1, len(paths)) if len(paths) else np.zeros((1, 0), bool)
+    hit = [p for p, b in zip(paths, np.any(bad, axis=0)) if b]
+    if hit:
+        raise ValueError(
+            f"bang() received per-example gradients that were changed after they were computed (leaf {hit[0]}"
+            + (f" and {len(hit) - 1} more" if len(hit) > 1 else "")
+            + "): a transformation placed before bang() in the optax chain (clip_by_global_norm, scale, "
+            "add_noise, …) touched them. bang() must come first: it balances the per-example gradients into "
+            "one batch gradient, which everything after it then sees."
+        )
+
+
 class BangState(NamedTuple):
     """State of :func:`bang`: nothing is carried between steps."""
 
@@ -243,7 +348,8 @@ def bang(
 
     For every parameter leaf g of shape ``[N, ...]`` (per-example gradients of the per-example losses E_i,
     batch on axis 0) this returns ``β · (1/N) Σ_i η_i g_i`` with η from :func:`eta`, computed from the κ norms
-    of the layer the leaf belongs to.
+    of the layer the leaf belongs to. Leaves outside weighted layers have κ norms of zero, so η = 1 for them
+    (the plain mean) and β still applies.
 
     Args:
       epsilon: ε ≥ 0, a scalar or a per-layer pytree (a prefix of the params tree).
@@ -251,15 +357,21 @@ def bang(
       ratio: factor on ε for misclassified examples (the paper's CIFAR runs use 0.5); default 1.
       config: a :class:`BangConfig` instead of the three keywords.
 
-    The update takes keyword arguments ``kappa_norms`` (a pytree with the structure of the gradients, each
-    leaf an ``[N]`` array of the norms of that leaf's layer-output gradients) and ``correct`` (``[N]`` bool),
-    both as returned by :func:`bang_jax.per_example_grads`.
+    The updates must be per-example gradients marked as :class:`PerExampleGrad` (what
+    :func:`bang_jax.per_example_grads` and :func:`bang_jax.nnx.per_example_grads` return; use
+    :func:`mark_per_example` for your own). The update takes keyword arguments ``kappa_norms`` (a pytree with the
+    structure of the gradients, each leaf an ``[N]`` array of the norms of that leaf's layer-output gradients)
+    and ``correct`` (``[N]`` bool), both as returned by ``per_example_grads``.
 
     .. warning::
       Like :func:`optax.contrib.differentially_private_aggregate`, this transformation expects per-example
-      gradients with the batch on axis 0, so it must come **first** in a chain: anything before it would see
-      per-example gradients, anything after it sees the balanced mean. ``optax.MultiSteps`` and
-      ``optax.apply_every`` do not compose with it.
+      gradients, so it must come **first** in a chain; everything after it sees the balanced mean. Misuse
+      raises: unmarked or batch-mean gradients, gradients a transformation before it changed (checked with a
+      fingerprint; under ``jit`` the error surfaces when the step runs), and per-example gradients that reach
+      an optimiser's state, ``apply_updates`` or ``optax.MultiSteps``' accumulator. Inside ``optax.masked`` or
+      ``optax.multi_transform`` every partition must start with ``bang()`` (masked-out leaves pass through).
+      For gradient accumulation put it before the accumulator:
+      ``optax.chain(bang(...), optax.MultiSteps(solver, k).gradient_transformation())``.
 
     Example::
 
@@ -277,47 +389,83 @@ def bang(
         return BangState()
 
     def update_fn(updates, state, params=None, *, kappa_norms=None, correct=None, **extra_args):
-        del params, extra_args
-        leaves = jax.tree.leaves(updates)
-        if not leaves:
+        del extra_args
+        flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_marker_or_masked)
+        if not flat:
             return updates, state
+        paths = [jax.tree_util.keystr(p) for p, _ in flat]
+        leaves = [g for _, g in flat]
+        for path, g in zip(paths, leaves):
+            if not _is_marker_or_masked(g):
+                shape = getattr(g, "shape", type(g).__name__)
+                raise ValueError(
+                    f"bang() must be the first transformation of the optax chain and receive the per-example "
+                    f"gradients of bang_jax.per_example_grads(...).grads (or bang_jax.mark_per_example(...) of "
+                    f"your own); leaf {path} is a plain array of shape {shape} — a batch-mean gradient, or one a "
+                    "transformation before bang() (or a wrapper such as optax.MultiSteps) already produced"
+                )
         if kappa_norms is None or correct is None:
             raise ValueError(
-                "bang() needs the keyword arguments kappa_norms= and correct= in tx.update(...) "
-                "(both come from bang_jax.per_example_grads)"
+                "bang() needs the keyword arguments kappa_norms= and correct= in tx.update(...) (both come from "
+                "per_example_grads); a wrapper that does not forward extra arguments cannot hold bang()"
             )
         correct = jnp.asarray(correct)
         if correct.ndim != 1:
             raise ValueError(f"correct must be a [N] array, got shape {correct.shape}")
         n = correct.shape[0]
-        for path, g in jax.tree_util.tree_flatten_with_path(updates)[0]:
-            if g.ndim == 0 or g.shape[0] != n:
-                raise ValueError(
-                    f"bang() expects per-example gradients with the batch (N={n}) on axis 0, but the leaf "
-                    f"{jax.tree_util.keystr(path)} has shape {g.shape}; pass per_example_grads(...).grads, "
-                    "not a batch-mean gradient, and put bang() first in the chain"
-                )
         try:
-            norm_leaves = jax.tree.map(lambda _, k: k, updates, kappa_norms)
-        except ValueError as err:
+            norm_leaves = treedef.flatten_up_to(kappa_norms)
+        except (ValueError, TypeError) as err:
             raise ValueError(
                 "kappa_norms must have the structure of the gradients (one [N] array per leaf): " + str(err)
             ) from None
-        for path, k in jax.tree_util.tree_flatten_with_path(norm_leaves)[0]:
-            if jnp.shape(k) != (n,):
+        param_leaves = [None] * len(leaves)
+        if params is not None:
+            try:
+                param_leaves = treedef.flatten_up_to(params)
+            except (ValueError, TypeError):
+                param_leaves = [None] * len(leaves)
+        checked_paths, mismatch = [], []
+        for path, g, k, p in zip(paths, leaves, norm_leaves, param_leaves):
+            if isinstance(g, optax.MaskedNode):
+                continue
+            v = g.value
+            if v.ndim == 0 or v.shape[0] != n:
                 raise ValueError(
-                    f"kappa_norms leaf {jax.tree_util.keystr(path)} must have shape ({n},), got {jnp.shape(k)}"
+                    f"bang() expects per-example gradients with the batch (N={n}, from correct) on axis 0, but "
+                    f"the leaf {path} has shape {v.shape}"
                 )
-        eps_tree = broadcast_to_params("epsilon", config.epsilon, updates)
-        ratio_tree = broadcast_to_params("ratio", config.ratio, updates)
+            if p is not None and hasattr(p, "shape") and tuple(v.shape[1:]) != tuple(p.shape):
+                raise ValueError(
+                    f"bang() got per-example gradients of shape {v.shape} for the parameter {path} of shape "
+                    f"{tuple(p.shape)}; expected ({n}, *{tuple(p.shape)}): bang() must come first in the chain"
+                )
+            if jnp.shape(k) != (n,):
+                raise ValueError(f"kappa_norms leaf {path} must have shape ({n},), got {jnp.shape(k)}")
+            tol = 3e-2 if jnp.finfo(v.dtype).bits <= 16 else 1e-3
+            now = _per_example_sq_norms(v)
+            was = jnp.asarray(g.sq_norms, jnp.float32)
+            mismatch.append(jnp.any(jnp.abs(now - was) > tol * jnp.maximum(now, was)))
+            checked_paths.append(path)
+        if mismatch:
+            bad = jnp.stack(mismatch)
+            if _is_concrete(bad):
+                _raise_if_touched(tuple(checked_paths), bad)
+            else:
+                jax.debug.callback(functools.partial(_raise_if_touched, tuple(checked_paths)), bad)
+
+        values = treedef.unflatten([g if isinstance(g, optax.MaskedNode) else g.value for g in leaves])
+        eps_leaves = treedef.flatten_up_to(broadcast_to_params("epsilon", config.epsilon, values))
+        ratio_leaves = treedef.flatten_up_to(broadcast_to_params("ratio", config.ratio, values))
 
         def balance(g, k, e, r):
-            w = eta(k, correct, e, r).astype(g.dtype)
-            return (jnp.tensordot(w, g, axes=1) / n).astype(g.dtype)
+            if isinstance(g, optax.MaskedNode):
+                return g
+            v = g.value
+            w = eta(k, correct, e, r).astype(v.dtype)
+            return (jnp.tensordot(w, v, axes=1) / n).astype(v.dtype)
 
-        out = jax.tree.map(balance, updates, norm_leaves, eps_tree, ratio_tree)
+        out = treedef.unflatten([balance(*a) for a in zip(leaves, norm_leaves, eps_leaves, ratio_leaves)])
         return apply_beta(out, config.beta), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-

@@ -1,7 +1,8 @@
-"""Gradients for BANG on an unmodified Flax (linen) model.
+"""BANG gradients of unmodified Flax models: the core shared by linen and NNX, and the linen API.
 
-Three ways to get a batch gradient from ``apply_fn(variables, images, rngs=..., **apply_kwargs) -> logits``
-(a Flax ``model.apply``) and integer labels, all with the batch-mean softmax cross-entropy as the loss:
+Three ways to get a batch gradient from ``apply_fn(variables, inputs, rngs=..., **apply_kwargs) -> outputs``
+(a Flax ``model.apply``) and labels; the loss is the batch mean of a per-example ``loss_fn(outputs, labels) ->
+[N]`` (default: softmax cross-entropy with integer labels):
 
 * :func:`plain_grad` — the ordinary mean gradient (regular training).
 * :func:`per_example_grads` — ``vmap(grad)``: per-example parameter gradients of the per-example losses,
@@ -11,37 +12,74 @@ Three ways to get a batch gradient from ``apply_fn(variables, images, rngs=..., 
   weighted layer scales only the cotangent it uses for its own weight and bias gradients by η, while the
   unscaled gradient flows on to the layers below. No per-example parameter gradient is ever formed.
 
-Weighted layers (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.ConvTranspose``, ``nn.ConvLocal`` by
-default) are found with :func:`flax.linen.intercept_methods`; κ of a layer is the gradient of the loss w.r.t.
-that layer's output (before any activation that follows it, SPEC §1.2), read through a zero perturbation
-added to the output. Parameters outside such layers get their ordinary gradient (η = 1; β still applies).
+:mod:`bang_jax.nnx` offers the same three for Flax NNX modules through the same core.
 
-Dropout: with ``rngs`` the batched forward of :func:`bang_grad` and the per-example forwards of
+**What is balanced.** Weighted layers — by default ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``,
+``nn.ConvTranspose``, ``nn.ConvLocal``, ``nn.Einsum`` (and so the projections inside
+``nn.MultiHeadDotProductAttention``) — are found with :func:`flax.linen.intercept_methods`. κ of a layer is the
+gradient of the loss w.r.t. that layer's output (before any activation that follows it, SPEC §1.2). All other
+parameters (biases of LayerNorm/BatchNorm, embeddings, free ``self.param``\\ s) get their ordinary gradient:
+η = 1, and β still applies. ``aux.layer_kappa_norms`` and :func:`weighted_layers` list the balanced layers.
+
+**Examples that interact** (BatchNorm in training mode). ``bang_grad`` then uses the definition of the authors'
+Caffe code, which is also the natural one: κ_i is example i's row of the gradient of the *batch* loss w.r.t. the
+layer's output (including the paths through the batch statistics), η_i comes from those rows, and the layer's
+weight gradient is formed from the η-scaled rows. Pass ``mutable=['batch_stats']`` as for ``model.apply``; the
+updated collections come back in ``aux.model_state``. Per-example gradients do not exist for such a model, so
+:func:`per_example_grads` refuses it (naming the BatchNorm layer) and points to :func:`bang_grad`.
+
+**Lifted transforms and sharing.** Layers inside ``nn.remat``/``nnx.remat`` (and ``jit``, ``cond``) work. A layer
+inside ``nn.scan``/``nnx.scan``/``lax.scan``/``while_loop`` or a ``vmap`` runs once per step with stacked or
+shared weights; BANG's one-κ-per-layer definition does not cover that, so it is refused with a message naming
+the transformation. A weighted layer called twice in one forward pass, and ``Embed.attend`` (an embedding shared
+with the output projection), are refused by name.
+
+**Dropout.** With ``rngs`` the batched forward of :func:`bang_grad` and the per-example forwards of
 :func:`per_example_grads` draw different masks (different shapes). To compare the two exactly, draw the masks
-once with :func:`sample_dropout_masks` and pass them to both as ``dropout_masks=``.
+once with :func:`sample_dropout_masks` and pass them to both as ``dropout_masks=``. The masks cover every
+``nn.Dropout`` layer; a model that draws other dropout randomness (attention dropout inside
+``MultiHeadDotProductAttention``, or a custom ``make_rng('dropout')``) is refused when masks are given.
 
-Limitations: each weighted layer must be called once per forward pass with a single positional input whose
-axis 0 is the batch; layers inside lifted transforms (``nn.scan``, ``nn.remat``, …) are not supported.
+**Inputs.** ``inputs`` may be any pytree of arrays with the batch on axis 0 of every leaf. Call arguments with a
+batch axis (an attention mask ``[N, 1, L, L]``, per-example conditioning) reach each per-example forward as that
+example's slice: by default every array argument whose axis 0 has length N is sliced; name them explicitly with
+``batch_kwargs=``. A per-example forward whose outputs do not have batch 1 raises. With the default loss,
+labels must be integers in ``[0, classes)``; concrete labels are checked, traced ones (inside ``jit``) cannot be,
+and an out-of-range label then gives a NaN or wrong loss exactly as in ``optax``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import functools
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import traverse_util
 
-from bang_jax.balance import BangConfig, apply_beta, as_bang_config, broadcast_to_params, eta, path_keys, safe_norm
+from bang_jax.balance import (
+    BangConfig,
+    PerExampleGrad,
+    _per_example_sq_norms,
+    apply_beta,
+    as_bang_config,
+    broadcast_to_params,
+    eta,
+    path_keys,
+    safe_norm,
+)
 
 __all__ = [
     "WEIGHTED_LAYER_TYPES",
     "BangAux",
     "PerExampleGrads",
     "bang_grad",
+    "default_correct",
+    "default_loss",
     "per_example_grads",
     "plain_grad",
     "sample_dropout_masks",
@@ -54,29 +92,34 @@ WEIGHTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv,
     nn.ConvTranspose,
     nn.ConvLocal,
+    nn.Einsum,
 )
 
-LayerPath = tuple[str, ...]
+LayerPath = tuple
 
 
 class PerExampleGrads(NamedTuple):
-    """What :func:`per_example_grads` returns.
+    """What :func:`per_example_grads` (and :func:`bang_jax.nnx.per_example_grads`) returns.
 
     Attributes:
-      grads: per-example gradients of the per-example losses E_i, the structure of ``variables['params']``
-        with the batch on axis 0 of every leaf.
-      kappa_norms: the same structure, each leaf an ``[N]`` array: ‖∂E_i/∂(output of the layer the leaf
+      grads: per-example gradients of the per-example losses E_i, the structure of the parameters, each leaf a
+        :class:`bang_jax.PerExampleGrad` marker holding ``[N, *param.shape]`` (batch on axis 0). Only
+        :func:`bang_jax.bang`, first in an optax chain, accepts them.
+      kappa_norms: the parameters' structure, each leaf an ``[N]`` array: ‖∂E_i/∂(output of the layer the leaf
         belongs to)‖₂. Leaves outside any weighted layer hold zeros (BANG then leaves them unscaled).
-      correct: ``[N]`` bool, argmax of the training forward pass equals the label.
+      correct: ``[N]`` bool, ``correct_fn`` of the training forward pass (default: argmax equals the label).
       loss: scalar, the batch-mean loss.
-      logits: ``[N, classes]`` logits of the training forward pass.
+      logits: the model's outputs of the training forward pass, batch on axis 0 (``[N, classes]`` logits for
+        the default loss).
+
+    :func:`weighted_layers` lists the balanced layers (those whose leaves have non-zero ``kappa_norms``).
     """
 
     grads: Any
     kappa_norms: Any
     correct: jax.Array
     loss: jax.Array
-    logits: jax.Array
+    logits: Any
 
 
 class BangAux(NamedTuple):
@@ -84,293 +127,699 @@ class BangAux(NamedTuple):
 
     Attributes:
       loss: scalar batch-mean loss.
-      logits: ``[N, classes]`` logits of the training forward pass.
+      logits: the model's outputs of the training forward pass (``[N, classes]`` logits for the default loss).
       correct: ``[N]`` bool.
       layer_kappa_norms: ``{layer path: [N]}`` norms of κ of the batch-mean loss (1/N of the per-example
-        ones) for every weighted layer; empty for :func:`plain_grad`.
-      layer_eta: ``{layer path: [N]}`` the η used for each layer; empty for :func:`plain_grad`.
+        ones) for every balanced layer; empty for :func:`plain_grad`.
+      layer_eta: ``{layer path: [N]}`` the η used for each layer (keyed by leaf path for a layer whose leaves
+        have different ε or ratio); empty for :func:`plain_grad`.
+      model_state: the updated mutable collections (linen, with ``mutable=``) or non-parameter state (NNX:
+        batch statistics, RNG counts; already written back to the model); ``{}`` when nothing changed.
     """
 
     loss: jax.Array
-    logits: jax.Array
+    logits: Any
     correct: jax.Array
     layer_kappa_norms: dict
     layer_eta: dict
+    model_state: Any = None
 
 
 # --------------------------------------------------------------------------------------------------------
-# Running a model with taps on its weighted layers.
+# Loss, correctness and input checks.
 
 
-def _check_batch(images: Any, labels: Any) -> int:
-    images = jnp.asarray(images) if not hasattr(images, "shape") else images
-    labels = jnp.asarray(labels) if not hasattr(labels, "shape") else labels
-    if images.ndim < 2:
-        raise ValueError(f"images must have a leading batch axis, got shape {images.shape}")
-    n = images.shape[0]
-    if n < 1:
-        raise ValueError("the batch is empty")
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},) to match images {images.shape}, got {labels.shape}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    return n
-
-
-def _is_deterministic(module: nn.Dropout, args: tuple, kwargs: dict) -> bool:
-    deterministic = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
-    deterministic = nn.merge_param("deterministic", module.deterministic, deterministic)
-    return bool(deterministic) or module.rate == 0.0
-
-
-def _run(
-    apply_fn,
-    variables,
-    images,
-    *,
-    rngs,
-    apply_kwargs,
-    layer_types,
-    perturbations=None,
-    dropout_masks=None,
-    record_dropout=False,
-):
-    """Runs ``apply_fn`` with an interceptor; returns (logits, taps) where taps holds per-layer records."""
-    inputs: dict[LayerPath, jax.Array] = {}
-    modules: dict[LayerPath, nn.Module] = {}
-    outputs: dict[LayerPath, jax.Array] = {}
-    masks: dict[LayerPath, jax.Array] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        if isinstance(module, nn.Dropout) and (dropout_masks is not None or record_dropout):
-            if _is_deterministic(module, args, kwargs):
-                return next_fun(*args, **kwargs)
-            path = tuple(module.path)
-            x = args[0]
-            if record_dropout:
-                # Flax's own mask, drawn from the same rng stream: 1/keep where kept, 0 where dropped.
-                masks[path] = next_fun(jnp.ones_like(x), *args[1:], **kwargs) != 0
-                return next_fun(*args, **kwargs)
-            if path not in dropout_masks:
-                raise ValueError(f"dropout_masks has no mask for dropout layer {'/'.join(path)}")
-            keep = 1.0 - module.rate
-            mask = jnp.broadcast_to(dropout_masks[path], x.shape)
-            return jnp.where(mask, x / keep, jnp.zeros_like(x))
-        if not isinstance(module, layer_types):
-            return next_fun(*args, **kwargs)
-        path = tuple(module.path)
-        name = "/".join(path) or "<root>"
-        if path in inputs:
-            raise ValueError(
-                f"weighted layer {name} is called more than once in one forward pass; BANG needs one κ per "
-                "layer (shared layers are not supported)"
-            )
-        if len(args) != 1 or kwargs:
-            raise ValueError(f"weighted layer {name} must be called with a single positional input")
-        y = next_fun(*args, **kwargs)
-        inputs[path] = args[0]
-        modules[path] = module.clone(parent=None)
-        outputs[path] = y
-        if perturbations is not None:
-            y = y + perturbations[path]
-        return y
-
-    with nn.intercept_methods(interceptor):
-        logits = apply_fn(variables, images, rngs=rngs, **apply_kwargs)
-    return logits, {"inputs": inputs, "modules": modules, "outputs": outputs, "masks": masks}
-
-
-def _discover(apply_fn, variables, images, *, rngs, apply_kwargs, layer_types, dropout_masks=None):
-    """Finds the weighted layers: returns ({path: unbound module}, {path: ShapeDtypeStruct of the output})."""
-    found: dict[str, Any] = {}
-
-    def shapes_fn(variables, images, rngs):
-        logits, taps = _run(
-            apply_fn,
-            variables,
-            images,
-            rngs=rngs,
-            apply_kwargs=apply_kwargs,
-            layer_types=layer_types,
-            dropout_masks=dropout_masks,
-        )
-        found["modules"] = taps["modules"]
-        return logits, taps["outputs"]
-
-    logits_shape, out_shapes = jax.eval_shape(shapes_fn, variables, images, rngs)
-    modules = found["modules"]
-    if not modules:
-        raise ValueError(
-            "the model has no weighted layer BANG can balance: no call of "
-            + ", ".join(t.__name__ for t in layer_types)
-            + " was seen in a forward pass"
-        )
-    n = images.shape[0]
-    for path, s in out_shapes.items():
-        if s.ndim == 0 or s.shape[0] != n:
-            raise ValueError(f"weighted layer {'/'.join(path)} output {s.shape} has no batch axis of size {n}")
-    if len(logits_shape.shape) != 2 or logits_shape.shape[0] != n:
-        raise ValueError(f"apply_fn must return [N, classes] logits, got shape {logits_shape.shape}")
-    return modules, out_shapes
-
-
-def _split_params(params, layer_paths):
-    """Splits a params dict into {layer path: that layer's params} and the flat rest {key tuple: leaf}."""
-    flat = traverse_util.flatten_dict(params)
-    layer_params, owner = {}, {}
-    for path in layer_paths:
-        sub = {k[len(path):]: v for k, v in flat.items() if k[: len(path)] == path}
-        if not sub:
-            raise ValueError(f"weighted layer {'/'.join(path)} has no entry in variables['params']")
-        layer_params[path] = traverse_util.unflatten_dict(sub)
-        for k in flat:
-            if k[: len(path)] == path:
-                owner[k] = path
-    rest = {k: v for k, v in flat.items() if k not in owner}
-    return layer_params, rest, owner
-
-
-def _merge_params(layer_params, rest):
-    flat = dict(rest)
-    for path, sub in layer_params.items():
-        for k, v in traverse_util.flatten_dict(sub).items():
-            flat[path + k] = v
-    return traverse_util.unflatten_dict(flat)
-
-
-def _cross_entropy(logits, labels):
+def default_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``[N]`` softmax cross-entropy of ``[N, classes]`` logits and ``[N]`` integer labels."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def _params_of(variables):
-    if not isinstance(variables, Mapping) or "params" not in variables:
-        raise ValueError("variables must be a Flax variables dict with a 'params' collection")
-    return variables["params"]
+def default_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``[N]`` bool: argmax of the logits equals the integer label."""
+    return jnp.argmax(logits, axis=-1) == labels
+
+
+def _batch_size(inputs: Any) -> int:
+    leaves = jax.tree.leaves(inputs)
+    if not leaves:
+        raise ValueError("inputs has no arrays")
+    sizes = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(inputs)[0]:
+        shape = np.shape(leaf)
+        if len(shape) < 1:
+            raise ValueError(f"every input leaf needs a leading batch axis; inputs{jax.tree_util.keystr(path)} "
+                             f"has shape {shape}")
+        sizes.add(shape[0])
+    if len(sizes) != 1:
+        raise ValueError(f"input leaves disagree on the batch size (axis 0): {sorted(sizes)}")
+    n = sizes.pop()
+    if n < 1:
+        raise ValueError("the batch is empty")
+    return n
+
+
+def _check_labels(labels: Any, n: int, default_loss_used: bool) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(labels)[0]:
+        shape = np.shape(leaf)
+        if len(shape) < 1 or shape[0] != n:
+            raise ValueError(f"labels{jax.tree_util.keystr(path)} must have the batch (N={n}) on axis 0 to match "
+                             f"the inputs, got shape {shape}")
+    if default_loss_used:
+        labels_arr = labels
+        if not hasattr(labels_arr, "dtype") or np.shape(labels_arr) != (n,):
+            raise ValueError(f"labels must have shape ({n},) to match the inputs, got {np.shape(labels_arr)} "
+                             "(pass loss_fn= and correct_fn= for other labels, e.g. soft or sequence labels)")
+        if not jnp.issubdtype(labels_arr.dtype, jnp.integer):
+            raise ValueError(f"labels must be integer class indices, got dtype {labels_arr.dtype} (pass "
+                             "loss_fn= and correct_fn= for soft labels)")
+
+
+def _check_default_outputs(outputs: Any, labels: Any, n: int) -> None:
+    """With the default loss: outputs must be ``[N, classes]`` logits and concrete labels in range."""
+    if not hasattr(outputs, "shape") or len(outputs.shape) != 2 or outputs.shape[0] != n:
+        shape = getattr(outputs, "shape", jax.tree.map(np.shape, outputs))
+        raise ValueError(f"the default loss needs [N, classes] logits from the model, got {shape}; pass "
+                         "loss_fn=(outputs, labels) -> [N] and correct_fn=(outputs, labels) -> [N] bool for "
+                         "other outputs (sequence models, several heads, ...)")
+    classes = outputs.shape[1]
+    if not isinstance(labels, jax.core.Tracer):
+        lab = np.asarray(labels)
+        bad = (lab < 0) | (lab >= classes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"labels must lie in [0, {classes}) for {classes} output classes; labels[{i}] = "
+                             f"{int(lab[i])}")
 
 
 # --------------------------------------------------------------------------------------------------------
-# Public functions.
+# The core: what happens at each weighted layer, dropout layer and batch-coupling layer of a forward pass.
+# The linen interceptor below and the NNX hooks in bang_jax.nnx call the same Tap methods.
+
+_ALLOWED_TRANSFORMS = frozenset({"jit", "pjit", "checkpoint / remat", "remat", "cond", "switch"})
 
 
-def sample_dropout_masks(apply_fn, variables, images, *, rngs, **apply_kwargs) -> dict[LayerPath, jax.Array]:
+def _current_trace():
+    try:  # JAX's trace context (private; without it the check below is skipped)
+        from jax._src import core as jax_core
+
+        return jax_core.trace_ctx.trace
+    except Exception:  # pragma: no cover - other JAX versions
+        return None
+
+
+def _transforms_between(entry) -> list[str]:
+    """Names of the JAX transformations entered since ``entry`` (the trace when the model was called)."""
+    t, names = _current_trace(), []
+    while t is not None and entry is not None and t is not entry:
+        frame = getattr(t, "frame", None)
+        traced_for = getattr(getattr(frame, "debug_info", None), "traced_for", None)
+        names.append(traced_for or {"BatchTrace": "vmap"}.get(type(t).__name__, type(t).__name__))
+        t = getattr(t, "parent_trace", None)
+    return names
+
+
+def _kappa_norms(kappa: jax.Array) -> jax.Array:
+    """``[N]`` ‖κ_i‖₂, in at least float32 (so bfloat16 models get accurate η)."""
+    return safe_norm(kappa.astype(jnp.promote_types(kappa.dtype, jnp.float32)))
+
+
+def _float0_like(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _balanced(layer_fn, groups, p, x, extra, probe, correct, eps, ratio):
+    """``layer_fn(p, x, extra)`` whose backward scales κ by η for the parameter gradient only (SPEC §1.1, 1.5).
+
+    ``groups`` is a tuple of tuples of leaf indices of ``p`` that share one (ε, ratio) pair (``eps[g]``,
+    ``ratio[g]``). The cotangent of ``probe`` (``[1 + len(groups), N]``) carries the κ norms and each group's η
+    out of the backward pass.
+    """
+    del groups, probe, correct, eps, ratio
+    return layer_fn(p, x, extra)
+
+
+def _balanced_fwd(layer_fn, groups, p, x, extra, probe, correct, eps, ratio):
+    y, pullback = jax.vjp(lambda p, x: layer_fn(p, x, extra), p, x)
+    return y, (pullback, extra, probe, correct, eps, ratio)
+
+
+def _balanced_bwd(layer_fn, groups, res, kappa):
+    del layer_fn
+    pullback, extra, probe, correct, eps, ratio = res
+    norms = _kappa_norms(kappa)
+    _, dx = pullback(kappa)  # what flows down is never scaled
+    dp_leaves, dp_def = None, None
+    rows = [norms]
+    for g, idx in enumerate(groups):
+        e = eta(norms, correct, eps[g], ratio[g])
+        rows.append(e)
+        scaled = kappa * e.astype(kappa.dtype).reshape((-1,) + (1,) * (kappa.ndim - 1))
+        dp_g, _ = pullback(scaled)
+        leaves, treedef = jax.tree.flatten(dp_g)
+        if dp_leaves is None:
+            dp_leaves, dp_def = list(leaves), treedef
+        for i in idx:
+            dp_leaves[i] = leaves[i]
+    dp = dp_def.unflatten(dp_leaves)
+    probe_ct = jnp.stack(rows).astype(probe.dtype)
+    return (dp, dx, jax.tree.map(_float0_like, extra), probe_ct, _float0_like(correct),
+            tuple(jnp.zeros_like(e) for e in eps), tuple(jnp.zeros_like(r) for r in ratio))
+
+
+_balanced.defvjp(_balanced_fwd, _balanced_bwd)
+
+
+class _LayerRecord(NamedTuple):
+    kind: str
+    out: jax.ShapeDtypeStruct
+    leaf_keys: tuple  # relative key tuples of the layer's parameter leaves, in jax.tree.flatten order
+
+
+class _Tap:
+    """One forward pass's hooks. Modes: ``discover`` (record layers, abstract), ``plain``, ``perturb`` (add a
+    zero perturbation to each weighted layer's output: κ is its gradient) and ``balance`` (:func:`_balanced`)."""
+
+    def __init__(self, mode, *, adapter, n=None, per_example=False, perturbations=None, probes=None, correct=None,
+                 groups=None, dropout_masks=None, record_dropout=False):
+        self.mode, self.n, self.per_example = mode, n, per_example
+        self.leaf_key = adapter.leaf_key
+        self.layer_types = getattr(adapter, "layer_types", ())
+        self.perturbations, self.probes, self.correct, self.groups = perturbations, probes, correct, groups
+        self.dropout_masks, self.record_dropout = dropout_masks, record_dropout
+        self.layers: dict[LayerPath, _LayerRecord] = {}
+        self.masks: dict[LayerPath, jax.Array] = {}
+        self.entry = None
+        self.passthrough = 0
+        self.prefix: tuple = ()
+
+    @contextlib.contextmanager
+    def running(self):
+        self.entry = _current_trace()
+        yield self
+
+    @contextlib.contextmanager
+    def inside_layer(self):
+        self.passthrough += 1
+        try:
+            yield
+        finally:
+            self.passthrough -= 1
+
+    def _where(self, path, kind, what="weighted layer"):
+        return f"{what} {'/'.join(map(str, path)) or '<root>'} ({kind})"
+
+    def _check_context(self, path, kind):
+        bad = [t for t in _transforms_between(self.entry) if t not in _ALLOWED_TRANSFORMS]
+        if bad:
+            name = "scan" if any("scan" in t for t in bad) else bad[0]
+            raise ValueError(
+                f"{self._where(path, kind)} runs inside a `{name}` trace, i.e. inside a loop or vectorising "
+                "transformation (nn.scan / nnx.scan / lax.scan / while_loop / vmap; flax's nn.scan also traces "
+                "its body as `JaxprTrace`): its weights are stacked or shared across steps, and BANG balances one "
+                "κ per layer call, so this is not supported. Unroll the loop into separate layers (nn.remat / "
+                "nnx.remat are fine)."
+            )
+
+    def layer(self, path, kind, call, layer_fn, p, x, extra):
+        """A weighted layer's call: ``call()`` runs it as the model would, ``layer_fn(p, x, extra)`` purely."""
+        self._check_context(path, kind)
+        if path in self.layers:
+            raise ValueError(
+                f"{self._where(path, kind)} is called more than once in one forward pass; BANG needs one κ per "
+                "layer (shared layers are not supported)"
+            )
+        leaf_keys = tuple(self.leaf_key(k) for k, _ in jax.tree_util.tree_flatten_with_path(p)[0])
+        if self.mode == "balance":
+            groups = self.groups[path]
+            y = _balanced(layer_fn, tuple(g[0] for g in groups), p, x, extra, self.probes[path], self.correct,
+                          tuple(g[1] for g in groups), tuple(g[2] for g in groups))
+        else:
+            y = call()
+        if not hasattr(y, "shape"):
+            raise ValueError(f"{self._where(path, kind)} returned {type(y).__name__}, not an array")
+        self.layers[path] = _LayerRecord(kind, jax.ShapeDtypeStruct(y.shape, y.dtype), leaf_keys)
+        if self.mode == "discover" and self.n is not None and (y.ndim == 0 or y.shape[0] != self.n):
+            raise ValueError(f"{self._where(path, kind)} output {y.shape} has no batch axis of size {self.n}")
+        if self.mode == "perturb":
+            y = y + self.perturbations[path]
+        return y
+
+    def dropout(self, path, kind, rate, x, draw):
+        """A dropout layer in training mode; ``draw(z)`` applies the framework's own dropout to ``z``."""
+        if rate >= 1.0:
+            return jnp.zeros_like(x)
+        keep = 1.0 - rate
+        if self.record_dropout:
+            mask = draw(jnp.ones_like(x)) != 0  # Flax's own mask, drawn once from the model's rng stream
+            self.masks[path] = mask
+        elif self.dropout_masks is not None:
+            if path not in self.dropout_masks:
+                raise ValueError(f"dropout_masks has no mask for dropout layer {'/'.join(map(str, path))}")
+            mask = jnp.broadcast_to(self.dropout_masks[path], x.shape)
+        else:
+            return draw(x)
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+    def other_dropout(self, path, kind):
+        """Dropout randomness that dropout masks cannot share (e.g. attention dropout)."""
+        if self.record_dropout or self.dropout_masks is not None:
+            raise ValueError(
+                f"{self._where(path, kind, 'layer')} applies its own dropout (attention dropout), which "
+                "sample_dropout_masks / dropout_masks cannot share between the two BANG paths; set its "
+                "dropout_rate to 0 (or make it deterministic) to compare the paths exactly, or draw dropout "
+                "from rngs without dropout_masks"
+            )
+
+    def batch_coupled(self, path, kind):
+        """A layer that couples the examples of a batch (BatchNorm in training mode)."""
+        if self.per_example:
+            raise ValueError(
+                f"{self._where(path, kind, 'layer')} normalises over the batch (training mode), so the examples "
+                "interact and per-example gradients do not exist: per_example_grads would normalise each example "
+                "alone. Use bang_grad(..., mutable=['batch_stats']) (linen) / bang_jax.nnx.bang_grad, which "
+                "balances each example's row of the batch loss's layer-output gradient (the authors' "
+                "definition), or run the layer with running averages."
+            )
+
+    def refuse(self, message):
+        raise ValueError(message)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Drivers shared by linen and NNX. An adapter provides:
+#   params, state            what is differentiated, and what else a forward pass reads
+#   run(params, state, inputs, kwargs, tap) -> (outputs, updates)
+#   leaf_key(path) -> tuple  the normalised key of a parameter leaf (NNX drops Variable's '.value')
+#   layer_types              the weighted layer types
+#   per_example_state(state, n) -> (batched state, in_axes); after_per_example(batched updates)
+#   no_layers_hint           for the "no weighted layer" message
+
+
+def _split_kwargs(kwargs: dict, n: int, batch_kwargs) -> tuple[dict, dict]:
+    """(kwargs whose array leaves are sliced per example, kwargs passed whole)."""
+    if batch_kwargs is not None:
+        unknown = set(batch_kwargs) - set(kwargs)
+        if unknown:
+            raise ValueError(f"batch_kwargs names {sorted(unknown)}, which are not call arguments")
+        return ({k: v for k, v in kwargs.items() if k in batch_kwargs},
+                {k: v for k, v in kwargs.items() if k not in batch_kwargs})
+    batched, whole = {}, {}
+    for k, v in kwargs.items():
+        leaves = jax.tree.leaves(v)
+        arrays = [a for a in leaves if hasattr(a, "shape") and hasattr(a, "dtype")]
+        if arrays and len(arrays) == len(leaves) and all(len(a.shape) >= 1 and a.shape[0] == n for a in arrays):
+            batched[k] = v
+        else:
+            whole[k] = v
+    return batched, whole
+
+
+def _discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=None):
+    """Abstract forward pass: ``(records {path: _LayerRecord}, outputs ShapeDtypeStruct tree)``."""
+    found = {}
+
+    def shapes(params, state, inputs):
+        tap = _Tap("discover", adapter=adapter, n=n, per_example=per_example, dropout_masks=dropout_masks)
+        outputs, _ = adapter.run(params, state, inputs, kwargs, tap)
+        found["layers"] = tap.layers
+        return outputs
+
+    out_shapes = jax.eval_shape(shapes, adapter.params, adapter.state, inputs)
+    layers = found["layers"]
+    if not layers:
+        raise ValueError(f"the model has no weighted layer BANG can balance: {adapter.no_layers_hint}")
+    return layers, out_shapes
+
+
+def _owners(adapter, layers) -> dict[tuple, LayerPath]:
+    """``{parameter leaf key: layer path}`` for the leaves of weighted layers."""
+    owner = {}
+    keys = [adapter.leaf_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapter.params)[0]]
+    for path in layers:
+        mine = [k for k in keys if k[: len(path)] == tuple(path)]
+        if not mine:
+            raise ValueError(f"weighted layer {'/'.join(map(str, path))} has no entry in the parameters")
+        for k in mine:
+            owner[k] = path
+    return owner
+
+
+def _eta_groups(adapter, layers, config: BangConfig):
+    """Per layer: ((leaf indices, ε, ratio), ...) grouping leaves that share the same ε and ratio objects."""
+    def flat(name, value):
+        tree = broadcast_to_params(name, value, adapter.params)
+        return {adapter.leaf_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    eps, ratio = flat("epsilon", config.epsilon), flat("ratio", config.ratio)
+    groups = {}
+    for path, rec in layers.items():
+        by_id: dict[tuple[int, int], list] = {}
+        for i, rel in enumerate(rec.leaf_keys):
+            key = tuple(path) + tuple(rel)
+            by_id.setdefault((id(eps[key]), id(ratio[key])), []).append((i, key))
+        groups[path] = tuple(
+            (tuple(i for i, _ in members), jnp.asarray(eps[members[0][1]]), jnp.asarray(ratio[members[0][1]]))
+            for members in by_id.values()
+        )
+    return groups
+
+
+def _loss_fns(loss_fn, correct_fn):
+    return (default_loss if loss_fn is None else loss_fn), (default_correct if correct_fn is None else correct_fn)
+
+
+def _mean_loss(loss_fn, outputs, labels, n):
+    losses = loss_fn(outputs, labels)
+    if np.shape(losses) != (n,):
+        raise ValueError(f"loss_fn must return [N] = ({n},) per-example losses, got shape {np.shape(losses)}")
+    return jnp.mean(losses)
+
+
+def _run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_masks, batch_kwargs, kwargs):
+    n = _batch_size(inputs)
+    _check_labels(labels, n, loss_fn is None)
+    layers, out_shapes = _discover(adapter, inputs, kwargs, n=n, per_example=True, dropout_masks=dropout_masks)
+    if loss_fn is None:
+        _check_default_outputs(out_shapes, labels, n)
+    loss_fn, correct_fn = _loss_fns(loss_fn, correct_fn)
+    owner = _owners(adapter, layers)
+    batched_kw, whole_kw = _split_kwargs(kwargs, n, batch_kwargs)
+    state_b, state_axes = adapter.per_example_state(adapter.state, n)
+    zero_perts = {p: jnp.zeros((1,) + r.out.shape[1:], r.out.dtype) for p, r in layers.items()}
+    one_of = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
+
+    def one(x, y, kw, state, masks):
+        x1, y1, kw1 = one_of(x), one_of(y), {**whole_kw, **one_of(kw)}
+        masks1 = None if masks is None else one_of(masks)
+
+        def loss_of(params, perts):
+            tap = _Tap("perturb", adapter=adapter, per_example=True, perturbations=perts, dropout_masks=masks1)
+            outputs, updates = adapter.run(params, state, x1, kw1, tap)
+            for path, o in jax.tree_util.tree_flatten_with_path(outputs)[0]:
+                if np.ndim(o) == 0 or np.shape(o)[0] != 1:
+                    raise ValueError(
+                        f"a per-example forward pass (batch 1) returned outputs{jax.tree_util.keystr(path)} of "
+                        f"shape {np.shape(o)}, not batch 1: some call argument carries the whole batch into each "
+                        "example's forward. Pass it as a keyword argument with the batch on axis 0 (it is then "
+                        "sliced per example), or name it in batch_kwargs=."
+                    )
+            losses = loss_fn(outputs, y1)
+            if np.shape(losses) != (1,):
+                raise ValueError(f"loss_fn must return one loss per example ([N]); for one example it returned "
+                                 f"shape {np.shape(losses)}")
+            return losses[0], (outputs, updates)
+
+        (loss, (outputs, updates)), (g, kappa) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
+            adapter.params, zero_perts)
+        norms = {p: _kappa_norms(kappa[p])[0] for p in layers}
+        sq = jax.tree.map(lambda a: _per_example_sq_norms(a[None])[0], g)
+        return g, sq, norms, jax.tree.map(lambda a: a[0], outputs), loss, updates
+
+    grads, sq, norms, outputs, losses, updates = jax.vmap(one, in_axes=(0, 0, 0, state_axes, 0))(
+        inputs, labels, batched_kw, state_b, dropout_masks)
+    adapter.after_per_example(updates)
+    marked = jax.tree.map(PerExampleGrad, grads, sq)
+    zeros = jnp.zeros((n,), jnp.float32)
+    kappa_norms = jax.tree_util.tree_map_with_path(
+        lambda path, _: norms.get(owner.get(adapter.leaf_key(path)), zeros), adapter.params)
+    correct = correct_fn(outputs, labels)
+    return PerExampleGrads(marked, kappa_norms, correct, jnp.mean(losses), outputs)
+
+
+def _run_bang(adapter, inputs, labels, *, config, loss_fn, correct_fn, dropout_masks, kwargs):
+    n = _batch_size(inputs)
+    _check_labels(labels, n, loss_fn is None)
+    layers, out_shapes = _discover(adapter, inputs, kwargs, n=n, dropout_masks=dropout_masks)
+    if loss_fn is None:
+        _check_default_outputs(out_shapes, labels, n)
+    loss_fn, correct_fn = _loss_fns(loss_fn, correct_fn)
+    _owners(adapter, layers)
+    groups = _eta_groups(adapter, layers, config)
+    # "Correct" comes from the training forward pass; under jit XLA merges this pass with the one below.
+    outputs0, _ = adapter.run(adapter.params, adapter.state, inputs, kwargs,
+                              _Tap("plain", adapter=adapter, dropout_masks=dropout_masks))
+    correct = jax.lax.stop_gradient(correct_fn(outputs0, labels))
+    probes = {p: jnp.zeros((1 + len(groups[p]), n), jnp.float32) for p in layers}
+
+    def loss_of(params, probes):
+        tap = _Tap("balance", adapter=adapter, probes=probes, correct=correct, groups=groups,
+                   dropout_masks=dropout_masks)
+        outputs, updates = adapter.run(params, adapter.state, inputs, kwargs, tap)
+        return _mean_loss(loss_fn, outputs, labels, n), (outputs, updates)
+
+    (loss, (outputs, updates)), (grads, probe_cts) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
+        adapter.params, probes)
+    grads = apply_beta(grads, config.beta)
+    norms, etas = {}, {}
+    for path, rec in layers.items():
+        norms[path] = probe_cts[path][0]
+        for g, (idx, _, _) in enumerate(groups[path]):
+            etas[path if len(groups[path]) == 1 else tuple(path) + rec.leaf_keys[idx[0]]] = probe_cts[path][1 + g]
+    return grads, BangAux(loss, outputs, correct, norms, etas, updates)
+
+
+def _run_sample_masks(adapter, inputs, kwargs):
+    tap = _Tap("plain", adapter=adapter, record_dropout=True)
+    adapter.run(adapter.params, adapter.state, inputs, kwargs, tap)
+    return tap.masks
+
+
+# --------------------------------------------------------------------------------------------------------
+# The linen adapter: nn.intercept_methods dispatches every module call to the tap.
+
+
+def _merge_param(name, attr, call_value):
+    return nn.merge_param(name, attr, call_value)
+
+
+def _has_array(tree) -> bool:
+    return any(isinstance(a, (jax.Array, np.ndarray)) for a in jax.tree.leaves(tree))
+
+
+def linen_interceptor(tap: _Tap, layer_types: tuple, *, inside_nnx: bool = False):
+    """The ``nn.intercept_methods`` interceptor that routes linen module calls to ``tap``."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module, method = context.module, context.method_name
+        if tap.passthrough:
+            return next_fun(*args, **kwargs)
+        path = tap.prefix + tuple(module.path)
+        kind = type(module).__name__
+        if isinstance(module, nn.Embed) and method == "attend":
+            tap.refuse(
+                f"{tap._where(path, 'nn.Embed.attend', 'layer')}: the embedding is shared between the input "
+                "lookup and the output projection, so its gradient mixes a balanced and an unbalanced use; "
+                "BANG does not balance Embed.attend. Use a separate nn.Dense output layer."
+            )
+        if method != "__call__":
+            return next_fun(*args, **kwargs)
+        if isinstance(module, layer_types):
+            if len(args) != 1 or _has_array(kwargs):
+                raise ValueError(f"{tap._where(path, kind)} must be called with a single array input (other "
+                                 "arguments must not be arrays)")
+            x = args[0]
+            variables = dict(module.variables)
+            p = variables.pop("params", {})
+            clone = module.clone(parent=None)
+
+            def layer_fn(p, x, extra):
+                with tap.inside_layer():
+                    return clone.apply({**extra, "params": p}, x, **kwargs)
+
+            return tap.layer(path, kind, lambda: next_fun(*args, **kwargs), layer_fn, p, x, variables)
+        if isinstance(module, nn.Dropout):
+            deterministic = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
+            if _merge_param("deterministic", module.deterministic, deterministic) or module.rate == 0.0:
+                return next_fun(*args, **kwargs)
+            return tap.dropout(path, kind, module.rate, args[0], lambda z: next_fun(z, *args[1:], **kwargs))
+        if isinstance(module, nn.BatchNorm):
+            use_ra = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+            if not _merge_param("use_running_average", module.use_running_average, use_ra):
+                tap.batch_coupled(path, kind)
+        if isinstance(module, nn.MultiHeadDotProductAttention) and module.dropout_rate > 0.0:
+            det = _merge_param("deterministic", module.deterministic, kwargs.get("deterministic"))
+            if not det and kwargs.get("dropout_rng") is None:
+                tap.other_dropout(path, kind)
+        if not inside_nnx and _is_to_linen(module) and not isinstance(module, layer_types):
+            tap.refuse(
+                f"{tap._where(path, kind, 'module')} is an NNX module wrapped with nnx.bridge.to_linen; BANG "
+                "cannot see its layers from linen. Use bang_jax.nnx.bang_grad / per_example_grads on the NNX "
+                "model instead."
+            )
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def _is_to_linen(module) -> bool:
+    try:
+        from flax.nnx import bridge
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(module, bridge.ToLinen)
+
+
+class _Linen:
+    """The linen adapter for the drivers above: ``apply_fn`` with :func:`linen_interceptor`."""
+
+    def __init__(self, apply_fn, variables, rngs, layer_types):
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise ValueError("variables must be a Flax variables dict with a 'params' collection")
+        self.apply_fn, self.layer_types = apply_fn, tuple(layer_types)
+        self.params = variables["params"]
+        self.consts = {k: v for k, v in variables.items() if k != "params"}
+        self.state = rngs
+        self.no_layers_hint = (
+            "no call of " + ", ".join(t.__name__ for t in self.layer_types) + " was seen in a forward pass (for a "
+            "Flax NNX model use bang_jax.nnx.bang_grad(model, ...); other layer types can be named with "
+            "layer_types=)"
+        )
+
+    def run(self, params, rngs, inputs, kwargs, tap):
+        masks_given = tap.dropout_masks is not None
+        if masks_given and rngs is not None:  # dropout then comes only from the masks; other draws must fail
+            rngs = {k: v for k, v in rngs.items() if k != "dropout"} or None
+        with tap.running(), nn.intercept_methods(linen_interceptor(tap, self.layer_types)):
+            try:
+                result = self.apply_fn({**self.consts, "params": params}, inputs, rngs=rngs, **kwargs)
+            except Exception as err:
+                if masks_given and type(err).__name__ == "InvalidRngError" and "dropout" in str(err):
+                    raise ValueError(
+                        "with dropout_masks the model still draws 'dropout' randomness outside nn.Dropout layers "
+                        "(e.g. attention dropout or a custom make_rng('dropout')), which the masks cannot share: "
+                        + str(err).splitlines()[0]
+                    ) from None
+                raise
+        if kwargs.get("mutable", False) is not False:
+            outputs, updates = result
+            return outputs, dict(updates)
+        return result, {}
+
+    def leaf_key(self, path):
+        return path_keys(path)
+
+    def per_example_state(self, rngs, n):
+        if rngs is None:
+            return None, None
+        return {k: jax.random.split(v, n) for k, v in rngs.items()}, 0
+
+    def after_per_example(self, updates):
+        del updates
+
+
+def _no_mutable_for_per_example(apply_kwargs):
+    if apply_kwargs.get("mutable", False) is not False:
+        raise ValueError(
+            "per_example_grads cannot return updated collections (mutable=...): each example runs its own forward "
+            "pass. For BatchNorm in training mode (examples interact) use bang_grad(..., mutable=['batch_stats'])."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public linen functions.
+
+
+def sample_dropout_masks(apply_fn, variables, inputs, *, rngs, **apply_kwargs) -> dict[LayerPath, jax.Array]:
     """The dropout masks a batched forward of ``apply_fn`` draws with these ``rngs`` (True = kept).
 
-    Returns ``{dropout layer path: bool [N, ...] mask}``; pass it as ``dropout_masks=`` to
-    :func:`per_example_grads` and :func:`bang_grad` to make both use exactly these masks.
+    Returns ``{dropout layer path: bool [N, ...] mask}`` for every ``nn.Dropout`` in training mode; pass it as
+    ``dropout_masks=`` to :func:`per_example_grads` and :func:`bang_grad` to make both use exactly these masks.
+    A model with other dropout randomness (attention dropout) raises: the masks could not cover it.
     """
-    _, taps = _run(
-        apply_fn,
-        variables,
-        images,
-        rngs=rngs,
-        apply_kwargs=apply_kwargs,
-        layer_types=(),
-        record_dropout=True,
-    )
-    return taps["masks"]
+    adapter = _Linen(apply_fn, variables, rngs, WEIGHTED_LAYER_TYPES)
+    return _run_sample_masks(adapter, inputs, apply_kwargs)
 
 
-def weighted_layers(apply_fn, variables, images, *, rngs=None, layer_types=WEIGHTED_LAYER_TYPES, **apply_kwargs):
+def weighted_layers(apply_fn, variables, inputs, *, rngs=None, layer_types=WEIGHTED_LAYER_TYPES, **apply_kwargs):
     """``{layer path: output shape}`` of the layers BANG balances (no computation, shapes only)."""
-    _, shapes = _discover(apply_fn, variables, images, rngs=rngs, apply_kwargs=apply_kwargs, layer_types=layer_types)
-    return {path: tuple(s.shape) for path, s in shapes.items()}
+    adapter = _Linen(apply_fn, variables, rngs, layer_types)
+    layers, _ = _discover(adapter, inputs, apply_kwargs, n=_batch_size(inputs))
+    return {path: tuple(r.out.shape) for path, r in layers.items()}
 
 
-def plain_grad(apply_fn, variables, images, labels, *, rngs=None, return_aux=False, **apply_kwargs):
-    """The ordinary gradient of the batch-mean cross-entropy w.r.t. ``variables['params']``."""
-    _check_batch(images, labels)
-    params = _params_of(variables)
+def plain_grad(apply_fn, variables, inputs, labels, *, rngs=None, loss_fn=None, correct_fn=None, return_aux=False,
+               **apply_kwargs):
+    """The ordinary gradient of the batch-mean loss w.r.t. ``variables['params']``.
 
-    def loss_fn(params):
-        logits = apply_fn({**variables, "params": params}, images, rngs=rngs, **apply_kwargs)
-        return jnp.mean(_cross_entropy(logits, labels)), logits
+    ``loss_fn``/``correct_fn`` and ``mutable=`` as in :func:`bang_grad`; the updated collections are in
+    ``aux.model_state``.
+    """
+    n = _batch_size(inputs)
+    _check_labels(labels, n, loss_fn is None)
+    default = loss_fn is None
+    loss_fn, correct_fn = _loss_fns(loss_fn, correct_fn)
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError("variables must be a Flax variables dict with a 'params' collection")
+    mutable = apply_kwargs.get("mutable", False) is not False
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    def loss_of(params):
+        result = apply_fn({**variables, "params": params}, inputs, rngs=rngs, **apply_kwargs)
+        outputs, updates = result if mutable else (result, {})
+        if default:
+            _check_default_outputs(outputs, labels, n)
+        return _mean_loss(loss_fn, outputs, labels, n), (outputs, dict(updates))
+
+    (loss, (outputs, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(variables["params"])
     if not return_aux:
         return grads
-    correct = jnp.argmax(logits, axis=-1) == labels
-    return grads, BangAux(loss, logits, correct, {}, {})
+    return grads, BangAux(loss, outputs, correct_fn(outputs, labels), {}, {}, updates)
 
 
 def per_example_grads(
     apply_fn,
     variables,
-    images,
+    inputs,
     labels,
     *,
     rngs=None,
+    loss_fn: Callable | None = None,
+    correct_fn: Callable | None = None,
     dropout_masks=None,
+    batch_kwargs: Collection[str] | None = None,
     layer_types=WEIGHTED_LAYER_TYPES,
     **apply_kwargs,
 ) -> PerExampleGrads:
     """Per-example parameter gradients, κ norms and correctness by ``vmap`` over ``grad``.
 
     Args:
-      apply_fn: ``apply_fn(variables, images, rngs=..., **apply_kwargs) -> [N, classes]`` logits.
+      apply_fn: ``apply_fn(variables, inputs, rngs=..., **apply_kwargs) -> outputs`` (e.g. ``model.apply``).
       variables: Flax variables with a ``'params'`` collection (other collections pass through unchanged).
-      images: ``[N, ...]`` inputs (for the bundled models: pixels 0..255, NHWC float32).
-      labels: ``[N]`` integer labels.
+      inputs: a pytree of arrays with the batch on axis 0 (for the bundled models: ``[N, H, W, C]`` pixels
+        0..255, float32).
+      labels: ``[N]`` integer labels for the default loss; any pytree with the batch on axis 0 otherwise.
       rngs: Flax rngs (e.g. ``{'dropout': key}``); each example gets its own keys (split along the batch).
+      loss_fn: per-example loss ``loss_fn(outputs, labels) -> [N]`` (default softmax cross-entropy with
+        integer labels); called on each example with batch 1.
+      correct_fn: ``correct_fn(outputs, labels) -> [N]`` bool (default argmax == label).
       dropout_masks: optional masks from :func:`sample_dropout_masks` used instead of drawing new ones.
+      batch_kwargs: names of the ``apply_kwargs`` sliced per example; default: every argument whose array
+        leaves all have the batch size on axis 0.
       layer_types: the module types treated as weighted layers.
-      **apply_kwargs: passed to ``apply_fn`` (e.g. ``train=True``).
+      **apply_kwargs: passed to ``apply_fn`` (e.g. ``train=True``, ``mask=...``).
 
     Returns:
       :class:`PerExampleGrads`, ready for ``bang()``: ``tx.update(pe.grads, state, params,
       kappa_norms=pe.kappa_norms, correct=pe.correct)``.
+
+    Raises:
+      ValueError: for a model whose examples interact (BatchNorm in training mode; use :func:`bang_grad`),
+        layers under ``scan``/``vmap``, shared layers, ``Embed.attend``, per-example outputs without batch 1,
+        bad labels, and ``mutable=``.
     """
-    n = _check_batch(images, labels)
-    params = _params_of(variables)
-    modules, out_shapes = _discover(
-        apply_fn,
-        variables,
-        images,
-        rngs=rngs,
-        apply_kwargs=apply_kwargs,
-        layer_types=layer_types,
-        dropout_masks=dropout_masks,
-    )
-    layer_paths = list(modules)
-    zero_perts = {p: jnp.zeros((1,) + s.shape[1:], s.dtype) for p, s in out_shapes.items()}
-    example_rngs = None if rngs is None else {k: jax.random.split(v, n) for k, v in rngs.items()}
-
-    def one(x, y, key_i, masks_i):
-        masks_1 = None if masks_i is None else {p: m[None] for p, m in masks_i.items()}
-
-        def loss_fn(params, perts):
-            logits, _ = _run(
-                apply_fn,
-                {**variables, "params": params},
-                x[None],
-                rngs=key_i,
-                apply_kwargs=apply_kwargs,
-                layer_types=layer_types,
-                perturbations=perts,
-                dropout_masks=masks_1,
-            )
-            return _cross_entropy(logits, y[None])[0], logits[0]
-
-        (loss, logits), (g, kappa) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, zero_perts)
-        norms = {p: safe_norm(kappa[p])[0] for p in layer_paths}
-        return g, norms, logits, loss
-
-    grads, norms, logits, losses = jax.vmap(one)(images, labels, example_rngs, dropout_masks)
-    _, _, owner = _split_params(params, layer_paths)
-    zeros = jnp.zeros((n,), losses.dtype)
-    kappa_norms = jax.tree_util.tree_map_with_path(
-        lambda path, _: norms[owner[path_keys(path)]] if path_keys(path) in owner else zeros, params
-    )
-    correct = jnp.argmax(logits, axis=-1) == labels
-    return PerExampleGrads(grads, kappa_norms, correct, jnp.mean(losses), logits)
+    _no_mutable_for_per_example(apply_kwargs)
+    adapter = _Linen(apply_fn, variables, rngs, layer_types)
+    return _run_per_example(adapter, inputs, labels, loss_fn=loss_fn, correct_fn=correct_fn,
+                            dropout_masks=dropout_masks, batch_kwargs=batch_kwargs, kwargs=apply_kwargs)
 
 
 def bang_grad(
     apply_fn,
     variables,
-    images,
+    inputs,
     labels,
     *,
     epsilon=None,
@@ -378,6 +827,8 @@ def bang_grad(
     ratio=None,
     config: BangConfig | None = None,
     rngs=None,
+    loss_fn: Callable | None = None,
+    correct_fn: Callable | None = None,
     dropout_masks=None,
     layer_types=WEIGHTED_LAYER_TYPES,
     return_aux=False,
@@ -386,20 +837,22 @@ def bang_grad(
     """BANG's balanced gradient from one ordinary backward pass (the authors' Caffe way, SPEC §1).
 
     The result equals ``bang(epsilon, beta, ratio)`` applied to :func:`per_example_grads` (paper eq. 6),
-    but costs about one plain forward and backward pass: the backward pass runs once w.r.t. each weighted
-    layer's output (giving κ for the whole batch), then each layer's weight and bias gradients are formed from
-    η·κ by that layer's own VJP on its recorded input. What flows down the network is never scaled.
+    but costs about one plain forward and backward pass: each weighted layer runs under a custom VJP that
+    forms the layer's weight and bias gradients from η·κ (κ = its output cotangent, η from κ's rows) and sends
+    the unscaled gradient on down. Correctness comes from the same training forward pass (XLA merges the two
+    identical forward computations under ``jit``).
 
     Args:
-      apply_fn, variables, images, labels, rngs, dropout_masks, layer_types, **apply_kwargs: as in
-        :func:`per_example_grads`.
+      apply_fn, variables, inputs, labels, rngs, loss_fn, correct_fn, dropout_masks, layer_types,
+        **apply_kwargs: as in :func:`per_example_grads`. ``mutable=['batch_stats']`` (BatchNorm in training
+        mode) is supported: κ rows are then those of the batch loss (see the module docstring) and the updated
+        collections are in ``aux.model_state``.
       epsilon: ε ≥ 0, scalar or per-layer pytree (a prefix of the params tree, as for :func:`bang_jax.bang`;
         a layer whose kernel and bias get different ε has one η per leaf).
       beta: β ≥ 0, scalar or pytree prefix; multiplies every parameter's gradient (default 1).
       ratio: factor on ε for misclassified examples (default 1).
       config: a :class:`bang_jax.BangConfig` instead of the three keywords.
-      return_aux: also return a :class:`BangAux` (its ``layer_eta`` is keyed by layer path, or by leaf path
-        for a layer whose leaves have different ε or ratio).
+      return_aux: also return a :class:`BangAux`.
 
     Returns:
       The balanced gradient with the structure of ``variables['params']`` (and the aux if asked).
@@ -407,65 +860,9 @@ def bang_grad(
     if config is None and epsilon is None:
         raise TypeError("bang_grad() needs epsilon= (or config=bang_jax.BangConfig(...))")
     config = as_bang_config(config, epsilon=epsilon, beta=beta, ratio=ratio)
-    _check_batch(images, labels)
-    params = _params_of(variables)
-    modules, out_shapes = _discover(
-        apply_fn,
-        variables,
-        images,
-        rngs=rngs,
-        apply_kwargs=apply_kwargs,
-        layer_types=layer_types,
-        dropout_masks=dropout_masks,
-    )
-    layer_params, rest, owner = _split_params(params, list(modules))
-    zero_perts = {p: jnp.zeros(s.shape, s.dtype) for p, s in out_shapes.items()}
-
-    def loss_fn(perts, rest):
-        logits, taps = _run(
-            apply_fn,
-            {**variables, "params": _merge_params(layer_params, rest)},
-            images,
-            rngs=rngs,
-            apply_kwargs=apply_kwargs,
-            layer_types=layer_types,
-            perturbations=perts,
-            dropout_masks=dropout_masks,
-        )
-        return jnp.mean(_cross_entropy(logits, labels)), (logits, taps["inputs"])
-
-    (loss, (logits, inputs)), (kappas, rest_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True
-    )(zero_perts, rest)
-    correct = jnp.argmax(logits, axis=-1) == labels
-
-    eps_leaves = traverse_util.flatten_dict(broadcast_to_params("epsilon", config.epsilon, params))
-    ratio_leaves = traverse_util.flatten_dict(broadcast_to_params("ratio", config.ratio, params))
-    layer_grads, norms, etas = {}, {}, {}
-    for path, module in modules.items():
-        kappa = kappas[path]
-        norms[path] = safe_norm(kappa)
-        sub = traverse_util.flatten_dict(layer_params[path])
-        # Leaves sharing the same ε and ratio objects share one η and one VJP (the usual case); a per-leaf
-        # config (e.g. inside a train state) gives one VJP per leaf, whose unused parts XLA removes under jit.
-        groups: dict[tuple[int, int], list] = {}
-        for k in sub:
-            groups.setdefault((id(eps_leaves[path + k]), id(ratio_leaves[path + k])), []).append(k)
-        grads_of_layer = {}
-        for keys in groups.values():
-            e = eta(norms[path], correct, eps_leaves[path + keys[0]], ratio_leaves[path + keys[0]])
-            etas[path if len(groups) == 1 else path + keys[0]] = e
-            scaled = kappa * e.astype(kappa.dtype).reshape((-1,) + (1,) * (kappa.ndim - 1))
-
-            def layer_out(selected, module=module, x=inputs[path], keys=keys, sub=sub):
-                p = {**sub, **dict(zip(keys, selected))}
-                return module.apply({"params": traverse_util.unflatten_dict(p)}, x)
-
-            _, vjp = jax.vjp(layer_out, [sub[k] for k in keys])
-            grads_of_layer.update(zip(keys, vjp(scaled)[0]))
-        layer_grads[path] = traverse_util.unflatten_dict(grads_of_layer)
-
-    grads = apply_beta(_merge_params(layer_grads, rest_grads), config.beta)
-    if not return_aux:
-        return grads
-    return grads, BangAux(loss, logits, correct, norms, etas)
+    if apply_kwargs.get("mutable", False) is not False and not return_aux:
+        raise ValueError("with mutable=..., pass return_aux=True: the updated collections are in aux.model_state")
+    adapter = _Linen(apply_fn, variables, rngs, layer_types)
+    grads, aux = _run_bang(adapter, inputs, labels, config=config, loss_fn=loss_fn, correct_fn=correct_fn,
+                           dropout_masks=dropout_masks, kwargs=apply_kwargs)
+    return (grads, aux) if return_aux else grads

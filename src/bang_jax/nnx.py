@@ -1,0 +1,364 @@
+"""BANG for Flax NNX models: the same gradients as :mod:`bang_jax.gradients`, through the same core.
+
+NNX modules are Python objects holding ``nnx.Param``\\ s; these functions take the model itself and call it as
+``model(inputs, **call_kwargs)``, like ``nnx.grad`` does::
+
+    import optax, bang_jax, bang_jax.nnx
+    from flax import nnx
+
+    optimizer = nnx.Optimizer(model, optax.sgd(0.01, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, images, labels):
+        grads, aux = bang_jax.nnx.bang_grad(model, images, labels, epsilon=0.815, return_aux=True)
+        optimizer.update(model, grads)          # grads: an nnx.State of the model's Params, as nnx.grad gives
+        return aux.loss
+
+The per-example route keeps ``bang()`` first in the optimiser's chain::
+
+    optimizer = nnx.Optimizer(model, optax.chain(bang_jax.bang(epsilon=0.815), optax.sgd(0.01)), wrt=nnx.Param)
+    pe = bang_jax.nnx.per_example_grads(model, images, labels)
+    optimizer.update(model, pe.grads, kappa_norms=pe.kappa_norms, correct=pe.correct)
+
+**Weighted layers** (balanced): ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.ConvTranspose``,
+``nnx.Einsum`` — so also the query/key/value/output projections inside ``nnx.MultiHeadAttention`` — and linen
+weighted layers wrapped with ``nnx.bridge.ToNNX``. Every other ``nnx.Param`` (norm scales, embeddings, free
+parameters) gets its ordinary gradient (η = 1; β still applies).
+
+**State and randomness.** Non-parameter state (``nnx.BatchStat``, RNG counts of ``nnx.Rngs`` held by the model
+or passed as a call argument) is updated in the model exactly as a plain ``model(x)`` call would update it, so
+``nnx.jit`` sees the changes. :func:`bang_grad` supports BatchNorm in training mode (the batch-loss definition of
+:mod:`bang_jax.gradients`); :func:`per_example_grads` refuses it. In the per-example path each example draws its
+dropout from its own split of every RNG key (as ``nnx.split_rngs`` does); the keys are left as they were and the
+counts advance once; other state changes of the per-example forwards are discarded.
+
+How it works: the model is split into ``(graphdef, params, state)`` and merged into a private copy for each
+traced forward pass; the copy's weighted layers, dropout, BatchNorm, attention and embedding modules get a
+subclass whose ``__call__`` reports to the pass's hooks (:class:`bang_jax.gradients._Tap`) — the same hooks the
+linen interceptor calls. The user's model is never modified except for the state write-back above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Collection
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from bang_jax.balance import BangConfig, as_bang_config
+from bang_jax.gradients import (
+    WEIGHTED_LAYER_TYPES as LINEN_WEIGHTED_LAYER_TYPES,
+)
+from bang_jax.gradients import (
+    PerExampleGrads,
+    _discover,
+    _has_array,
+    _run_bang,
+    _run_per_example,
+    _run_sample_masks,
+    _batch_size,
+    linen_interceptor,
+)
+
+__all__ = [
+    "WEIGHTED_LAYER_TYPES",
+    "bang_grad",
+    "per_example_grads",
+    "sample_dropout_masks",
+    "weighted_layers",
+]
+
+WEIGHTED_LAYER_TYPES: tuple[type[nnx.Module], ...] = (
+    nnx.Linear,
+    nnx.LinearGeneral,
+    nnx.Conv,
+    nnx.ConvTranspose,
+    nnx.Einsum,
+)
+
+_ACTIVE_TAP: contextvars.ContextVar = contextvars.ContextVar("bang_jax_nnx_tap", default=None)
+_HOOKED: dict[type, type] = {}
+_ORIGINAL: dict[type, type] = {}
+
+
+def _to_nnx_type():
+    try:
+        from flax.nnx import bridge
+
+        return bridge.ToNNX
+    except Exception:  # pragma: no cover
+        return ()
+
+
+def _hooked_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` (and ``attend``) report to the active tap (cached per class)."""
+    if cls in _ORIGINAL:
+        return cls
+    if cls not in _HOOKED:
+        attrs = {"__call__": _hooked_call, "__module__": __name__}
+        if issubclass(cls, nnx.Embed):
+            attrs["attend"] = _hooked_attend
+        hooked = type(f"BangTapped{cls.__name__}", (cls,), attrs)
+        _HOOKED[cls], _ORIGINAL[hooked] = hooked, cls
+    return _HOOKED[cls]
+
+
+def _set_path(node, path) -> None:
+    # ToNNX hands every attribute not prefixed 'to_nnx__' to its linen module as a variable.
+    setattr(node, "to_nnx__bang_path" if _to_nnx_type() and isinstance(node, _to_nnx_type()) else "_bang_path",
+            tuple(path))
+
+
+def _where(self) -> tuple:
+    return getattr(self, "_bang_path", None) or getattr(self, "to_nnx__bang_path")
+
+
+def _hooked_attend(self, *args, **kwargs):
+    tap = _ACTIVE_TAP.get()
+    if tap is not None and not tap.passthrough:
+        tap.refuse(
+            f"{tap._where(_where(self), 'nnx.Embed.attend', 'layer')}: the embedding is shared between the input "
+            "lookup and the output projection, so its gradient mixes a balanced and an unbalanced use; BANG does "
+            "not balance Embed.attend. Use a separate nnx.Linear output layer."
+        )
+    return _ORIGINAL[type(self)].attend(self, *args, **kwargs)
+
+
+def _hooked_call(self, *args, **kwargs):
+    original = _ORIGINAL[type(self)]
+    tap = _ACTIVE_TAP.get()
+    if tap is None or tap.passthrough:
+        return original.__call__(self, *args, **kwargs)
+    path, kind = _where(self), original.__name__
+    if isinstance(self, tap.layer_types):
+        if not args or _has_array((args[1:], kwargs)):
+            raise ValueError(f"{tap._where(path, kind)} must be called with a single array input (other "
+                             "arguments must not be arrays)")
+        graphdef, p, others = nnx.split(self, nnx.Param, ...)
+
+        def layer_fn(p, x, others):
+            with tap.inside_layer():
+                return original.__call__(nnx.merge(graphdef, p, others), x, *args[1:], **kwargs)
+
+        return tap.layer(path, kind, lambda: original.__call__(self, *args, **kwargs), layer_fn, p, args[0], others)
+    if isinstance(self, nnx.Dropout):
+        deterministic = kwargs.get("deterministic")
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic or self.rate == 0.0:
+            return original.__call__(self, *args, **kwargs)
+        rest = {k: v for k, v in kwargs.items() if k != "deterministic"}
+        return tap.dropout(path, kind, self.rate, args[0],
+                           lambda z: original.__call__(self, z, deterministic=False, **rest))
+    if isinstance(self, nnx.BatchNorm):
+        use_ra = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        if not (self.use_running_average if use_ra is None else use_ra):
+            tap.batch_coupled(path, kind)
+    if isinstance(self, nnx.MultiHeadAttention) and self.dropout_rate > 0.0:
+        deterministic = kwargs.get("deterministic")
+        if not (self.deterministic if deterministic is None else deterministic):
+            tap.other_dropout(path, kind)
+    to_nnx = _to_nnx_type()
+    if to_nnx and isinstance(self, to_nnx):  # linen layers inside: the linen interceptor sees them
+        outer, tap.prefix = tap.prefix, tuple(path)
+        try:
+            return original.__call__(self, *args, **kwargs)
+        finally:
+            tap.prefix = outer
+    return original.__call__(self, *args, **kwargs)
+
+
+def _hook_types(layer_types) -> tuple:
+    return tuple(layer_types) + (nnx.Dropout, nnx.BatchNorm, nnx.MultiHeadAttention, nnx.Embed) + (
+        (_to_nnx_type(),) if _to_nnx_type() else ())
+
+
+def _is_graph_node(x) -> bool:
+    return isinstance(x, (nnx.Pytree, nnx.Variable))
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+@contextlib.contextmanager
+def _active(tap):
+    token = _ACTIVE_TAP.set(tap)
+    try:
+        yield
+    finally:
+        _ACTIVE_TAP.reset(token)
+
+
+class _NNX:
+    """The NNX adapter for the drivers in :mod:`bang_jax.gradients`."""
+
+    def __init__(self, model, call_kwargs, layer_types):
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"bang_jax.nnx functions take an nnx.Module, got {type(model).__name__} (for linen "
+                            "use bang_jax.bang_grad(model.apply, variables, ...))")
+        self.model, self.layer_types = model, tuple(layer_types)
+        self.graph_kwargs = {k: v for k, v in call_kwargs.items() if _is_graph_node(v)}
+        self.kwargs = {k: v for k, v in call_kwargs.items() if k not in self.graph_kwargs}
+        self.graphdef, self.params, rest = nnx.split(model, nnx.Param, ...)
+        self.kw_graphdef, kw_state = nnx.split(self.graph_kwargs)
+        self.state = (rest, kw_state)
+        self.no_layers_hint = (
+            "no call of " + ", ".join(t.__name__ for t in self.layer_types) + " was seen in a forward pass "
+            "(other layer types can be named with layer_types=)"
+        )
+
+    def run(self, params, state, inputs, kwargs, tap):
+        # Fresh Variable objects at this trace level (merge reuses the ones it is given, and NNX forbids
+        # mutating a Variable created outside the current trace, e.g. an RNG count inside grad).
+        params, (rest, kw_state) = jax.tree.map(lambda a: a, (params, state))
+        model = nnx.merge(self.graphdef, params, rest)
+        graph_kwargs = nnx.merge(self.kw_graphdef, kw_state)
+        hook_types = _hook_types(self.layer_types)
+        for path, node in nnx.iter_graph(model):
+            if isinstance(node, hook_types) and type(node) not in _ORIGINAL:
+                _set_path(node, path)
+                node.__class__ = _hooked_class(type(node))
+        interceptor = linen_interceptor(tap, LINEN_WEIGHTED_LAYER_TYPES, inside_nnx=True)
+        with tap.running(), _active(tap), nn.intercept_methods(interceptor):
+            outputs = model(inputs, **kwargs, **graph_kwargs)
+        return outputs, (nnx.state(model, nnx.Not(nnx.Param)), nnx.state(graph_kwargs))
+
+    def leaf_key(self, path) -> tuple:
+        keys = []
+        for i, k in enumerate(path):
+            if i == len(path) - 1 and isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+                break  # an nnx.Variable's own value, not part of the parameter's name
+            keys.append(k.key if isinstance(k, jax.tree_util.DictKey) else
+                        k.name if isinstance(k, jax.tree_util.GetAttrKey) else
+                        k.idx if isinstance(k, jax.tree_util.SequenceKey) else str(k))
+        return tuple(keys)
+
+    def per_example_state(self, state, n):
+        def split(v):
+            return v.copy(jax.random.split(v.get_value(), n)) if isinstance(v, nnx.RngKey) else v
+
+        batched = jax.tree.map(split, state, is_leaf=_is_variable)
+        axes = jax.tree.map(lambda v: 0 if isinstance(v, nnx.RngKey) else None, state, is_leaf=_is_variable)
+        return batched, axes
+
+    def after_per_example(self, updates):
+        """Writes back the RNG counts the per-example forwards advanced (identical for every example)."""
+        def pick(old, new):
+            return old.copy(new.get_value()[0]) if isinstance(old, nnx.RngCount) else old
+
+        self.commit(jax.tree.map(pick, self.state, updates, is_leaf=_is_variable))
+
+    def commit(self, state):
+        rest, kw_state = state
+        nnx.update(self.model, rest)
+        if self.graph_kwargs:
+            nnx.update(self.graph_kwargs, kw_state)
+
+
+def _check_masks_path_type(dropout_masks):
+    if dropout_masks is not None and not isinstance(dropout_masks, dict):
+        raise TypeError("dropout_masks must be the dict returned by bang_jax.nnx.sample_dropout_masks")
+
+
+def sample_dropout_masks(model, inputs, **call_kwargs) -> dict[tuple, jax.Array]:
+    """The dropout masks the model's next forward pass would draw (True = kept), without advancing its RNGs.
+
+    Returns ``{nnx.Dropout path: bool [N, ...] mask}``; pass it as ``dropout_masks=`` to :func:`per_example_grads`
+    and :func:`bang_grad` to make both use exactly these masks. Attention dropout inside
+    ``nnx.MultiHeadAttention`` cannot be covered and raises.
+    """
+    adapter = _NNX(model, call_kwargs, WEIGHTED_LAYER_TYPES)
+    return _run_sample_masks(adapter, inputs, adapter.kwargs)
+
+
+def weighted_layers(model, inputs, *, layer_types=WEIGHTED_LAYER_TYPES, **call_kwargs):
+    """``{layer path: output shape}`` of the layers BANG balances in ``model(inputs, **call_kwargs)``."""
+    adapter = _NNX(model, call_kwargs, layer_types)
+    layers, _ = _discover(adapter, inputs, adapter.kwargs, n=_batch_size(inputs))
+    return {path: tuple(r.out.shape) for path, r in layers.items()}
+
+
+def per_example_grads(
+    model,
+    inputs,
+    labels,
+    *,
+    loss_fn: Callable | None = None,
+    correct_fn: Callable | None = None,
+    dropout_masks=None,
+    batch_kwargs: Collection[str] | None = None,
+    layer_types=WEIGHTED_LAYER_TYPES,
+    **call_kwargs,
+) -> PerExampleGrads:
+    """Per-example gradients of an NNX model's Params, κ norms and correctness (``vmap`` over ``grad``).
+
+    Args:
+      model: an ``nnx.Module`` called as ``model(inputs, **call_kwargs)``.
+      inputs, labels, loss_fn, correct_fn, dropout_masks, batch_kwargs: as in
+        :func:`bang_jax.per_example_grads` (masks from :func:`sample_dropout_masks`).
+      layer_types: the NNX module types treated as weighted layers.
+      **call_kwargs: passed to the model (``nnx.Rngs`` objects included; array arguments with the batch on
+        axis 0 are sliced per example unless ``batch_kwargs`` says otherwise).
+
+    Returns:
+      :class:`bang_jax.PerExampleGrads` whose ``grads`` is an ``nnx.State`` of the model's Params holding
+      :class:`bang_jax.PerExampleGrad` markers and whose ``kappa_norms`` has the same structure with ``[N]``
+      norms: ``optimizer.update(model, pe.grads, kappa_norms=pe.kappa_norms, correct=pe.correct)`` with
+      ``bang()`` first in the optimiser's chain.
+    """
+    _check_masks_path_type(dropout_masks)
+    adapter = _NNX(model, call_kwargs, layer_types)
+    return _run_per_example(adapter, inputs, labels, loss_fn=loss_fn, correct_fn=correct_fn,
+                            dropout_masks=dropout_masks, batch_kwargs=batch_kwargs, kwargs=adapter.kwargs)
+
+
+def bang_grad(
+    model,
+    inputs,
+    labels,
+    *,
+    epsilon: Any = None,
+    beta: Any = None,
+    ratio: Any = None,
+    config: BangConfig | None = None,
+    loss_fn: Callable | None = None,
+    correct_fn: Callable | None = None,
+    dropout_masks=None,
+    layer_types=WEIGHTED_LAYER_TYPES,
+    return_aux: bool = False,
+    **call_kwargs,
+):
+    """BANG's balanced gradient of an NNX model from one ordinary backward pass (SPEC §1).
+
+    Equals ``bang(epsilon, beta, ratio)`` applied to :func:`per_example_grads` where per-example gradients
+    exist, and gives the batch-loss definition of :mod:`bang_jax.gradients` for BatchNorm in training mode.
+
+    Args:
+      model: an ``nnx.Module`` called as ``model(inputs, **call_kwargs)``.
+      epsilon, beta, ratio, config: as in :func:`bang_jax.bang_grad`; per-layer values are keyed by the
+        model's attribute paths (e.g. ``{"conv1": 0.8, "head": 0.81}``).
+      inputs, labels, loss_fn, correct_fn, dropout_masks, layer_types, return_aux: as in
+        :func:`bang_jax.bang_grad`.
+      **call_kwargs: passed to the model (``nnx.Rngs`` objects included).
+
+    Returns:
+      The balanced gradient as an ``nnx.State`` of the model's ``nnx.Param``\\ s (what ``nnx.grad`` returns;
+      ready for ``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads)``), and a
+      :class:`bang_jax.BangAux` if ``return_aux``. The model's non-parameter state (batch statistics, RNG
+      counts) is updated in place as by a plain call.
+    """
+    if config is None and epsilon is None:
+        raise TypeError("bang_grad() needs epsilon= (or config=bang_jax.BangConfig(...))")
+    config = as_bang_config(config, epsilon=epsilon, beta=beta, ratio=ratio)
+    _check_masks_path_type(dropout_masks)
+    adapter = _NNX(model, call_kwargs, layer_types)
+    grads, aux = _run_bang(adapter, inputs, labels, config=config, loss_fn=loss_fn, correct_fn=correct_fn,
+                           dropout_masks=dropout_masks, kwargs=adapter.kwargs)
+    adapter.commit(aux.model_state)
+    aux = aux._replace(model_state=aux.model_state[0])
+    return (grads, aux) if return_aux else grads
+

@@ -1,0 +1,709 @@
+"""A zoo of models researchers bring, linen and NNX: each gets BANG's right gradient or a refusal naming the construct.
+
+Every number is checked against an independent per-example reference written here from Flax and JAX alone (a
+test-local interceptor or module wrapper adds zero perturbations to the weighted layers' outputs, a Python loop
+runs each example, and η and the weighted means are computed in float64 numpy from SPEC §1), never from the
+library's internals. BatchNorm in training mode has no per-example gradient; its reference is the batch-loss
+definition (κ rows of the batch loss's layer-output gradient, each layer's weight gradient from the η-scaled rows).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import bang_jax
+import bang_jax.nnx as bnnx
+
+EPS, BETA, RATIO = 0.8, 1.3, 0.5
+TOL = 1e-5
+LINEN_WEIGHTED = (nn.Dense, nn.DenseGeneral, nn.Conv)
+NNX_WEIGHTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Independent references.
+
+
+def xent(outputs, labels):
+    return -jnp.take_along_axis(jax.nn.log_softmax(outputs, -1), labels[:, None], axis=-1)[:, 0]
+
+
+def argmax_correct(outputs, labels):
+    return jnp.argmax(outputs, -1) == labels
+
+
+def eta64(norms, correct):
+    """SPEC §1 step 3 in float64, one example at a time."""
+    m = max(norms)
+    return np.array([1.0 if n == 0 else (m / n) ** ((EPS if c else EPS * RATIO) * (1 - n / m))
+                     for n, c in zip(norms, correct)])
+
+
+def balance64(grads, kappas, correct, owner_of):
+    """β · (1/N) Σ_i η_i g_i per leaf (η = 1 outside weighted layers), in float64 numpy.
+
+    grads: list over examples of {leaf key: array}; kappas: list of {layer: array}; owner_of(key) -> layer | None.
+    """
+    n = len(grads)
+    etas = {layer: eta64([float(np.linalg.norm(np.asarray(k[layer], np.float64))) for k in kappas], correct)
+            for layer in kappas[0]}
+    out = {}
+    for key in grads[0]:
+        w = etas[owner_of(key)] if owner_of(key) is not None else np.ones(n)
+        out[key] = BETA * sum(w[i] * np.asarray(grads[i][key], np.float64) for i in range(n)) / n
+    return out
+
+
+def flat(tree):
+    """{key tuple: leaf} with plain keys (dict keys, attribute names, list indices; NNX's '.value' dropped)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+        if keys and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+            keys = keys[:-1]
+        out[tuple(keys)] = leaf
+    return out
+
+
+def owner_fn(layers):
+    def owner(key):
+        hits = [tuple(p) for p in layers if key[: len(p)] == tuple(p)]
+        return hits[0] if hits else None
+    return owner
+
+
+def one(tree, i):
+    return jax.tree.map(lambda a: a[i:i + 1], tree)
+
+
+def linen_reference(apply_fn, variables, x, y, *, loss=xent, correct_fn=argmax_correct, kw=None, example_kw=None):
+    """Per-example reference for a linen model: zero perturbations at weighted outputs, a loop over examples."""
+    kw, example_kw = kw or {}, example_kw or {}
+    shapes = {}
+
+    def recorder(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
+            shapes[tuple(ctx.module.path)] = out.shape[1:]
+        return out
+
+    with nn.intercept_methods(recorder):
+        jax.eval_shape(lambda v: apply_fn(v, one(x, 0), **kw, **one(example_kw, 0)), variables)
+
+    @jax.jit
+    def per_example(params, xi, yi, kwi):
+        def f(params, perts):
+            def add(next_fun, args, kwargs, ctx):
+                out = next_fun(*args, **kwargs)
+                if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
+                    out = out + perts[tuple(ctx.module.path)]
+                return out
+            with nn.intercept_methods(add):
+                out = apply_fn({**variables, "params": params}, xi, **kw, **kwi)
+            return loss(out, yi)[0], out
+        perts = {p: jnp.zeros((1,) + s) for p, s in shapes.items()}
+        (_, out), (g, k) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, perts)
+        return g, k, correct_fn(out, yi)[0]
+
+    n = jax.tree.leaves(x)[0].shape[0]
+    runs = [per_example(variables["params"], one(x, i), one(y, i), one(example_kw, i)) for i in range(n)]
+    grads = [flat(r[0]) for r in runs]
+    correct = [bool(r[2]) for r in runs]
+    return balance64(grads, [r[1] for r in runs], correct, owner_fn(shapes)), correct
+
+
+class Perturbed(nnx.Module):
+    """Test-local wrapper: the wrapped layer's output plus a zero perturbation (κ is the perturbation's grad)."""
+
+    def __init__(self, layer, shape):
+        self.layer = layer
+        self.pert = PertVar(jnp.zeros(shape))
+
+    def __call__(self, x, **kwargs):
+        return self.layer(x, **kwargs) + self.pert[...]
+
+
+class PertVar(nnx.Variable):
+    pass
+
+
+class Recorder(nnx.Module):
+    def __init__(self, layer, shapes, path):
+        self.layer, self.shapes, self.path = layer, shapes, path
+
+    def __call__(self, x, **kwargs):
+        out = self.layer(x, **kwargs)
+        self.shapes[self.path] = out.shape[1:]
+        return out
+
+
+def _replace_layers(model, make):
+    """Replaces every NNX weighted layer of ``model`` (in place) by ``make(path, layer)``; returns the paths."""
+    found = [(tuple(p), node) for p, node in nnx.iter_graph(model) if isinstance(node, NNX_WEIGHTED)]
+    for path, layer in found:
+        parent = model
+        for k in path[:-1]:
+            parent = parent[k] if isinstance(k, int) else getattr(parent, k)
+        new = make(path, layer)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+    return [p for p, _ in found]
+
+
+def nnx_reference(model, x, y, *, loss=xent, correct_fn=argmax_correct, kw=None, example_kw=None):
+    """Per-example reference for an NNX model: wrap each weighted layer, loop over examples."""
+    kw, example_kw = kw or {}, example_kw or {}
+    shapes = {}
+    probe = nnx.clone(model)
+    _replace_layers(probe, lambda path, layer: Recorder(layer, shapes, path))
+    probe(one(x, 0), **kw, **one(example_kw, 0))
+    wrapped = nnx.clone(model)
+    layers = _replace_layers(wrapped, lambda path, layer: Perturbed(layer, (1,) + shapes[path]))
+    graphdef, diff, rest = nnx.split(wrapped, nnx.Any(nnx.Param, PertVar), ...)
+
+    @jax.jit
+    def per_example(diff, xi, yi, kwi):
+        def f(diff):
+            out = nnx.merge(graphdef, diff, rest)(xi, **kw, **kwi)
+            return loss(out, yi)[0], out
+        (_, out), g = jax.value_and_grad(f, has_aux=True)(diff)
+        return g, correct_fn(out, yi)[0]
+
+    n = jax.tree.leaves(x)[0].shape[0]
+    grads, kappas, correct = [], [], []
+    for i in range(n):
+        g, c = per_example(diff, one(x, i), one(y, i), one(example_kw, i))
+        f = flat(g)
+        kappas.append({p: f[p + ("pert",)] for p in layers})
+        # back to the unwrapped model's parameter names: drop the wrapper's 'layer' step
+        grads.append({_unwrap(k, layers): v for k, v in f.items() if k[-1] != "pert"})
+        correct.append(bool(c))
+    return balance64(grads, kappas, correct, owner_fn(layers)), correct
+
+
+def _unwrap(key, layers):
+    for p in layers:
+        if key[: len(p)] == p and key[len(p): len(p) + 1] == ("layer",):
+            return p + key[len(p) + 1:]
+    return key
+
+
+def assert_close(got, ref, tol=TOL):
+    """Per-leaf relative error; leaves that vanish in exact arithmetic (an attention key bias) are measured
+    against 1% of the largest gradient instead of their own rounding noise."""
+    got = flat(got)
+    assert set(got) == set(ref), (sorted(got), sorted(ref))
+    floor = 1e-2 * max(np.max(np.abs(v)) for v in ref.values())
+    for k in ref:
+        a, b = np.asarray(got[k], np.float64), ref[k]
+        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), floor, 1e-30)
+        assert err <= tol, f"{k}: relative error {err:.2e}"
+
+
+def both_linen_paths(model, variables, x, y, **kw):
+    """(bang_grad, bang(per_example_grads)) of a linen model, both jitted."""
+    cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
+    single = jax.jit(lambda v: bang_jax.bang_grad(model.apply, v, x, y, config=cfg, **kw))(variables)
+
+    def via_tx(v):
+        pe = bang_jax.per_example_grads(model.apply, v, x, y, **kw)
+        return bang_jax.bang(config=cfg).update(pe.grads, None, v["params"], kappa_norms=pe.kappa_norms,
+                                                correct=pe.correct)[0]
+
+    return single, jax.jit(via_tx)(variables)
+
+
+def check_linen(model, x, y, *, kw=None, example_kw=None, loss=None, correct_fn=None, init_kw=None):
+    kw, example_kw = kw or {}, example_kw or {}
+    variables = jax.jit(lambda k: model.init(k, one(x, 0), **(init_kw or {}), **one(example_kw, 0)))(
+        jax.random.PRNGKey(0))
+    fns = {} if loss is None else {"loss_fn": loss, "correct_fn": correct_fn}
+    ref, correct = linen_reference(model.apply, variables, x, y, loss=loss or xent,
+                                   correct_fn=correct_fn or argmax_correct, kw=kw, example_kw=example_kw)
+    assert 0 < sum(correct) < len(correct) or RATIO == 1.0  # both ε and ε·ratio exercised where possible
+    single, via_tx = both_linen_paths(model, variables, x, y, **kw, **example_kw, **fns)
+    assert_close(single, ref)
+    assert_close(via_tx, ref)
+    return variables
+
+
+def data(shape, n=5, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n,) + shape), jnp.float32)
+    y = jnp.asarray(rng.integers(0, classes, n), jnp.int32)
+    return x, y
+
+
+# --------------------------------------------------------------------------------------------------------
+# Linen models.
+
+
+class ResidualCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(4, (3, 3), name="stem")(x))
+        h = nn.relu(h + nn.Conv(4, (3, 3), name="res")(h))
+        return nn.Dense(3, name="head")(h.mean(axis=(1, 2)))
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm block from DenseGeneral projections (MultiHeadDotProductAttention) and a Dense MLP."""
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        h = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, name="attn")(nn.LayerNorm()(x), mask=mask)
+        h = h + nn.Dense(6, name="mlp_out")(nn.gelu(nn.Dense(12, name="mlp_in")(nn.LayerNorm()(h))))
+        return nn.Dense(3, name="head")(h.mean(axis=1))
+
+
+def causal_padding_mask(n, length, seed=3):
+    lengths = np.random.default_rng(seed).integers(2, length + 1, n)
+    valid = np.arange(length)[None, :] < lengths[:, None]
+    return jnp.asarray(valid[:, None, :, None] & valid[:, None, None, :] & np.tril(np.ones((length, length), bool)))
+
+
+class DictInputs(nn.Module):
+    @nn.compact
+    def __call__(self, inputs):
+        a = nn.relu(nn.Conv(3, (3, 3), name="conv")(inputs["image"])).reshape((inputs["image"].shape[0], -1))
+        b = nn.relu(nn.Dense(4, name="meta")(inputs["meta"]))
+        return nn.Dense(3, name="head")(jnp.concatenate([a, b], axis=-1))
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(6, name="inner")(x))
+
+
+class Remat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.remat(Block)(name="block")(nn.Dense(6, name="stem")(x))
+        return nn.Dense(3, name="head")(h)
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        body = nn.scan(lambda mdl, c, _: (mdl(c), None), variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)
+        h, _ = body(Block(name="cell"), nn.Dense(6, name="stem")(x), None)
+        return nn.Dense(3, name="head")(h)
+
+
+class BNCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.Conv(4, (3, 3), name="conv")(x)
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(h))
+        return nn.Dense(3, name="head")(h.reshape((x.shape[0], -1)))
+
+
+class Tagger(nn.Module):
+    """A sequence model: one prediction per position (per-example loss = mean over positions)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="out")(nn.tanh(nn.Dense(8, name="hidden")(x)))
+
+
+def seq_loss(outputs, labels):
+    return xent(outputs.reshape(-1, outputs.shape[-1]), labels.reshape(-1)).reshape(labels.shape).mean(-1)
+
+
+def seq_correct(outputs, labels):
+    return jnp.mean(jnp.argmax(outputs, -1) == labels, axis=-1) >= 0.3
+
+
+def test_mlp_sequential():
+    x, y = data((5,), seed=1)
+    check_linen(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)]), x, y)
+
+
+def test_residual_cnn():
+    x, y = data((5, 5, 2), seed=2)
+    check_linen(ResidualCNN(), x, y)
+
+
+def test_transformer_block_with_batch_shaped_mask():
+    x, y = data((4, 6), seed=3)
+    mask = causal_padding_mask(5, 4)
+    check_linen(TransformerBlock(), x, y, example_kw={"mask": mask})
+    model = TransformerBlock()
+    variables = model.init(jax.random.PRNGKey(0), x[:1], mask=mask[:1])
+    # The mask must reach each example as its own slice; kept whole, the per-example output is not batch 1.
+    with pytest.raises(ValueError, match="not batch 1"):
+        bang_jax.per_example_grads(model.apply, variables, x, y, mask=mask, batch_kwargs=())
+
+
+def test_dict_inputs():
+    rng = np.random.default_rng(4)
+    x = {"image": jnp.asarray(rng.normal(size=(5, 4, 4, 1)), jnp.float32),
+         "meta": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}
+    y = jnp.asarray([0, 1, 2, 1, 0], jnp.int32)
+    check_linen(DictInputs(), x, y)
+
+
+def test_remat():
+    x, y = data((4,), seed=5)
+    check_linen(Remat(), x, y)
+
+
+def test_custom_loss_sequence_model():
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, (5, 3)), jnp.int32)
+    check_linen(Tagger(), x, y, loss=seq_loss, correct_fn=seq_correct)
+
+
+def test_soft_labels():
+    x, _ = data((5,), seed=7)
+    y = jax.nn.softmax(jnp.asarray(np.random.default_rng(7).normal(size=(5, 3)), jnp.float32) * 2)
+    check_linen(nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)]), x, y,
+                loss=optax.softmax_cross_entropy, correct_fn=lambda o, t: jnp.argmax(o, -1) == jnp.argmax(t, -1))
+
+
+def bn_reference(model, variables, x, y):
+    """BatchNorm in training: κ rows of the batch loss; each layer's weight gradient from the η-scaled rows."""
+    rec = {}
+
+    def record(next_fun, args, kwargs, ctx):
+        if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
+            rec[tuple(ctx.module.path)] = (ctx.module.clone(parent=None), args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):  # the layers' inputs (a concrete forward pass, outside any grad)
+        model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    def run(params, perts):
+        def tap(next_fun, args, kwargs, ctx):
+            out = next_fun(*args, **kwargs)
+            if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
+                out = out + perts[tuple(ctx.module.path)]
+            return out
+        with nn.intercept_methods(tap):
+            out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(xent(out, y)), out
+
+    perts = {("conv",): jnp.zeros((5, 4, 4, 4)), ("head",): jnp.zeros((5, 3))}
+    (_, out), (g, kappa) = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(variables["params"], perts)
+    correct = np.asarray(argmax_correct(out, y))
+    ref = {k: BETA * np.asarray(v, np.float64) for k, v in flat(g).items()}
+    for path, k in kappa.items():
+        e = eta64([float(np.linalg.norm(np.asarray(r, np.float64))) for r in k], correct)
+        module, inp = rec[path]
+        p = variables["params"][path[0]]
+        _, vjp = jax.vjp(lambda p: module.apply({"params": p}, inp), p)
+        scaled = jnp.asarray(np.asarray(k, np.float64) * e.reshape((-1,) + (1,) * (k.ndim - 1)), jnp.float32)
+        for leaf, v in flat(vjp(scaled)[0]).items():
+            ref[path + leaf] = BETA * np.asarray(v, np.float64)
+    return ref, out
+
+
+def test_batchnorm_in_training_mode():
+    x, y = data((4, 4, 2), seed=8)
+    model = BNCNN()
+    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = {**variables, "params": jax.tree.map(lambda p: p * 3.0, variables["params"])}
+    ref, _ = bn_reference(model, variables, x, y)
+    cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
+    grads, aux = jax.jit(lambda v: bang_jax.bang_grad(model.apply, v, x, y, config=cfg, train=True,
+                                                      mutable=["batch_stats"], return_aux=True))(variables)
+    assert_close(grads, ref)
+    _, stats = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert_close(aux.model_state, {k: np.asarray(v, np.float64) for k, v in flat(stats).items()}, tol=1e-6)
+    # ε = 0, β = 1 is the ordinary batch gradient, BatchNorm coupling included.
+    plain, paux = bang_jax.plain_grad(model.apply, variables, x, y, train=True, mutable=["batch_stats"],
+                                      return_aux=True)
+    zero = bang_jax.bang_grad(model.apply, variables, x, y, epsilon=0.0, train=True, mutable=["batch_stats"],
+                              return_aux=True)[0]
+    assert_close(zero, {k: np.asarray(v, np.float64) for k, v in flat(plain).items()}, tol=1e-6)
+    assert set(paux.model_state) == {"batch_stats"}
+    with pytest.raises(ValueError, match="bn \\(BatchNorm\\).*examples interact.*bang_grad"):
+        bang_jax.per_example_grads(lambda v, x, **kw: model.apply(v, x, mutable=["batch_stats"], **kw)[0],
+                                   variables, x, y, train=True)
+    with pytest.raises(ValueError, match="mutable"):
+        bang_jax.per_example_grads(model.apply, variables, x, y, train=False, mutable=["batch_stats"])
+    # Running averages (eval mode) do not couple examples: the per-example reference applies.
+    ref_eval, _ = linen_reference(model.apply, variables, x, y)
+    assert_close(bang_jax.bang_grad(model.apply, variables, x, y, config=cfg), ref_eval)
+
+
+def test_refusals_name_the_construct():
+    x, y = data((4,), seed=9)
+
+    def refused(model, match, **kw):
+        variables = model.init(jax.random.PRNGKey(0), x[:1])
+        for fn in (bang_jax.per_example_grads, lambda *a, **k: bang_jax.bang_grad(*a, epsilon=EPS, **k)):
+            with pytest.raises(ValueError, match=match):
+                fn(model.apply, variables, x, y, **kw)
+
+    refused(Scanned(), "cell/inner \\(Dense\\) runs inside .*nn.scan")
+
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            d = nn.Dense(4, name="tied")
+            return nn.Dense(3)(d(d(x)))
+
+    refused(Shared(), "tied \\(Dense\\) is called more than once")
+
+    class Attend(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            emb = nn.Embed(3, 4, name="emb")
+            h = nn.Dense(4, name="body")(x) + emb(jnp.zeros(x.shape[0], jnp.int32))
+            return emb.attend(h)
+
+    refused(Attend(), "Embed.attend")
+
+
+def test_attention_dropout_is_not_silently_unshared():
+    x, y = data((4, 6), seed=10)
+
+    class AttnDrop(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.MultiHeadDotProductAttention(num_heads=2, dropout_rate=0.5, deterministic=not train)(x)
+            h = nn.Dropout(0.5, deterministic=not train)(h)
+            return nn.Dense(3)(h.mean(1))
+
+    model = AttnDrop()
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    rngs = {"dropout": jax.random.PRNGKey(1)}
+    with pytest.raises(ValueError, match="attention dropout"):
+        bang_jax.sample_dropout_masks(model.apply, variables, x, rngs=rngs, train=True)
+    masks = {("Dropout_0",): jnp.ones((5, 4, 6), bool)}
+    with pytest.raises(ValueError, match="attention dropout"):
+        bang_jax.bang_grad(model.apply, variables, x, y, epsilon=EPS, dropout_masks=masks, rngs=rngs, train=True)
+
+
+def test_labels_are_validated():
+    x, y = data((4,), seed=11)
+    model = nn.Sequential([nn.Dense(3)])
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    for bad in (3, -1):
+        labels = y.at[2].set(bad)
+        for fn in (bang_jax.per_example_grads, bang_jax.plain_grad,
+                   lambda *a: bang_jax.bang_grad(*a, epsilon=EPS)):
+            with pytest.raises(ValueError, match=f"labels\\[2\\] = {bad}"):
+                fn(model.apply, variables, x, labels)
+    with pytest.raises(ValueError, match="no weighted layer.*bang_jax.nnx"):
+        bang_jax.bang_grad(lambda v, x, **k: x[:, :3] * v["params"]["w"][None], {"params": {"w": jnp.ones(3)}}, x, y,
+                           epsilon=EPS)
+
+
+# --------------------------------------------------------------------------------------------------------
+# NNX models.
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs, dropout=0.0):
+        self.layers = nnx.List([nnx.Linear(5, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)])
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x):
+        return self.layers[1](self.drop(nnx.relu(self.layers[0](x))))
+
+
+class NNXCNN(nnx.Module):
+    def __init__(self, rngs, bn=False):
+        self.conv1 = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs) if bn else None
+        self.conv2 = nnx.Conv(4, 4, (3, 3), strides=2, rngs=rngs)
+        self.head = nnx.Linear(4 * 3 * 3, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.conv1(x)
+        h = nnx.relu(self.bn(h) if self.bn is not None else h)
+        h = nnx.relu(self.conv2(h))
+        return self.head(h.reshape((x.shape[0], -1)))
+
+
+class NNXAttention(nnx.Module):
+    def __init__(self, rngs, dropout=0.0):
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, decode=False,
+                                           dropout_rate=dropout, rngs=rngs)
+        self.norm = nnx.LayerNorm(6, rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x, mask=None):
+        return self.head(self.norm(x + self.attn(x, mask=mask)).mean(axis=1))
+
+
+class NNXRemat(nnx.Module):
+    def __init__(self, rngs):
+        self.stem = nnx.Linear(4, 6, rngs=rngs)
+        self.inner = nnx.Linear(6, 6, rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.remat(lambda m, h: nnx.relu(m(h)))(self.inner, self.stem(x))
+        return self.head(h)
+
+
+def make(cls, **kw):
+    """An NNX model built under nnx.jit (one compilation instead of one per initialiser op)."""
+    return nnx.jit(lambda: cls(nnx.Rngs(0, dropout=1), **kw))()
+
+
+def check_nnx(model, x, y, **example_kw):
+    ref, correct = nnx_reference(model, x, y, example_kw=example_kw)
+    cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
+
+    @nnx.jit
+    def both(model, x, y, kw):
+        single = bnnx.bang_grad(model, x, y, config=cfg, **kw)
+        pe = bnnx.per_example_grads(model, x, y, **kw)
+        via_tx = bang_jax.bang(config=cfg).update(pe.grads, None, kappa_norms=pe.kappa_norms, correct=pe.correct)[0]
+        return single, via_tx
+
+    single, via_tx = both(model, x, y, example_kw)
+    assert isinstance(single, nnx.State)
+    assert jax.tree.structure(single) == jax.tree.structure(nnx.state(model, nnx.Param))
+    assert_close(single, ref)
+    assert_close(via_tx, ref)
+
+
+def test_nnx_mlp():
+    x, y = data((5,), seed=12)
+    check_nnx(make(NNXMLP), x, y)
+
+
+def test_nnx_cnn():
+    x, y = data((6, 6, 2), seed=13)
+    check_nnx(make(NNXCNN), x, y)
+
+
+def test_nnx_attention_with_batch_shaped_mask():
+    x, y = data((4, 6), seed=14)
+    check_nnx(make(NNXAttention), x, y, mask=causal_padding_mask(5, 4))
+
+
+def test_nnx_remat_under_jax_jit():
+    x, y = data((4,), seed=15)
+    model = make(NNXRemat)
+    ref, _ = nnx_reference(model, x, y)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def grads(state):
+        return bnnx.bang_grad(nnx.merge(graphdef, state), x, y, epsilon=EPS, beta=BETA, ratio=RATIO)
+
+    assert_close(grads(state), ref)
+
+
+def test_nnx_batchnorm_dropout_and_rngs():
+    x, y = data((6, 6, 2), seed=16)
+    model = make(NNXCNN, bn=True)
+    bang_grad = nnx.jit(lambda m, x, y, **kw: bnnx.bang_grad(m, x, y, **kw), static_argnames=("epsilon",))
+    grads = bang_grad(model, x, y, epsilon=0.0)
+    plain = nnx.jit(nnx.grad(lambda m: jnp.mean(xent(m(x), y))))(nnx.clone(model))
+    assert_close(grads, {k: np.asarray(v, np.float64) for k, v in flat(plain).items()}, tol=1e-6)
+    assert float(jnp.max(jnp.abs(model.bn.mean[...]))) > 0  # batch statistics were updated in the model
+    with pytest.raises(ValueError, match="bn \\(BatchNorm\\).*examples interact"):
+        bnnx.per_example_grads(model, x, y)
+    model.eval()
+    check_nnx(model, x, y)
+    # Dropout from nnx.Rngs: masks sampled without advancing the RNG equal what bang_grad then draws.
+    drop = make(NNXMLP, dropout=0.5)
+    xm, ym = data((5,), seed=17)
+    masks = bnnx.sample_dropout_masks(drop, xm)
+    assert set(masks) == {("drop",)} and int(drop.drop.rngs.count[...]) == 0
+    with_masks = bang_grad(nnx.clone(drop), xm, ym, epsilon=EPS, dropout_masks=masks)
+    drawn = bang_grad(drop, xm, ym, epsilon=EPS)
+    assert_close(drawn, {k: np.asarray(v, np.float64) for k, v in flat(with_masks).items()}, tol=1e-6)
+    assert int(drop.drop.rngs.count[...]) == 1
+
+    @nnx.jit
+    def via_tx(m, masks):
+        pe = bnnx.per_example_grads(m, xm, ym, dropout_masks=masks)
+        return bang_jax.bang(epsilon=EPS).update(pe.grads, None, kappa_norms=pe.kappa_norms, correct=pe.correct)[0]
+
+    assert_close(via_tx(drop, masks), {k: np.asarray(v, np.float64) for k, v in flat(with_masks).items()}, tol=1e-5)
+
+
+def test_nnx_refusals():
+    x, y = data((4,), seed=18)
+
+    class Scanned(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = nnx.Linear(4, 6, rngs=rngs)
+            self.cells = nnx.vmap(lambda r: nnx.Linear(6, 6, rngs=r))(nnx.Rngs(0).fork(split=3))
+            self.head = nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            h, _ = nnx.scan(lambda h, cell: (nnx.relu(cell(h)), None), in_axes=(nnx.Carry, 0))(self.stem(x), self.cells)
+            return self.head(h)
+
+    with pytest.raises(ValueError, match="runs inside a `scan` trace"):
+        bnnx.bang_grad(Scanned(nnx.Rngs(0)), x, y, epsilon=EPS)
+
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(3, 4, rngs=rngs)
+            self.body = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.emb.attend(self.body(x) + self.emb(jnp.zeros(x.shape[0], jnp.int32)))
+
+    with pytest.raises(ValueError, match="Embed.attend"):
+        bnnx.per_example_grads(Tied(nnx.Rngs(0)), x, y)
+    attn = NNXAttention(nnx.Rngs(0, dropout=1), dropout=0.5)
+    xa, ya = data((4, 6), seed=19)
+    with pytest.raises(ValueError, match="attention dropout"):
+        bnnx.sample_dropout_masks(attn, xa)
+
+
+def test_nnx_bridge_linen_layers_are_balanced():
+    x, y = data((5,), seed=20)
+
+    class Bridged(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.bridge.ToNNX(nn.Dense(8), rngs=rngs)
+            self.b = nnx.bridge.ToNNX(nn.Dense(3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(nn.relu(self.a(x)))
+
+    model = Bridged(nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, x[:1])
+    params = nnx.state(model, nnx.Param)
+    seq = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+    variables = {"params": {"layers_0": nnx.to_pure_dict(params["a"]), "layers_2": nnx.to_pure_dict(params["b"])}}
+    ref, _ = linen_reference(seq.apply, variables, x, y)
+    ref = {({"layers_0": "a", "layers_2": "b"}[k[0]],) + k[1:]: v for k, v in ref.items()}
+    assert bnnx.weighted_layers(model, x) == {("a",): (5, 8), ("b",): (5, 3)}
+    assert_close(bnnx.bang_grad(model, x, y, epsilon=EPS, beta=BETA, ratio=RATIO), ref)
+
+
+def test_nnx_model_trains_with_nnx_optimizer_on_both_paths():
+    x, y = data((5,), n=8, seed=21)
+    for route in ("single_pass", "per_example"):
+        model = make(NNXMLP)
+        if route == "single_pass":
+            optimizer = nnx.Optimizer(model, optax.sgd(0.2), wrt=nnx.Param)
+        else:
+            optimizer = nnx.Optimizer(model, optax.chain(bang_jax.bang(epsilon=EPS), optax.sgd(0.2)), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, x, y):
+            if route == "single_pass":
+                grads, aux = bnnx.bang_grad(model, x, y, epsilon=EPS, return_aux=True)
+                optimizer.update(model, grads)
+                return aux.loss
+            pe = bnnx.per_example_grads(model, x, y)
+            optimizer.update(model, pe.grads, kappa_norms=pe.kappa_norms, correct=pe.correct)
+            return pe.loss
+
+        losses = [float(step(model, optimizer, x, y)) for _ in range(25)]
+        assert losses[-1] < 0.5 * losses[0], (route, losses)
