@@ -1,12 +1,13 @@
 """Step time of plain, BANG single-pass and BANG per-example training steps, measured side by side.
 
-    python benchmarks/step_time.py [--repeats 30] [--models lenet,cifar_quick]
+    python benchmarks/step_time.py [--repeats 30] [--models lenet,cifar_quick,nnx_cnn]
 
 For LeNet (batch 64) and CIFAR-quick (batch 100) it times one full jitted training step (gradient + Caffe SGD
-update) for each gradient method, interleaving the methods round by round so that machine load affects all
-alike, and prints medians, the ratios to the plain step, and one final JSON line. Compilation is excluded
-(warm-up), timings wait for the device (block_until_ready). Targets: single pass ≤ 1.10× plain,
-per-example ≤ 2.5× plain.
+update) for each gradient method; for ``nnx_cnn``, a CIFAR-quick-sized Flax NNX CNN (batch 100), it times a
+``jax.jit`` step of ``bang_jax.nnx.bang_grad`` + ``nnx.Optimizer.update`` against the same step with plain
+``nnx.grad``. Methods are interleaved round by round so that machine load affects all alike; it prints medians,
+the ratios to the plain step, and one final JSON line. Compilation is excluded (warm-up), timings wait for the
+device (block_until_ready). Targets: single pass ≤ 1.10× plain (linen and NNX), per-example ≤ 2.5× plain.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
+import bang_jax.nnx
 from bang_jax import BangState, bang, bang_grad, per_example_grads, plain_grad
 from bang_jax.models import CifarQuick, LeNet
 from bang_jax.solvers import CIFAR_QUICK_SOLVER, LENET_SOLVER
@@ -53,44 +56,92 @@ def make_steps(model, solver, hp):
     return tx, {"plain": jax.jit(plain), "single_pass": jax.jit(single_pass), "per_example": jax.jit(per_example)}
 
 
+class NNXCifarCNN(nnx.Module):
+    """A CIFAR-quick-sized NNX CNN: conv 32/32/64 5×5 with pooling, linear 64, dropout 0.5, linear 10."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, 32, (5, 5), padding=2, rngs=rngs)
+        self.conv2 = nnx.Conv(32, 32, (5, 5), padding=2, rngs=rngs)
+        self.conv3 = nnx.Conv(32, 64, (5, 5), padding=2, rngs=rngs)
+        self.ip1 = nnx.Linear(64 * 4 * 4, 64, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+        self.ip2 = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(nnx.max_pool(self.conv1(x / 255.0), (3, 3), (2, 2), padding="SAME"))
+        h = nnx.avg_pool(nnx.relu(self.conv2(h)), (3, 3), (2, 2), padding="SAME")
+        h = nnx.avg_pool(nnx.relu(self.conv3(h)), (3, 3), (2, 2), padding="SAME")
+        return self.ip2(self.dropout(self.ip1(h.reshape((x.shape[0], -1)))))
+
+
+def make_nnx_steps(hp):
+    """(state, {method: jitted step(state, x, y) -> state}) for the NNX CNN with SGD + momentum."""
+    model = NNXCifarCNN(nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, optax.sgd(1e-3, momentum=0.9), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def plain(state, x, y):
+        model, optimizer = nnx.merge(graphdef, state)
+        grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer))
+
+    def single_pass(state, x, y):
+        model, optimizer = nnx.merge(graphdef, state)
+        grads = bang_jax.nnx.bang_grad(model, x, y, **hp)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer))
+
+    return state, {"plain": jax.jit(plain), "single_pass": jax.jit(single_pass)}
+
+
+def _interleaved(steps, args, repeats):
+    times = {m: [] for m in steps}
+    for fn in steps.values():  # warm-up: compile
+        jax.block_until_ready(fn(*args))
+    for _ in range(repeats):
+        for m, fn in steps.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[m].append(time.perf_counter() - t0)
+    return {m: float(np.median(t)) for m, t in times.items()}
+
+
 def time_model(name, repeats):
+    rng = np.random.default_rng(0)
+    if name == "nnx_cnn":
+        x = jnp.asarray(rng.integers(0, 256, (100, 32, 32, 3)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 10, 100), jnp.int32)
+        state, steps = make_nnx_steps(SETUPS["cifar_quick"][3])
+        return _interleaved(steps, (state, x, y), repeats)
     model, shape, solver, hp = SETUPS[name]
     tx, steps = make_steps(model, solver, hp)
-    rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, 256, shape), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, shape[0]), jnp.int32)
     variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
     params = variables["params"]
     consts = {k: v for k, v in variables.items() if k != "params"}
-    opt_state = tx.init(params)
-    key = jax.random.PRNGKey(1)
-    times = {m: [] for m in steps}
-    for fn in steps.values():  # warm-up: compile
-        jax.block_until_ready(fn(params, opt_state, consts, x, y, key))
-    for _ in range(repeats):
-        for m, fn in steps.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(params, opt_state, consts, x, y, key))
-            times[m].append(time.perf_counter() - t0)
-    return {m: float(np.median(t)) for m, t in times.items()}
+    return _interleaved(steps, (params, tx.init(params), consts, x, y, jax.random.PRNGKey(1)), repeats)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--models", default="lenet,cifar_quick")
+    parser.add_argument("--models", default="lenet,cifar_quick,nnx_cnn")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     summary = {}
     for name in args.models.split(","):
         t = time_model(name, args.repeats)
+        per_example = f"   per-example BANG {1e3 * t['per_example']:8.2f} ms" if "per_example" in t else ""
         print(
             f"{name:12s} plain {1e3 * t['plain']:8.2f} ms   single-pass BANG {1e3 * t['single_pass']:8.2f} ms"
-            f"   per-example BANG {1e3 * t['per_example']:8.2f} ms   (median of {args.repeats})"
+            f"{per_example}   (median of {args.repeats})"
         )
         summary[f"{name}_plain_ms"] = round(1e3 * t["plain"], 3)
         summary[f"{name}_single_pass_over_plain"] = round(t["single_pass"] / t["plain"], 3)
-        summary[f"{name}_per_example_over_plain"] = round(t["per_example"] / t["plain"], 3)
+        if "per_example" in t:
+            summary[f"{name}_per_example_over_plain"] = round(t["per_example"] / t["plain"], 3)
     print(json.dumps(summary))
 
 
