@@ -219,3 +219,48 @@ def test_per_layer_and_per_leaf_config_agree_on_both_paths(tiny):
                         beta={"conv": 1.0, "fc": 0.7}, ratio=0.5)
     assert rel_err(only_fc["fc"], via_tx["fc"]) < 1e-5
     assert rel_err(only_fc["conv"], plain_grad(model.apply, variables, x, y)["conv"]) < 1e-5
+
+
+def test_sampled_masks_are_the_masks_a_forward_draws_with_several_dropout_layers():
+    """One draw per dropout layer: recording a mask must not consume the rng stream a second time."""
+
+    class TwoDropouts(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(8, name="a")(x)))
+            h = nn.Dropout(0.3, deterministic=not train)(nn.relu(nn.Dense(8, name="b")(h)))
+            return nn.Dense(3, name="c")(h)
+
+    model = TwoDropouts()
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 6), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    rngs = {"dropout": jax.random.PRNGKey(7)}
+    masks = sample_dropout_masks(model.apply, variables, x, rngs=rngs, train=True)
+    assert set(masks) == {("Dropout_0",), ("Dropout_1",)}
+    drawn = bang_grad(model.apply, variables, x, y, epsilon=0.8, rngs=rngs, train=True)
+    shared = bang_grad(model.apply, variables, x, y, epsilon=0.8, dropout_masks=masks, train=True)
+    assert rel_err(drawn, shared) < 1e-6
+    pe = per_example_grads(model.apply, variables, x, y, dropout_masks=masks, train=True)
+    via_tx, _ = bang(epsilon=0.8).update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
+    assert rel_err(via_tx, shared) < 1e-5
+
+
+def test_bang_grad_compiles_once_and_matches_under_vmap_over_configs(tiny):
+    """Two models' configs vmapped (as training does) give each model's own gradient; a second call reuses the trace."""
+    model, variables, x, y = tiny
+    traces = []
+
+    def f(cfg):
+        traces.append(1)
+        return bang_grad(model.apply, variables, x, y, config=cfg)
+
+    cfgs = [bang_jax.BangConfig(epsilon=e, beta=b).broadcast(variables["params"]) for e, b in ((0.8, 1.0), (0.3, 2.0))]
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *cfgs)
+    batched = jax.jit(jax.vmap(f))
+    out = batched(stacked)
+    batched(jax.tree.map(lambda v: v + 0.0, stacked))
+    assert len(traces) == 1
+    for i, cfg in enumerate(cfgs):
+        assert rel_err(jax.tree.map(lambda g: g[i], out), bang_grad(model.apply, variables, x, y, config=cfg)) < 1e-5
