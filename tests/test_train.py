@@ -166,37 +166,3 @@ def test_full_lenet_schedule_reaches_99_percent(mnist):
     acc = evaluate_accuracy(LeNet(), result.variables[0], mnist.test_images, mnist.test_labels)
     print(f"LeNet R0 after 10,000 iterations: {acc:.2f}% test accuracy")
     assert acc >= 99.0
-
-
-def test_models_shard_over_several_devices_with_the_same_result(tmp_path):
-    """Two forced host devices: the vmapped models are split over them and train exactly as on one device."""
-    import subprocess
-    import sys
-    import textwrap
-
-    script = textwrap.dedent("""
-        import sys, jax, numpy as np
-        from bang_jax.models import LeNet
-        from bang_jax import BangConfig
-        from bang_jax.solvers import LENET_SOLVER
-        from bang_jax.train import ModelSpec, TrainConfig, train
-        rng = np.random.default_rng(0)
-        labels = rng.integers(0, 10, 64).astype(np.int32)
-        images = (rng.uniform(0, 60, (64, 28, 28, 1)) + labels[:, None, None, None] * 19).astype(np.uint8)
-        hp = [ModelSpec(name="R0", seed=1), ModelSpec(name="B1", seed=2, bang=BangConfig(epsilon=0.815))]
-        r = train(LeNet(), (images, labels), hp, TrainConfig(solver=LENET_SOLVER, steps=3, batch_size=16,
-                  model_batching="vmap"), progress=False)
-        shards = r.states.params["ip1"]["kernel"].sharding
-        print(jax.device_count(), len(shards.device_set))
-        np.save(sys.argv[1], np.asarray(r.states.params["ip1"]["kernel"]))
-    """)
-    outs = []
-    for count in (1, 2):
-        env = dict(__import__("os").environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-        path = tmp_path / f"k{count}.npy"
-        res = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert res.stdout.split()[-2:] == [str(count), str(count)]
-        outs.append(np.load(path))
-    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-7)

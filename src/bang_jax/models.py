@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,20 +78,22 @@ class LeNet(nn.Module):
 
     num_classes: int = 10
     dropout_rate: float = 0.5
+    param_dtype: Any = jnp.float32  # float64 (with jax_enable_x64) for reference computations
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         _check_images("LeNet", images, (28, 28), 1)
         x = images.astype(jnp.promote_types(images.dtype, jnp.float32)) * 0.00390625
-        x = nn.Conv(20, (5, 5), padding="VALID", kernel_init=_xavier, name="conv1")(x)
+        pd = {"param_dtype": self.param_dtype}
+        x = nn.Conv(20, (5, 5), padding="VALID", kernel_init=_xavier, name="conv1", **pd)(x)
         x = caffe_max_pool(x, 2, 2)
-        x = nn.Conv(50, (5, 5), padding="VALID", kernel_init=_xavier, name="conv2")(x)
+        x = nn.Conv(50, (5, 5), padding="VALID", kernel_init=_xavier, name="conv2", **pd)(x)
         x = caffe_max_pool(x, 2, 2)
         x = _flatten_chw(x)
-        x = nn.Dense(500, kernel_init=_xavier, name="ip1")(x)
+        x = nn.Dense(500, kernel_init=_xavier, name="ip1", **pd)(x)
         x = nn.relu(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="drop1")(x)
-        return nn.Dense(self.num_classes, kernel_init=_xavier, name="ip2")(x)
+        return nn.Dense(self.num_classes, kernel_init=_xavier, name="ip2", **pd)(x)
 
 
 class CifarQuick(nn.Module):

@@ -1,0 +1,146 @@
+"""Data-parallel and multi-process training equal single-device training (forced host devices, localhost)."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+COMMON = textwrap.dedent("""
+    import sys, os
+    import numpy as np
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 96).astype(np.int32)
+    images = (rng.uniform(0, 60, (96, 28, 28, 1)) + labels[:, None, None, None] * 19).astype(np.uint8)
+
+    def models():
+        from bang_jax import BangConfig
+        from bang_jax.train import ModelSpec
+        return [ModelSpec(name="R0", seed=1), ModelSpec(name="B1", seed=2, bang=BangConfig(epsilon=0.815, beta=1.1))]
+
+    def flat(result):
+        import jax
+        return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(result.states.params)])
+""")
+
+
+def _run(script: str, *args, devices: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", COMMON + textwrap.dedent(script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def test_data_parallel_over_four_devices_equals_one_device(tmp_path):
+    """Regular and BANG models, both gradient paths, 1×4 (loop) and 2×2 (vmap) meshes, against one device.
+
+    20 steps in float64, and 5 steps in float32 with dropout. (In float32, 20 steps of this run reach a ReLU input
+    within rounding of zero, whose sign then differs between the two reduction orders: one unit's gradient changes
+    and the weights differ by up to 3e-4 relative. That is floating-point chaos, not a difference in what is
+    computed; float64 keeps the two reduction orders 1e-12 apart, so any real difference — e.g. η from a
+    per-device κ maximum — shows.)
+    """
+    script = """
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+        from bang_jax.models import LeNet
+        from bang_jax.solvers import LENET_SOLVER
+        from bang_jax.train import TrainConfig, train
+        assert jax.device_count() == 4
+        out = {}
+        cases = [("single_pass", "loop", 0.5, 20), ("single_pass", "vmap", 0.5, 20), ("per_example", "loop", 0.5, 20),
+                 ("single_pass", "loop", 0.5, 5), ("per_example", "loop", 0.5, 5)]
+        for i, (method, batching, drop, steps) in enumerate(cases):
+            dtype = jnp.float64 if steps == 20 else jnp.float32
+            model = LeNet(dropout_rate=drop, param_dtype=dtype)
+            cfg = TrainConfig(solver=LENET_SOLVER, steps=steps, batch_size=16, method=method, model_batching=batching)
+            one = train(model, (images, labels), models(), cfg, progress=False, mesh=None)
+            many = train(model, (images, labels), models(), cfg, progress=False)
+            assert one.states.params["ip1"]["kernel"].dtype == dtype
+            key = f"{method}-{batching}-{drop}-{steps}"
+            out[key + "-one"], out[key + "-many"] = flat(one), flat(many)
+        np.savez(sys.argv[1], **out)
+    """
+    res = _run(script, tmp_path / "out.npz", devices=4)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    keys = sorted({k.rsplit("-", 1)[0] for k in out.files})
+    assert len(keys) == 5
+    for key in keys:
+        assert _rel(out[key + "-many"], out[key + "-one"]) < 1e-5, (key, _rel(out[key + "-many"], out[key + "-one"]))
+    # the two gradient methods draw different dropout masks, so they really are different runs
+    assert np.abs(out["per_example-loop-0.5-5-one"] - out["single_pass-loop-0.5-5-one"]).max() > 1e-4
+
+
+def test_mesh_layout():
+    res = _run("""
+        import jax
+        from bang_jax.distributed import make_mesh
+        print(dict(make_mesh(2, 16, shard_models=True).shape), dict(make_mesh(2, 16, shard_models=False).shape),
+              dict(make_mesh(3, 6, shard_models=True).shape))
+    """, devices=4)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == ("{'models': 2, 'data': 2} {'models': 1, 'data': 4} "
+                                                   "{'models': 1, 'data': 2}")
+
+
+MULTI = """
+    pid, nproc, port, workdir, stop, resume, outfile = sys.argv[1:8]
+    from bang_jax import distributed
+    if int(nproc) > 1:
+        distributed.initialize(f"127.0.0.1:{port}", int(nproc), int(pid))
+    import jax
+    from bang_jax.models import LeNet
+    from bang_jax.solvers import LENET_SOLVER
+    from bang_jax.train import Checkpoint, LogMetrics, StopAfter, TrainConfig, train
+    cfg = TrainConfig(solver=LENET_SOLVER, steps=20, batch_size=16, method="single_pass")
+    callbacks = [LogMetrics(5), Checkpoint(5, resume=resume == "1")] + ([StopAfter(int(stop))] if int(stop) else [])
+    result = train(LeNet(), (images, labels), models(), cfg, workdir, callbacks, progress=False)
+    if jax.process_index() == 0:
+        np.save(outfile, flat(result))
+    print("process", jax.process_index(), "of", jax.process_count(), "devices", jax.device_count(), flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _multi(tmp_path, workdir, stop, resume, outfile):
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", COMMON + textwrap.dedent(MULTI), str(i), "2", str(port),
+                               str(workdir), str(stop), str(int(resume)), str(outfile)],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    assert "process 1 of 2 devices 4" in outs[1][0]
+
+
+def test_two_processes_equal_one_and_resume(tmp_path):
+    single = _run(MULTI, 0, 1, 0, tmp_path / "single", 0, 0, tmp_path / "single.npy", devices=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    _multi(tmp_path, tmp_path / "multi", 0, False, tmp_path / "multi.npy")
+    assert _rel(np.load(tmp_path / "multi.npy"), np.load(tmp_path / "single.npy")) < 1e-5
+    # Only process 0 wrote the run directory.
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["checkpoints", "metrics.jsonl"]
+    # A multi-process run stopped after 10 iterations and resumed equals the uninterrupted one.
+    _multi(tmp_path, tmp_path / "resumed", 10, False, tmp_path / "stopped.npy")
+    _multi(tmp_path, tmp_path / "resumed", 0, True, tmp_path / "resumed.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "multi.npy"))
