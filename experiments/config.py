@@ -36,9 +36,10 @@ STAGES = ("train", "evaluate", "noise", "figures", "report")
 MAY_CHANGE = frozenset({
     "steps", "test_limit", "attacks", "hc1_max_step", "pgd_eps", "square_queries", "curve_eps", "noise_sigmas",
     "noise_per_class", "noise_copies", "figure_images", "log_every", "checkpoint_every", "data_dir",
+    "steps_per_dispatch",
 })
 # Settings that only the stages after training read: changing them never needs retraining.
-EVALUATION_ONLY = MAY_CHANGE - {"steps", "log_every", "checkpoint_every"}
+EVALUATION_ONLY = MAY_CHANGE - {"steps", "log_every", "checkpoint_every", "steps_per_dispatch"}
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,7 @@ class ExperimentConfig:
     data_seed: int = 0
     method: str = "single_pass"
     model_batching: str = "loop"
+    steps_per_dispatch: int = 0  # iterations per jitted call (lax.scan); 0: the backend's default (CPU 1, GPU/TPU 8)
     test_limit: int | None = None  # evaluate on the first N test images (None: all)
     log_every: int = 100
     checkpoint_every: int = 1000
@@ -92,7 +94,7 @@ class ExperimentConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "hc1_max_step", "noise_per_class",
                      "noise_copies", "square_queries"):
             positive(name)
-        for name in ("data_seed", "noise_every", "figure_images"):
+        for name in ("data_seed", "noise_every", "figure_images", "steps_per_dispatch"):
             positive(name, allow_zero=True)
         positive("test_limit", allow_none=True)
         if not self.models:

@@ -31,6 +31,7 @@ import numpy as np
 
 from bang_jax import checkpoint as ckpt_lib
 from bang_jax import data as data_lib
+from bang_jax import distributed
 from bang_jax import models as models_lib
 from bang_jax.attacks import hot_cold_direction, line_search_attack
 from bang_jax.evaluate import evaluate_model, predict
@@ -145,7 +146,7 @@ def stage_train(run: Run, *, resume: bool, overwrite: bool) -> None:
     print(f"training {len(cfg.models)} {cfg.model} model(s) together for {cfg.steps} iterations (batch "
           f"{cfg.batch_size}, {cfg.order} order, {cfg.method}) → {run.out}", file=sys.stderr)
     train(run.model, run.data, cfg.models, cfg.train_config(), run.out, callbacks, consts=run.consts,
-          progress=run.progress)
+          progress=run.progress, steps_per_dispatch=cfg.steps_per_dispatch or None)
     run.written += ["metrics.jsonl", "checkpoints/"] + (["snapshots/"] if cfg.noise_every else [])
 
 
@@ -282,6 +283,10 @@ def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    multi = p.add_argument_group("multi-process runs (the same command once per process; process 0 writes)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (jax.distributed)")
+    multi.add_argument("--num-processes", type=int, metavar="N")
+    multi.add_argument("--process-id", type=int, metavar="I")
     add_config_flags(p)
     return p
 
@@ -319,6 +324,8 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
                                                     for m in cfg.models))
     cfg = apply_overrides(cfg, overrides_from_args(args))
     cfg.validate()
+    if not distributed.is_writer():
+        return cfg, out, stages, saved  # process 0 checks the run directory (and may be writing it already)
     if saved is not None and not args.overwrite:
         if "train" in stages and not args.resume:
             raise ConfigError(f"{out} already holds a run ('{saved.get('preset')}' preset): add --resume to continue "
@@ -351,6 +358,10 @@ def _clear(out: Path) -> None:
 def run_command(dataset: str, argv=None, description: str = "") -> list[dict] | None:
     args = build_parser(dataset, description).parse_args(argv)
     try:
+        try:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         return _run(dataset, args)
     except USER_ERRORS as err:
         if args.debug:
@@ -368,6 +379,10 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
               "(a GPU runs this far faster); attacks and noise come on top", file=sys.stderr)
     run = Run(cfg, out, progress=not args.no_progress)
     _ = run.data  # the data is checked before anything is written
+    if not distributed.is_writer():  # other processes of a multi-process run: their share of training, no files
+        if "train" in stages:
+            stage_train(run, resume=args.resume, overwrite=args.overwrite)
+        return None
     if args.overwrite:
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
