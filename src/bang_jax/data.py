@@ -2,7 +2,9 @@
 
 Where the data comes from, in order (``source='auto'``):
 
-1. **Files** in a directory: the ``data_dir`` argument, else the ``BANG_DATA_DIR`` environment variable.
+1. **Files** in a directory: the ``data_dir`` argument, else the ``BANG_DATA_DIR`` environment variable. A
+   directory given either way is used or the load fails with :class:`DataError`; the sources below are tried only
+   when no directory is configured at all.
    The standard files are looked for in ``<dir>/<subdir>`` and in ``<dir>`` itself:
    MNIST-like sets as the four IDX files (``train-images-idx3-ubyte[.gz]`` …; subdirs ``mnist``,
    ``fashion_mnist``/``fashion-mnist``), CIFAR-10 as the binary batches ``data_batch_1..5.bin`` and
@@ -24,6 +26,7 @@ import gzip
 import hashlib
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +156,7 @@ def _read_verified(path: Path, expected_sha256: str | None) -> bytes:
     try:
         raw = path.read_bytes()
         data = gzip.decompress(raw) if path.suffix == ".gz" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise DataError(f"cannot read {path}: {err} (corrupt or truncated file?)") from err
     if expected_sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
@@ -225,6 +228,12 @@ def _load_cifar_dir(directory: Path, verify: bool) -> Dataset:
 def _load_tfds(name: str) -> Dataset:
     import tensorflow_datasets as tfds  # noqa: PLC0415 - optional dependency
 
+    try:  # tfds logs "Variant folder ... has no dataset_info.json" through absl when nothing is prepared
+        import absl.logging  # noqa: PLC0415
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:  # pragma: no cover - absl comes with tfds
+        pass
     splits = {}
     for split in ("train", "test"):
         source = tfds.data_source(_TFDS_NAMES[name], split=split, download=False)
@@ -296,18 +305,23 @@ def load_dataset(
     reasons = []
 
     if source in ("auto", "files"):
+        configured = "data_dir" if data_dir is not None else "BANG_DATA_DIR"
         if root is None:
             reasons.append("no data directory given (data_dir= or BANG_DATA_DIR)")
         elif not root.is_dir():
-            reasons.append(f"data directory {root} does not exist")
+            reasons.append(f"data directory {root} ({configured}) does not exist")
         else:
             directory, missing = _dataset_dir(name, root)
             if directory is not None:
                 loader = _load_cifar_dir if name == "cifar10" else lambda d, v: _load_idx_dir(name, d, v)
                 return loader(directory, verify)
-            reasons.append(f"{root} lacks {name} files {missing}")
-        if source == "files":
-            raise DataError(f"cannot load {name} from files: " + "; ".join(reasons))
+            reasons.append(f"{root} ({configured}) lacks the {name} files {missing} (looked in {root} and its "
+                           f"subfolders {', '.join(_SUBDIRS[name])})")
+        if source == "files" or root is not None:
+            # A location the user configured is used or the load fails: no silent fallback to other data.
+            raise DataError(f"cannot load {name} from files: " + "; ".join(reasons)
+                            + (". Get them with: python -m bang_jax.data download " + name if root is not None
+                               else ""))
 
     if source in ("auto", "tfds"):
         try:
