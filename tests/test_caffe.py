@@ -37,3 +37,29 @@ def test_bad_weight_files(tmp_path):
     bad.write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match="SHA-256"):
         load_caffe_weights(bad)
+
+
+def test_unreadable_wrong_model_and_nan_weights_name_the_file(tmp_path, data_dir):
+    import h5py
+
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(ValueError, match="junk.h5 is not a readable HDF5"):
+        load_caffe_weights(junk)
+    released = data_dir / "bang_caffe" / "lenet.caffemodel.h5"
+    if not released.is_file():
+        pytest.skip("released weights not available")
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(released.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cut.h5 is not a readable HDF5"):
+        load_caffe_weights(cut)
+    with pytest.raises(ValueError, match="LeNet weights, which do not fit cifar10"):
+        load_caffe_weights(released, dataset="cifar10")
+    nan = tmp_path / "nan.h5"
+    nan.write_bytes(released.read_bytes())
+    with h5py.File(nan, "r+") as f:
+        w = f["data/ip2/0"][...]
+        w[0, 0] = np.nan
+        f["data/ip2/0"][...] = w
+    with pytest.raises(ValueError, match="NaN or infinite numbers in layer"):
+        load_caffe_weights(nan)

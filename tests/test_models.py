@@ -118,3 +118,22 @@ def test_wrong_image_shape_raises():
         LeNet().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match=r"\[N, 32, 32, 3\]"):
         CifarQuick().init(jax.random.PRNGKey(0), jnp.zeros((32, 32, 3)))
+
+
+def test_pixel_unit_models_warn_on_0_to_1_images():
+    import warnings
+
+    from bang_jax.evaluate import predict
+
+    model = LeNet()
+    x = np.random.default_rng(0).uniform(0, 1, (4, 28, 28, 1)).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), x * 255)
+    with pytest.warns(UserWarning, match="multiply them by 255"):
+        model.apply(variables, x)
+    with pytest.warns(UserWarning, match="pixel units"):
+        predict(model, variables, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.apply(variables, x * 255)
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+        jax.jit(model.apply)(variables, x)  # traced: cannot be inspected, no warning

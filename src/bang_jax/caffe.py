@@ -1,6 +1,6 @@
 """Loading the BANG authors' released Caffe weights (HDF5 ``.caffemodel.h5``) into the Flax models.
 
-The files (``shared/data/bang_caffe``, SPEC §6) hold ``data/<layer>/0`` (weights) and ``data/<layer>/1``
+The files (see ``docs/data.md`` for where the authors publish them) hold ``data/<layer>/0`` (weights) and ``data/<layer>/1``
 (bias). Convolution weights are (out, in, kh, kw) → Flax HWIO; inner-product weights (out, in) → (in, out)
 with the input flattened in (C, H, W) order, which is how :class:`~bang_jax.models.LeNet` and
 :class:`~bang_jax.models.CifarQuick` flatten, so no permutation is needed.
@@ -20,7 +20,7 @@ from bang_jax.models import CifarQuick, LeNet, set_mean_image
 
 __all__ = ["RELEASED_WEIGHTS", "load_caffe_weights"]
 
-# SHA-256 of the authors' files (shared/data/SOURCES.md) and what they are.
+# SHA-256 of the authors' released files and what they are.
 RELEASED_WEIGHTS = {
     "lenet.caffemodel.h5": ("90a639d81e70fa18a6e63a3accbe47895c843fa0d80f70aa4696da72e91f844d", "LeNet R0"),
     "lenet_bang.caffemodel.h5": ("dafb21e500eb0932af9df3e06f50064ecd6cec9bf008b30eb0f0271fe4cd3422", "LeNet B1"),
@@ -31,7 +31,7 @@ RELEASED_WEIGHTS = {
 _LAYERS = {"lenet": ("conv1", "conv2", "ip1", "ip2"), "cifar_quick": ("conv1", "conv2", "conv3", "ip1", "ip2")}
 
 
-def load_caffe_weights(path: str | os.PathLike, *, mean_image=None):
+def load_caffe_weights(path: str | os.PathLike, *, mean_image=None, dataset: str | None = None):
     """Reads a Caffe HDF5 model into ``(model, variables)`` for :class:`LeNet` or :class:`CifarQuick`.
 
     Args:
@@ -39,9 +39,11 @@ def load_caffe_weights(path: str | os.PathLike, *, mean_image=None):
         its published SHA-256.
       mean_image: ``[32, 32, 3]`` training-set mean image for CIFAR-quick (``bang_jax.data.mean_image``);
         required for CIFAR models, which subtract it.
+      dataset: if given (``'mnist'`` or ``'cifar10'``), the weights must be of that dataset's model.
 
     Raises:
-      ValueError: the file lacks a layer the model needs, or a shape does not match.
+      ValueError: the file is not a readable HDF5 Caffe model, lacks a layer the model needs, holds non-finite
+        numbers, a shape does not match, or the model is not ``dataset``'s (every message names the file).
     """
     import h5py  # noqa: PLC0415
 
@@ -52,12 +54,25 @@ def load_caffe_weights(path: str | os.PathLike, *, mean_image=None):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != RELEASED_WEIGHTS[path.name][0]:
             raise ValueError(f"{path} has SHA-256 {digest}, not that of the authors' {path.name}")
-    with h5py.File(path, "r") as f:
-        if "data" not in f:
-            raise ValueError(f"{path} is not a Caffe HDF5 model (no 'data' group)")
-        group = f["data"]
-        blobs = {name: [np.asarray(group[name][k]) for k in sorted(group[name].keys())] for name in group}
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise ValueError(f"{path} is not a Caffe HDF5 model (no 'data' group)")
+            group = f["data"]
+            blobs = {name: [np.asarray(group[name][k]) for k in sorted(group[name].keys())] for name in group}
+    except (OSError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable HDF5 Caffe model (truncated or another format?): {err}") from None
     kind = "cifar_quick" if "conv3" in blobs else "lenet"
+    if dataset is not None:
+        want = {"mnist": "lenet", "fashion_mnist": "lenet", "cifar10": "cifar_quick"}.get(dataset)
+        if want is None:
+            raise ValueError(f"unknown dataset {dataset!r} (mnist, fashion_mnist or cifar10)")
+        if kind != want:
+            raise ValueError(f"{path} holds {'CIFAR-quick' if kind == 'cifar_quick' else 'LeNet'} weights, which do "
+                             f"not fit {dataset} (its model is {'CIFAR-quick' if want == 'cifar_quick' else 'LeNet'})")
+    bad = [name for name, arrays in blobs.items() if not all(np.all(np.isfinite(a)) for a in arrays)]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite numbers in layer(s) {bad}")
     missing = [name for name in _LAYERS[kind] if len(blobs.get(name, [])) != 2]
     if missing:
         raise ValueError(f"{path} lacks weights and bias for layer(s) {missing} of the {kind} model")

@@ -39,6 +39,7 @@ from bang_jax.attacks import (
     square_attack,
 )
 from bang_jax.caffe import load_caffe_weights
+from bang_jax.models import CifarQuick, LeNet, warn_if_unit_range
 from bang_jax.data import load_dataset, mean_image
 from bang_jax.metrics import pass_scores
 from bang_jax.robustness import (
@@ -57,6 +58,8 @@ ATTACKS = ("fgs", "hc1", "pgd", "pgd_min", "square")
 
 def predict(model: nn.Module, variables: dict, images, *, batch_size: int = 1000) -> np.ndarray:
     """Test-mode logits ``[N, classes]`` of ``images`` (pixels 0..255), in batches."""
+    if isinstance(model, (LeNet, CifarQuick)):
+        warn_if_unit_range(images, type(model).__name__)
     fn = _predict_fn(model)
     outs = []
     for i in range(0, len(images), batch_size):
