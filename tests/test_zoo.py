@@ -79,7 +79,34 @@ def owner_fn(layers):
 
 
 def one(tree, i):
-    return jax.tree.map(lambda a: a[i:i + 1], tree)
+    """Example i with batch 1 (numpy slicing: nothing to compile)."""
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[i:i + 1]), tree)
+
+
+def _fill(path, leaf, rng):
+    """A random value for an abstract leaf: parameters ~ N(0, 1/fan_in), biases ~ N(0, 0.1²), statistics 0 / 1."""
+    name = str(getattr(path[-2] if getattr(path[-1], "name", None) == "value" else path[-1], "key",
+                       getattr(path[-1], "name", "")))
+    shape, dtype = leaf.shape, leaf.dtype
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return jax.random.key(int(rng.integers(1 << 30)))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.zeros(shape, dtype)
+    if name == "var":
+        return jnp.ones(shape, dtype)
+    if name == "mean":
+        return jnp.zeros(shape, dtype)
+    if name == "scale":
+        return jnp.asarray(1.0 + 0.1 * rng.normal(size=shape), dtype)
+    scale = 1.0 / np.sqrt(np.prod(shape[:-1])) if len(shape) >= 2 else 0.1
+    return jnp.asarray(scale * rng.normal(size=shape), dtype)
+
+
+def init_linen(model, *args, seed=0, **kwargs):
+    """Variables of the right structure drawn with numpy (no initialiser to compile: keeps the zoo fast)."""
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))
+    return jax.tree_util.tree_map_with_path(lambda p, a: _fill(p, a, rng), abstract)
 
 
 def linen_reference(apply_fn, variables, x, y, *, loss=xent, correct_fn=argmax_correct, kw=None, example_kw=None):
@@ -209,22 +236,22 @@ def assert_close(got, ref, tol=TOL):
 
 
 def both_linen_paths(model, variables, x, y, **kw):
-    """(bang_grad, bang(per_example_grads)) of a linen model, both jitted."""
+    """(bang_grad, bang(per_example_grads)) of a linen model, in one jitted function."""
     cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
-    single = jax.jit(lambda v: bang_jax.bang_grad(model.apply, v, x, y, config=cfg, **kw))(variables)
 
-    def via_tx(v):
+    @jax.jit
+    def both(v):
+        single = bang_jax.bang_grad(model.apply, v, x, y, config=cfg, **kw)
         pe = bang_jax.per_example_grads(model.apply, v, x, y, **kw)
-        return bang_jax.bang(config=cfg).update(pe.grads, None, v["params"], kappa_norms=pe.kappa_norms,
-                                                correct=pe.correct)[0]
+        return single, bang_jax.bang(config=cfg).update(pe.grads, None, v["params"], kappa_norms=pe.kappa_norms,
+                                                        correct=pe.correct)[0]
 
-    return single, jax.jit(via_tx)(variables)
+    return both(variables)
 
 
 def check_linen(model, x, y, *, kw=None, example_kw=None, loss=None, correct_fn=None, init_kw=None):
     kw, example_kw = kw or {}, example_kw or {}
-    variables = jax.jit(lambda k: model.init(k, one(x, 0), **(init_kw or {}), **one(example_kw, 0)))(
-        jax.random.PRNGKey(0))
+    variables = init_linen(model, one(x, 0), **(init_kw or {}), **one(example_kw, 0))
     fns = {} if loss is None else {"loss_fn": loss, "correct_fn": correct_fn}
     ref, correct = linen_reference(model.apply, variables, x, y, loss=loss or xent,
                                    correct_fn=correct_fn or argmax_correct, kw=kw, example_kw=example_kw)
@@ -337,9 +364,8 @@ def test_residual_cnn():
 def test_transformer_block_with_batch_shaped_mask():
     x, y = data((4, 6), seed=3)
     mask = causal_padding_mask(5, 4)
-    check_linen(TransformerBlock(), x, y, example_kw={"mask": mask})
     model = TransformerBlock()
-    variables = model.init(jax.random.PRNGKey(0), x[:1], mask=mask[:1])
+    variables = check_linen(model, x, y, example_kw={"mask": mask})
     # The mask must reach each example as its own slice; kept whole, the per-example output is not batch 1.
     with pytest.raises(ValueError, match="not batch 1"):
         bang_jax.per_example_grads(model.apply, variables, x, y, mask=mask, batch_kwargs=())
@@ -374,15 +400,22 @@ def test_soft_labels():
 
 def bn_reference(model, variables, x, y):
     """BatchNorm in training: κ rows of the batch loss; each layer's weight gradient from the η-scaled rows."""
-    rec = {}
+    modules = {}
 
-    def record(next_fun, args, kwargs, ctx):
-        if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
-            rec[tuple(ctx.module.path)] = (ctx.module.clone(parent=None), args[0])
-        return next_fun(*args, **kwargs)
+    def layer_inputs(v):  # the weighted layers' inputs, from a forward pass outside any grad
+        inputs = {}
 
-    with nn.intercept_methods(record):  # the layers' inputs (a concrete forward pass, outside any grad)
-        model.apply(variables, x, train=True, mutable=["batch_stats"])
+        def record(next_fun, args, kwargs, ctx):
+            if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
+                modules[tuple(ctx.module.path)] = ctx.module.clone(parent=None)
+                inputs[tuple(ctx.module.path)] = args[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            model.apply(v, x, train=True, mutable=["batch_stats"])
+        return inputs
+
+    inputs = jax.jit(layer_inputs)(variables)
 
     def run(params, perts):
         def tap(next_fun, args, kwargs, ctx):
@@ -395,16 +428,16 @@ def bn_reference(model, variables, x, y):
         return jnp.mean(xent(out, y)), out
 
     perts = {("conv",): jnp.zeros((5, 4, 4, 4)), ("head",): jnp.zeros((5, 3))}
-    (_, out), (g, kappa) = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(variables["params"], perts)
+    (_, out), (g, kappa) = jax.jit(jax.value_and_grad(run, argnums=(0, 1), has_aux=True))(variables["params"], perts)
     correct = np.asarray(argmax_correct(out, y))
     ref = {k: BETA * np.asarray(v, np.float64) for k, v in flat(g).items()}
     for path, k in kappa.items():
         e = eta64([float(np.linalg.norm(np.asarray(r, np.float64))) for r in k], correct)
-        module, inp = rec[path]
+        module, inp = modules[path], inputs[path]
         p = variables["params"][path[0]]
-        _, vjp = jax.vjp(lambda p: module.apply({"params": p}, inp), p)
         scaled = jnp.asarray(np.asarray(k, np.float64) * e.reshape((-1,) + (1,) * (k.ndim - 1)), jnp.float32)
-        for leaf, v in flat(vjp(scaled)[0]).items():
+        layer_grad = jax.jit(lambda p, ct: jax.vjp(lambda p: module.apply({"params": p}, inp), p)[1](ct)[0])
+        for leaf, v in flat(layer_grad(p, scaled)).items():
             ref[path + leaf] = BETA * np.asarray(v, np.float64)
     return ref, out
 
@@ -412,20 +445,22 @@ def bn_reference(model, variables, x, y):
 def test_batchnorm_in_training_mode():
     x, y = data((4, 4, 2), seed=8)
     model = BNCNN()
-    variables = model.init(jax.random.PRNGKey(0), x)
-    variables = {**variables, "params": jax.tree.map(lambda p: p * 3.0, variables["params"])}
+    variables = init_linen(model, x)
     ref, _ = bn_reference(model, variables, x, y)
     cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
-    grads, aux = jax.jit(lambda v: bang_jax.bang_grad(model.apply, v, x, y, config=cfg, train=True,
-                                                      mutable=["batch_stats"], return_aux=True))(variables)
-    assert_close(grads, ref)
-    _, stats = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    kw = dict(train=True, mutable=["batch_stats"], return_aux=True)
+
+    @jax.jit
+    def grads(v):
+        balanced = bang_jax.bang_grad(model.apply, v, x, y, config=cfg, **kw)
+        zero = bang_jax.bang_grad(model.apply, v, x, y, epsilon=0.0, **kw)[0]
+        plain = bang_jax.plain_grad(model.apply, v, x, y, **kw)
+        return balanced, zero, plain, model.apply(v, x, train=True, mutable=["batch_stats"])[1]
+
+    (balanced, aux), zero, (plain, paux), stats = grads(variables)
+    assert_close(balanced, ref)
     assert_close(aux.model_state, {k: np.asarray(v, np.float64) for k, v in flat(stats).items()}, tol=1e-6)
     # ε = 0, β = 1 is the ordinary batch gradient, BatchNorm coupling included.
-    plain, paux = bang_jax.plain_grad(model.apply, variables, x, y, train=True, mutable=["batch_stats"],
-                                      return_aux=True)
-    zero = bang_jax.bang_grad(model.apply, variables, x, y, epsilon=0.0, train=True, mutable=["batch_stats"],
-                              return_aux=True)[0]
     assert_close(zero, {k: np.asarray(v, np.float64) for k, v in flat(plain).items()}, tol=1e-6)
     assert set(paux.model_state) == {"batch_stats"}
     with pytest.raises(ValueError, match="bn \\(BatchNorm\\).*examples interact.*bang_grad"):
@@ -433,16 +468,18 @@ def test_batchnorm_in_training_mode():
                                    variables, x, y, train=True)
     with pytest.raises(ValueError, match="mutable"):
         bang_jax.per_example_grads(model.apply, variables, x, y, train=False, mutable=["batch_stats"])
-    # Running averages (eval mode) do not couple examples: the per-example reference applies.
+    # Running averages (eval mode) do not couple examples: the per-example reference applies to both paths.
     ref_eval, _ = linen_reference(model.apply, variables, x, y)
-    assert_close(bang_jax.bang_grad(model.apply, variables, x, y, config=cfg), ref_eval)
+    single, via_tx = both_linen_paths(model, variables, x, y)
+    assert_close(single, ref_eval)
+    assert_close(via_tx, ref_eval)
 
 
 def test_refusals_name_the_construct():
     x, y = data((4,), seed=9)
 
     def refused(model, match, **kw):
-        variables = model.init(jax.random.PRNGKey(0), x[:1])
+        variables = init_linen(model, x[:1])
         for fn in (bang_jax.per_example_grads, lambda *a, **k: bang_jax.bang_grad(*a, epsilon=EPS, **k)):
             with pytest.raises(ValueError, match=match):
                 fn(model.apply, variables, x, y, **kw)
@@ -478,7 +515,7 @@ def test_attention_dropout_is_not_silently_unshared():
             return nn.Dense(3)(h.mean(1))
 
     model = AttnDrop()
-    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    variables = init_linen(model, x[:1])
     rngs = {"dropout": jax.random.PRNGKey(1)}
     with pytest.raises(ValueError, match="attention dropout"):
         bang_jax.sample_dropout_masks(model.apply, variables, x, rngs=rngs, train=True)
@@ -490,7 +527,7 @@ def test_attention_dropout_is_not_silently_unshared():
 def test_labels_are_validated():
     x, y = data((4,), seed=11)
     model = nn.Sequential([nn.Dense(3)])
-    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    variables = init_linen(model, x[:1])
     for bad in (3, -1):
         labels = y.at[2].set(bad)
         for fn in (bang_jax.per_example_grads, bang_jax.plain_grad,
@@ -551,9 +588,11 @@ class NNXRemat(nnx.Module):
         return self.head(h)
 
 
-def make(cls, **kw):
-    """An NNX model built under nnx.jit (one compilation instead of one per initialiser op)."""
-    return nnx.jit(lambda: cls(nnx.Rngs(0, dropout=1), **kw))()
+def make(cls, seed=0, **kw):
+    """An NNX model whose state is drawn with numpy (no initialiser to compile: keeps the zoo fast)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(nnx.Rngs(0, dropout=1), **kw)))
+    rng = np.random.default_rng(seed)
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(lambda p, a: _fill(p, a, rng), abstract))
 
 
 def check_nnx(model, x, y, **example_kw):
@@ -612,8 +651,8 @@ def test_nnx_batchnorm_dropout_and_rngs():
     assert float(jnp.max(jnp.abs(model.bn.mean[...]))) > 0  # batch statistics were updated in the model
     with pytest.raises(ValueError, match="bn \\(BatchNorm\\).*examples interact"):
         bnnx.per_example_grads(model, x, y)
-    model.eval()
-    check_nnx(model, x, y)
+    model.eval()  # running averages: examples no longer interact, the per-example path accepts the model
+    nnx.eval_shape(lambda m: bnnx.per_example_grads(m, x, y), model)
     # Dropout from nnx.Rngs: masks sampled without advancing the RNG equal what bang_grad then draws.
     drop = make(NNXMLP, dropout=0.5)
     xm, ym = data((5,), seed=17)

@@ -50,17 +50,15 @@ import jax
 from flax import nnx
 
 from bang_jax.balance import BangConfig, as_bang_config
-from bang_jax.gradients import (
-    WEIGHTED_LAYER_TYPES as LINEN_WEIGHTED_LAYER_TYPES,
-)
+from bang_jax.gradients import WEIGHTED_LAYER_TYPES as LINEN_WEIGHTED_LAYER_TYPES
 from bang_jax.gradients import (
     PerExampleGrads,
+    _batch_size,
     _discover,
     _has_array,
     _run_bang,
     _run_per_example,
     _run_sample_masks,
-    _batch_size,
     linen_interceptor,
 )
 
@@ -114,7 +112,7 @@ def _set_path(node, path) -> None:
 
 
 def _where(self) -> tuple:
-    return getattr(self, "_bang_path", None) or getattr(self, "to_nnx__bang_path")
+    return self._bang_path if hasattr(self, "_bang_path") else self.to_nnx__bang_path
 
 
 def _hooked_attend(self, *args, **kwargs):
