@@ -595,14 +595,16 @@ def make(cls, seed=0, **kw):
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(lambda p, a: _fill(p, a, rng), abstract))
 
 
-def check_nnx(model, x, y, **example_kw):
-    ref, correct = nnx_reference(model, x, y, example_kw=example_kw)
+def check_nnx(model, x, y, loss=None, correct_fn=None, **example_kw):
+    ref, correct = nnx_reference(model, x, y, example_kw=example_kw, loss=loss or xent,
+                                 correct_fn=correct_fn or argmax_correct)
     cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
+    fns = {} if loss is None else {"loss_fn": loss, "correct_fn": correct_fn}
 
     @nnx.jit
     def both(model, x, y, kw):
-        single = bnnx.bang_grad(model, x, y, config=cfg, **kw)
-        pe = bnnx.per_example_grads(model, x, y, **kw)
+        single = bnnx.bang_grad(model, x, y, config=cfg, **fns, **kw)
+        pe = bnnx.per_example_grads(model, x, y, **fns, **kw)
         via_tx = bang_jax.bang(config=cfg).update(pe.grads, None, kappa_norms=pe.kappa_norms, correct=pe.correct)[0]
         return single, via_tx
 
@@ -613,9 +615,11 @@ def check_nnx(model, x, y, **example_kw):
     assert_close(via_tx, ref)
 
 
-def test_nnx_mlp():
-    x, y = data((5,), seed=12)
-    check_nnx(make(NNXMLP), x, y)
+def test_nnx_mlp_with_soft_labels():
+    x, _ = data((5,), seed=12)
+    y = jax.nn.softmax(jnp.asarray(np.random.default_rng(12).normal(size=(5, 3)), jnp.float32) * 2)
+    check_nnx(make(NNXMLP), x, y, loss=optax.softmax_cross_entropy,
+              correct_fn=lambda o, t: jnp.argmax(o, -1) == jnp.argmax(t, -1))
 
 
 def test_nnx_cnn():
