@@ -34,8 +34,9 @@ counts advance once; other state changes of the per-example forwards are discard
 
 How it works: the model is split into ``(graphdef, params, state)`` and merged into a private copy for each
 traced forward pass; the copy's weighted layers, dropout, BatchNorm, attention and embedding modules get a
-subclass whose ``__call__`` reports to the pass's hooks (:class:`bang_jax.gradients._Tap`) — the same hooks the
-linen interceptor calls. The user's model is never modified except for the state write-back above.
+subclass whose ``__call__`` reports to the forward pass's hooks — the same hooks the linen interceptor of
+:mod:`bang_jax.gradients` calls, so both APIs share one implementation of BANG (the custom-VJP balanced layer, the
+per-example perturbations, the checks). The user's model is never modified except for the state write-back above.
 """
 
 from __future__ import annotations
