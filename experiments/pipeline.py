@@ -55,7 +55,7 @@ from experiments.config import (
 from experiments.configs import DATASETS
 from experiments.paper_tables import TABLE1, TABLE2
 
-MODEL_CLASSES = {"lenet": models_lib.LeNet, "cifar_quick": models_lib.CifarQuick}
+MODEL_CLASSES = models_lib.MODELS
 PAPER_TABLES = {"mnist": TABLE1, "cifar10": TABLE2}
 # What the pipeline writes into a run directory (and what --overwrite clears).
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "table1.md", "table2.md", "noise.json", "noise.png",
@@ -171,7 +171,7 @@ def stage_evaluate(run: Run) -> None:
         row = evaluate_model(run.model, variables[m.name], test_x, test_y, attacks=cfg.attacks,
                              hc1_max_step=cfg.hc1_max_step, pgd_epsilons=cfg.pgd_eps,
                              square_queries=cfg.square_queries, curves=cfg.curve_eps or None,
-                             progress=run.progress)
+                             progress=run.progress, label=m.name)
         results.append({"id": m.name, **m.bang.to_json(), "seed": m.seed, "regular": not m.is_bang,
                         "final_train_loss": losses.get(m.name), "data_source": run.data.source} | row)
     run.write_json("results.json", results)

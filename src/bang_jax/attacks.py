@@ -243,7 +243,7 @@ def line_search_attack(
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        bar = tqdm(total=len(active), desc="line search", unit="img")
+        bar = tqdm(total=len(active), desc=progress if isinstance(progress, str) else "line search", unit="img")
     while active.size:
         for start in range(0, active.size, batch_size):
             idx = active[start : start + batch_size]

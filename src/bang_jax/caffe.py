@@ -18,7 +18,7 @@ import numpy as np
 
 from bang_jax.models import CifarQuick, LeNet, set_mean_image
 
-__all__ = ["RELEASED_WEIGHTS", "load_caffe_weights"]
+__all__ = ["RELEASED_WEIGHTS", "check_caffe_weights", "load_caffe_weights"]
 
 # SHA-256 of the authors' released files and what they are.
 RELEASED_WEIGHTS = {
@@ -29,6 +29,39 @@ RELEASED_WEIGHTS = {
 }
 
 _LAYERS = {"lenet": ("conv1", "conv2", "ip1", "ip2"), "cifar_quick": ("conv1", "conv2", "conv3", "ip1", "ip2")}
+
+
+def _read_blobs(path: Path) -> dict[str, list[np.ndarray]]:
+    import h5py  # noqa: PLC0415
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise ValueError(f"{path} is not a Caffe HDF5 model (no 'data' group)")
+            group = f["data"]
+            return {name: [np.asarray(group[name][k]) for k in sorted(group[name].keys())] for name in group}
+    except (OSError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable HDF5 Caffe model (truncated or another format?): {err}") from None
+
+
+def check_caffe_weights(path: str | os.PathLike, dataset: str | None = None, *, blobs=None) -> str:
+    """The model a Caffe weights file holds (``'lenet'`` or ``'cifar_quick'``), checked against ``dataset``.
+
+    Cheap enough to call before loading any data; raises ``ValueError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Caffe weights file {path} does not exist")
+    blobs = _read_blobs(path) if blobs is None else blobs
+    kind = "cifar_quick" if "conv3" in blobs else "lenet"
+    if dataset is not None:
+        want = {"mnist": "lenet", "fashion_mnist": "lenet", "cifar10": "cifar_quick"}.get(dataset)
+        if want is None:
+            raise ValueError(f"unknown dataset {dataset!r} (mnist, fashion_mnist or cifar10)")
+        if kind != want:
+            raise ValueError(f"{path} holds {'CIFAR-quick' if kind == 'cifar_quick' else 'LeNet'} weights, which do "
+                             f"not fit {dataset} (its model is {'CIFAR-quick' if want == 'cifar_quick' else 'LeNet'})")
+    return kind
 
 
 def load_caffe_weights(path: str | os.PathLike, *, mean_image=None, dataset: str | None = None):
@@ -54,22 +87,8 @@ def load_caffe_weights(path: str | os.PathLike, *, mean_image=None, dataset: str
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != RELEASED_WEIGHTS[path.name][0]:
             raise ValueError(f"{path} has SHA-256 {digest}, not that of the authors' {path.name}")
-    try:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise ValueError(f"{path} is not a Caffe HDF5 model (no 'data' group)")
-            group = f["data"]
-            blobs = {name: [np.asarray(group[name][k]) for k in sorted(group[name].keys())] for name in group}
-    except (OSError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a readable HDF5 Caffe model (truncated or another format?): {err}") from None
-    kind = "cifar_quick" if "conv3" in blobs else "lenet"
-    if dataset is not None:
-        want = {"mnist": "lenet", "fashion_mnist": "lenet", "cifar10": "cifar_quick"}.get(dataset)
-        if want is None:
-            raise ValueError(f"unknown dataset {dataset!r} (mnist, fashion_mnist or cifar10)")
-        if kind != want:
-            raise ValueError(f"{path} holds {'CIFAR-quick' if kind == 'cifar_quick' else 'LeNet'} weights, which do "
-                             f"not fit {dataset} (its model is {'CIFAR-quick' if want == 'cifar_quick' else 'LeNet'})")
+    blobs = _read_blobs(path)
+    kind = check_caffe_weights(path, dataset, blobs=blobs)
     bad = [name for name, arrays in blobs.items() if not all(np.all(np.isfinite(a)) for a in arrays)]
     if bad:
         raise ValueError(f"{path} holds NaN or infinite numbers in layer(s) {bad}")

@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write_json",
     "checkpoint_info",
     "list_snapshots",
+    "load_params",
     "load_snapshot",
     "load_state",
     "save_snapshot",
@@ -115,6 +116,23 @@ def load_state(workdir: str | os.PathLike, template: Any) -> Any:
         return serialization.from_bytes(template, path.read_bytes())
     except Exception as err:  # noqa: BLE001 - msgpack/flax raise many kinds
         raise CheckpointError(f"cannot restore checkpoint {path}: {err}") from err
+
+
+def load_params(workdir: str | os.PathLike) -> tuple[list[str], dict, dict]:
+    """The checkpoint's model names, its params (numpy, stacked on a leading model axis) and its description.
+
+    Needs no template: for evaluating a run's models without rebuilding its optimiser state.
+    """
+    info = checkpoint_info(workdir)
+    if info is None:
+        raise CheckpointError(f"{workdir} has no checkpoint ({STATE}); is it a run directory?")
+    path = Path(workdir) / STATE
+    try:
+        raw = serialization.msgpack_restore(path.read_bytes())
+        params = raw["params"]
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the params of checkpoint {path}: {err}") from err
+    return [m["name"] for m in info["models"]], params, info
 
 
 def snapshot_path(workdir: str | os.PathLike, iteration: int) -> Path:

@@ -3,10 +3,11 @@
     python -m bang_jax.evaluate --caffe-weights $BANG_DATA_DIR/bang_caffe/lenet_bang.caffemodel.h5 \\
         --dataset mnist [--attacks fgs,hc1] [--limit N] [--json OUT] [--data-dir DIR]
     python -m bang_jax.evaluate ... --attacks fgs,pgd,square --curves --plot curves.png --json out.json
+    python -m bang_jax.evaluate --run-dir runs/mnist-default [--models B1] [--attacks ...]   # models trained here
 
 Attacks the correctly classified test images (the first ``--limit`` of the test set) with FGS in the paper's
 protocol (blank when float32 p_true == 1), FGS with the exact gradient, and HC1, each with the minimal-step line
-search of SPEC §4 (FGS up to t = 255, HC1 up to ``--hc1-max-step``, default 1020), and prints a Table-1 style row.
+search of docs/semantics.md (FGS up to t = 255, HC1 up to ``--hc1-max-step``, default 1020), and prints a Table-1 style row.
 More attacks (``--attacks``, comma-separated): ``pgd`` — L∞ PGD (margin and cross-entropy losses) at the budgets
 of ``--pgd-eps``; ``pgd_min`` — the smallest budget at which PGD on the margin succeeds, per image (bisection up
 to ``--pgd-min-max-eps``), reported like the paper's minimal perturbations; ``square`` — the gradient-free
@@ -14,7 +15,8 @@ Square attack at the budgets of ``--square-eps`` with ``--square-queries`` queri
 ``--curves`` adds robust accuracy vs ε (``--curve-eps``) for FGS, FGS-exact, PGD-CE, PGD-margin and Square, and
 the gradient-masking report (:mod:`bang_jax.robustness`); ``--plot`` draws the curves.
 Rates are percent of attacked images, L∞ in pixels, PASS over successes, blanks as counts; robust accuracy is
-percent of all evaluated images.
+percent of all evaluated images. Every argument is checked before data is loaded; a user error prints one line
+and exits with status 2 (``--debug`` shows the traceback). The header and the JSON name the data source.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,9 +41,10 @@ from bang_jax.attacks import (
     pgd_attack,
     square_attack,
 )
-from bang_jax.caffe import load_caffe_weights
-from bang_jax.models import CifarQuick, LeNet, warn_if_unit_range
-from bang_jax.data import load_dataset, mean_image
+from bang_jax.caffe import check_caffe_weights, load_caffe_weights
+from bang_jax.checkpoint import CheckpointError, atomic_write, load_params
+from bang_jax.data import DataError, load_dataset, mean_image
+from bang_jax.models import MODELS, CifarQuick, LeNet, set_mean_image, warn_if_unit_range
 from bang_jax.metrics import pass_scores
 from bang_jax.robustness import (
     ATTACKS as CURVE_ATTACKS,
@@ -132,7 +136,7 @@ def _validate(attacks, *, pgd_epsilons, square_epsilons, square_queries, pgd_ste
 
 def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), hc1_max_step=1020,
                    pgd_epsilons=(16.0, 32.0, 64.0), pgd_steps=40, pgd_min_max_epsilon=64.0, square_epsilons=None,
-                   square_queries=1000, curves=None, curve_attacks=CURVE_ATTACKS, seed=0, progress=True):
+                   square_queries=1000, curves=None, curve_attacks=CURVE_ATTACKS, seed=0, progress=True, label=""):
     """Accuracy and attack statistics (a JSON-able dict) of ``model`` on ``images`` (pixels) with integer ``labels``.
 
     ``attacks`` (validated, with every other argument, before anything runs): ``"fgs"`` (paper protocol and
@@ -146,7 +150,7 @@ def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), 
     ``curves``: a sequence of budgets ε (pixels), or True for :data:`bang_jax.robustness.DEFAULT_EPSILONS`, adds
     ``row["curves"]`` (:func:`bang_jax.robustness.robustness_curves` over ``curve_attacks``; robust accuracy is %
     of all evaluated images) and ``row["masking"]`` (:func:`bang_jax.robustness.masking_report`, with a
-    ``verdict``).
+    ``verdict``). ``label`` (e.g. the model's name) prefixes the progress bars.
     """
     attacks, pgd_epsilons, square_epsilons, curves, curve_attacks = _validate(
         attacks, pgd_epsilons=pgd_epsilons, square_epsilons=square_epsilons, square_queries=square_queries,
@@ -161,10 +165,12 @@ def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), 
         t0 = time.perf_counter()
         if attack == "fgs":
             d, blank = fgs_direction(logits_fn, x, y)
-            row |= _summary("fgs", line_search_attack(logits_fn, x, y, d, blank=blank, max_step=255, progress=progress), x)
+            row |= _summary("fgs", line_search_attack(logits_fn, x, y, d, blank=blank, max_step=255,
+                                                      progress=progress and f"{label} FGS (paper rule)".strip()), x)
             d, blank = fgs_direction(logits_fn, x, y, exact=True)
             row |= _summary(
-                "fgs_exact", line_search_attack(logits_fn, x, y, d, blank=blank, max_step=255, progress=progress), x
+                "fgs_exact", line_search_attack(logits_fn, x, y, d, blank=blank, max_step=255,
+                                                progress=progress and f"{label} FGS (exact)".strip()), x
             )
         elif attack == "pgd":
             for eps in pgd_epsilons:
@@ -183,7 +189,8 @@ def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), 
                                                          if res.success.any() else None)
         elif attack == "hc1":
             d, blank = hot_cold_direction(logits_fn, x, y)
-            res = line_search_attack(logits_fn, x, y, d, blank=blank, max_step=hc1_max_step, progress=progress)
+            res = line_search_attack(logits_fn, x, y, d, blank=blank, max_step=hc1_max_step,
+                                     progress=progress and f"{label} HC1".strip())
             row |= _summary("hc1", res, x)
         row[f"{attack}_seconds"] = time.perf_counter() - t0
     if curves is not None:
@@ -209,10 +216,71 @@ def _fmt(v, pct=False):
     return f"{v:.2f}%" if pct else f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
 
 
+class UsageError(ValueError):
+    """A bad command-line argument (one line, exit status 2)."""
+
+
+def _check_output(flag: str, path: str | None) -> None:
+    """An output file must be creatable: its folder exists and is writable, and it is not a folder itself."""
+    if path is None:
+        return
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def _positive(flag: str, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if value is None or value < 1:
+        raise UsageError(f"{flag} must be a positive integer, got {value}")
+
+
+def _run_dir_models(run_dir: Path, names: list[str] | None, ds):
+    """[(label, model, variables)] of the models trained in an experiments run directory."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"--run-dir {run_dir} has no config.json: not a run directory of python -m experiments.*")
+    config = json.loads(config_path.read_text())
+    all_names, params, info = load_params(run_dir)
+    if info.get("iteration") != config.get("steps"):
+        print(f"note: {run_dir} stopped training at iteration {info.get('iteration')} of {config.get('steps')}; "
+              "evaluating the weights of its last checkpoint", file=sys.stderr)
+    unknown = [n for n in names or [] if n not in all_names]
+    if unknown:
+        raise UsageError(f"--models: {', '.join(unknown)} not in {run_dir} (it has {', '.join(all_names)})")
+    model = MODELS[config["model"]]()
+    sample = np.zeros((1,) + ds.train_images.shape[1:], np.float32)
+    variables = model.init(jax.random.PRNGKey(0), sample, train=False)
+    if config["model"] == "cifar_quick":
+        variables = set_mean_image(variables, mean_image(ds.train_images))
+    consts = {k: v for k, v in variables.items() if k != "params"}
+    out = []
+    for i, name in enumerate(all_names):
+        if names and name not in names:
+            continue
+        p = jax.tree.map(lambda x, i=i: np.asarray(x[i]), params)
+        bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(p)[0] if not np.isfinite(v).all()]
+        if bad:
+            raise UsageError(f"model {name} in {run_dir} has NaN or infinite weights in {', '.join(bad)}")
+        out.append((name, model, {**consts, "params": p}))
+    return config["dataset"], out, info.get("iteration")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--caffe-weights", required=True, help="a .caffemodel.h5 file (LeNet or CIFAR-10 quick)")
-    p.add_argument("--dataset", required=True, choices=["mnist", "cifar10"])
+    """``python -m bang_jax.evaluate``: user errors print one line and exit with status 2 (``--debug``: traceback)."""
+    p = argparse.ArgumentParser(prog="python -m bang_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--caffe-weights", help="a .caffemodel.h5 file of the authors (LeNet or CIFAR-10 quick)")
+    what.add_argument("--run-dir", help="a run directory of python -m experiments.mnist|cifar10")
+    p.add_argument("--models", help="with --run-dir: comma-separated model names (default: all)")
+    p.add_argument("--dataset", choices=["mnist", "cifar10"], help="needed with --caffe-weights")
     p.add_argument("--attacks", default="fgs,hc1",
                    help=f"comma-separated: {', '.join(ATTACKS)}; empty: none (default: %(default)s)")
     p.add_argument("--pgd-eps", default="16,32,64", help="L∞ budgets (pixels) of the pgd attack")
@@ -232,9 +300,26 @@ def main(argv=None):
     p.add_argument("--data-dir", help="dataset directory (default: $BANG_DATA_DIR)")
     p.add_argument("--json", help="write the results as one JSON object to this file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = p.parse_args(argv)
     try:
-        attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        return _main(args)
+    except (UsageError, DataError, CheckpointError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as err:  # the library's argument and file checks (weights, attack options)
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(args):
+    # Every argument is checked before any data is loaded or any attack runs.
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    try:
         options = dict(
             pgd_epsilons=_parse_floats(args.pgd_eps), pgd_steps=args.pgd_steps,
             pgd_min_max_epsilon=args.pgd_min_max_eps, square_queries=args.square_queries,
@@ -243,20 +328,65 @@ def main(argv=None):
             curve_attacks=tuple(a.strip() for a in args.curve_attacks.split(",") if a.strip()),
         )
         _validate(attacks, **options)
-        if args.plot and not args.curves:
-            raise ValueError("--plot needs --curves")
     except ValueError as err:
-        p.error(str(err))
-    ds = load_dataset(args.dataset, args.data_dir)
-    mean = mean_image(ds.train_images) if args.dataset == "cifar10" else None
-    model, variables = load_caffe_weights(args.caffe_weights, mean_image=mean)
+        raise UsageError(str(err)) from None
+    if args.plot and not args.curves:
+        raise UsageError("--plot needs --curves")
+    _positive("--limit", args.limit, allow_none=True)
+    _positive("--hc1-max-step", args.hc1_max_step)
+    _check_output("--json", args.json)
+    _check_output("--plot", args.plot)
+    if args.caffe_weights:
+        if args.dataset is None:
+            raise UsageError("--caffe-weights needs --dataset mnist|cifar10")
+        if args.models:
+            raise UsageError("--models goes with --run-dir")
+        if not Path(args.caffe_weights).is_file():
+            raise UsageError(f"--caffe-weights {args.caffe_weights} does not exist")
+        dataset = args.dataset
+        check_caffe_weights(args.caffe_weights, dataset)  # the right model for the dataset, before loading data
+    else:
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "config.json").is_file():
+            raise UsageError(f"--run-dir {run_dir} has no config.json: not a run directory of python -m experiments.*")
+        dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
+        if args.dataset and args.dataset != dataset:
+            raise UsageError(f"--dataset {args.dataset} does not match the run's dataset {dataset}")
+    ds = load_dataset(dataset, args.data_dir)
+    if args.caffe_weights:
+        mean = mean_image(ds.train_images) if dataset == "cifar10" else None
+        model, variables = load_caffe_weights(args.caffe_weights, mean_image=mean, dataset=dataset)
+        entries, source, iteration = [(Path(args.caffe_weights).stem, model, variables)], str(args.caffe_weights), None
+    else:
+        names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+        _, entries, iteration = _run_dir_models(Path(args.run_dir), names, ds)
+        source = str(args.run_dir)
     n = len(ds.test_images) if args.limit is None else min(args.limit, len(ds.test_images))
-    row = evaluate_model(
-        model, variables, ds.test_images[:n], ds.test_labels[:n], attacks=attacks,
-        hc1_max_step=args.hc1_max_step, progress=not args.no_progress, seed=args.seed, **options,
-    )
-    row = {"weights": str(args.caffe_weights), "dataset": args.dataset, "data_source": ds.source} | row
-    print(f"\n{args.caffe_weights} on {n} {args.dataset} test images ({row['attacked']} attacked)")
+    print(f"{source}: {len(entries)} model(s) on {n} {dataset} test images; data: {ds.source}"
+          + ("" if ds.comparable_to_paper else " (NOT comparable to the paper)"), file=sys.stderr)
+    rows = {}
+    for label, model, variables in entries:
+        row = evaluate_model(
+            model, variables, ds.test_images[:n], ds.test_labels[:n], attacks=attacks,
+            hc1_max_step=args.hc1_max_step, progress=not args.no_progress, seed=args.seed, label=label, **options,
+        )
+        meta = {"weights": source, "model": label, "dataset": dataset, "data_source": ds.source}
+        if iteration is not None:
+            meta["iteration"] = iteration
+        rows[label] = row = meta | row
+        _print_row(args, label, n, dataset, row)
+    if args.plot:
+        curves = {label: r["curves"] for label, r in rows.items() if "curves" in r}
+        print(f"wrote {plot_curves(curves, args.plot)}", file=sys.stderr)
+    result = next(iter(rows.values())) if args.caffe_weights else rows
+    if args.json:
+        atomic_write(args.json, (json.dumps(result, indent=2) + "\n").encode())
+        print(f"wrote {args.json}", file=sys.stderr)
+    return result
+
+
+def _print_row(args, label, n, dataset, row):
+    print(f"\n{label} on {n} {dataset} test images ({row['attacked']} attacked; data: {row['data_source']})")
     print("accuracy | FGS rate  PASS    L∞ (blank) | FGS-exact rate  L∞ (blank) | HC1 rate  PASS    L∞")
     print(
         f"{_fmt(row['accuracy'], True)} | "
@@ -286,13 +416,6 @@ def main(argv=None):
         print(f"masking: CE loss == 0 (float32) on {_fmt(m['ce_loss_zero_share'])}%, CE input gradient all zero on "
               f"{_fmt(m['ce_grad_zero_share'])}%, median logit margin {_fmt(m['margin_median'])}")
         print(f"verdict: {m['verdict']}")
-        if args.plot:
-            print(f"wrote {plot_curves({Path(args.caffe_weights).stem: c}, args.plot)}", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
-    return row
 
 
 if __name__ == "__main__":

@@ -153,3 +153,7 @@ def set_mean_image(variables: dict, mean_image) -> dict:
     if mean_image.shape != old.shape:
         raise ValueError(f"mean_image must have shape {old.shape}, got {mean_image.shape}")
     return {**variables, "constants": {**variables["constants"], "mean_image": mean_image}}
+
+
+# The bundled models by the names the experiments' configs use.
+MODELS = {"lenet": LeNet, "cifar_quick": CifarQuick}

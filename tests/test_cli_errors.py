@@ -1,0 +1,68 @@
+"""Bad input stops before any work with one line naming the problem, exit status 2, and no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {}))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    mnist.main(["--preset", "smoke", "--out", str(out), "--steps", "6", "--log-every", "3", "--checkpoint-every",
+                "3", "--noise-every", "0", "--attacks", "", "--test-limit", "50", "--no-progress"])
+    return out
+
+
+def test_evaluate_cli_rejects_bad_arguments_before_any_work(tmp_path, data_dir, tiny_run):
+    weights = data_dir / "bang_caffe" / "lenet.caffemodel.h5"
+    if not weights.is_file():
+        pytest.skip("released weights not available")
+    base = ["-m", "bang_jax.evaluate", "--no-progress"]
+    lenet = [*base, "--caffe-weights", str(weights), "--dataset", "mnist"]
+    cases = [
+        ([*lenet, "--attacks", "fgs,cw"], "unknown attack(s) ['cw']"),
+        ([*lenet, "--limit", "-5"], "--limit must be a positive integer, got -5"),
+        ([*lenet, "--limit", "0"], "--limit must be a positive integer, got 0"),
+        ([*lenet, "--hc1-max-step", "-3"], "--hc1-max-step must be a positive integer"),
+        ([*lenet, "--json", str(tmp_path / "missing" / "out.json")], "does not exist"),
+        ([*lenet, "--json", str(tmp_path)], "is a directory"),
+        ([*lenet, "--pgd-eps", "16,x", "--attacks", "pgd"], "comma-separated numbers"),
+        ([*lenet, "--plot", str(tmp_path / "p.png")], "--plot needs --curves"),
+        ([*base, "--caffe-weights", str(tmp_path / "none.h5"), "--dataset", "mnist"], "does not exist"),
+        ([*base, "--caffe-weights", str(weights)], "needs --dataset"),
+        ([*base, "--caffe-weights", str(weights), "--dataset", "cifar10"], "do not fit cifar10"),
+        ([*lenet, "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
+        ([*base, "--run-dir", str(tmp_path)], "no config.json"),
+        ([*base, "--run-dir", str(tiny_run), "--models", "B7"], "B7 not in"),
+    ]
+    for args, message in cases:
+        res = _cli(*args)
+        assert res.returncode == 2, (args, res.stderr[-1500:])
+        assert message in res.stderr, (args, res.stderr[-1500:])
+        assert "Traceback" not in res.stderr, (args, res.stderr[-1500:])
+    assert not any(tmp_path.iterdir())  # nothing was written
+    res = _cli(*lenet, "--attacks", "fgs,cw", "--debug")
+    assert "Traceback" in res.stderr
+
+
+def test_evaluate_cli_evaluates_a_run_trained_here(tmp_path, tiny_run):
+    out = tmp_path / "eval.json"
+    res = _cli("-m", "bang_jax.evaluate", "--run-dir", str(tiny_run), "--models", "B1", "--attacks", "fgs",
+               "--limit", "60", "--no-progress", "--json", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert list(data) == ["B1"] and data["B1"]["iteration"] == 6 and data["B1"]["test_images"] == 60
+    assert data["B1"]["data_source"] and "data:" in res.stderr and "fgs_rate" in data["B1"]
