@@ -133,11 +133,15 @@ def test_saturated_softmax_regime_in_float64():
         variables = {"params": params}
         logits = model.apply(variables, x)
         y = jnp.argmax(logits, axis=1).astype(jnp.int32).at[0].set(((jnp.argmax(logits[0]) + 1) % 3).astype(jnp.int32))
-        pe = per_example_grads(model.apply, variables, x, y)
-        norms = np.asarray(pe.kappa_norms["fc"]["kernel"])
+        @jax.jit
+        def paths(variables):
+            pe = per_example_grads(model.apply, variables, x, y)
+            ref, _ = bang(epsilon=0.815).update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
+            return pe.kappa_norms, ref, bang_grad(model.apply, variables, x, y, epsilon=0.815, return_aux=True)
+
+        kappa_norms, ref, (single, aux) = paths(variables)
+        norms = np.asarray(kappa_norms["fc"]["kernel"])
         assert norms.min() / norms.max() < 1e-12  # really saturated
-        ref, _ = bang(epsilon=0.815).update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
-        single, aux = bang_grad(model.apply, variables, x, y, epsilon=0.815, return_aux=True)
         assert float(jnp.max(aux.layer_eta[("fc",)])) > 1e9
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(single))
         assert rel_err(single, ref) < 1e-10
@@ -235,15 +239,21 @@ def test_sampled_masks_are_the_masks_a_forward_draws_with_several_dropout_layers
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 6), jnp.int32)
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     rngs = {"dropout": jax.random.PRNGKey(7)}
-    masks = sample_dropout_masks(model.apply, variables, x, rngs=rngs, train=True)
+
+    @jax.jit
+    def paths(variables):
+        masks = sample_dropout_masks(model.apply, variables, x, rngs=rngs, train=True)
+        drawn = bang_grad(model.apply, variables, x, y, epsilon=0.8, rngs=rngs, train=True)
+        shared = bang_grad(model.apply, variables, x, y, epsilon=0.8, dropout_masks=masks, train=True)
+        pe = per_example_grads(model.apply, variables, x, y, dropout_masks=masks, train=True)
+        via_tx, _ = bang(epsilon=0.8).update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
+        return masks, drawn, shared, via_tx
+
+    masks, drawn, shared, via_tx = paths(variables)
     assert set(masks) == {("Dropout_0",), ("Dropout_1",)}
-    drawn = bang_grad(model.apply, variables, x, y, epsilon=0.8, rngs=rngs, train=True)
-    shared = bang_grad(model.apply, variables, x, y, epsilon=0.8, dropout_masks=masks, train=True)
     assert rel_err(drawn, shared) < 1e-6
-    pe = per_example_grads(model.apply, variables, x, y, dropout_masks=masks, train=True)
-    via_tx, _ = bang(epsilon=0.8).update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
     assert rel_err(via_tx, shared) < 1e-5
 
 
