@@ -78,8 +78,6 @@ def load_caffe_weights(path: str | os.PathLike, *, mean_image=None, dataset: str
       ValueError: the file is not a readable HDF5 Caffe model, lacks a layer the model needs, holds non-finite
         numbers, a shape does not match, or the model is not ``dataset``'s (every message names the file).
     """
-    import h5py  # noqa: PLC0415
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Caffe weights file {path} does not exist")
