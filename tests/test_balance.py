@@ -255,3 +255,16 @@ def test_bang_inside_masked_and_multi_transform():
     np.testing.assert_allclose(np.asarray(out["a"]["bias"]), np.asarray(ref["a"]["bias"]), rtol=1e-6)
     with pytest.raises(TypeError, match="every partition must start with bang"):
         optax.apply_updates(params, out)
+
+
+def test_fingerprints_sit_on_small_leaves_and_still_catch_a_transformation_before_bang():
+    """Large per-example leaves carry no fingerprint (XLA may then fuse them away); the smallest always does."""
+    rng = np.random.default_rng(8)
+    grads = {"big": jnp.asarray(rng.normal(size=(3, 5000)), jnp.float32),
+             "bigger": jnp.asarray(rng.normal(size=(3, 9000)), jnp.float32)}
+    marked = mark_per_example(grads)
+    assert marked["big"].fingerprint.shape == (3,) and marked["bigger"].fingerprint is None
+    norms = {"big": jnp.ones(3), "bigger": jnp.ones(3)}
+    tx = optax.chain(optax.scale(0.5), bang(epsilon=0.8))
+    with pytest.raises(ValueError, match="placed before bang"):
+        tx.update(marked, tx.init(None), kappa_norms=norms, correct=jnp.ones(3, bool))

@@ -63,8 +63,7 @@ import optax
 
 from bang_jax.balance import (
     BangConfig,
-    PerExampleGrad,
-    _per_example_sq_norms,
+    mark_per_example,
     apply_beta,
     as_bang_config,
     broadcast_to_params,
@@ -536,13 +535,12 @@ def _run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_ma
         (loss, (outputs, updates)), (g, kappa) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
             adapter.params, zero_perts)
         norms = {p: _kappa_norms(kappa[p])[0] for p in layers}
-        sq = jax.tree.map(lambda a: _per_example_sq_norms(a[None])[0], g)
-        return g, sq, norms, jax.tree.map(lambda a: a[0], outputs), loss, updates
+        return g, norms, jax.tree.map(lambda a: a[0], outputs), loss, updates
 
-    grads, sq, norms, outputs, losses, updates = jax.vmap(one, in_axes=(0, 0, 0, state_axes, 0))(
+    grads, norms, outputs, losses, updates = jax.vmap(one, in_axes=(0, 0, 0, state_axes, 0))(
         inputs, labels, batched_kw, state_b, dropout_masks)
     adapter.after_per_example(updates)
-    marked = jax.tree.map(PerExampleGrad, grads, sq)
+    marked = mark_per_example(grads)
     zeros = jnp.zeros((n,), jnp.float32)
     kappa_norms = jax.tree_util.tree_map_with_path(
         lambda path, _: norms.get(owner.get(adapter.leaf_key(path)), zeros), adapter.params)
