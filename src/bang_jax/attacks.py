@@ -584,7 +584,7 @@ def square_attack(
     p_init: float = 0.8,
     seed: int = 0,
     batch_size: int = 1000,
-    chunk_queries: int | None = 100,
+    chunk_queries: int | None = 25,
 ) -> AttackResult:
     """L∞ Square attack (Andriushchenko et al. 2020): random search on the logit margin, no gradients at all.
 

@@ -417,7 +417,7 @@ def plot_curves(curves_by_model: Mapping[str, Mapping], path, *, ncols: int | No
     for ax in list(axes.flat)[len(items):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    legend_cols = min(len(labels), 3 * ncols)
+    legend_cols = min(len(labels), 3)
     fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
