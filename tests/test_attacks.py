@@ -107,7 +107,7 @@ def test_ssim_interior_equals_scikit_image_exactly():
     assert ssim(a, b) == pytest.approx(float(ours.mean()), rel=1e-12)
     assert abs(ssim(a, b) - float(ref_map.mean())) < 0.01  # skimage's borders differ only slightly
     rgb_a, rgb_b = np.stack([a, b, a], -1), np.stack([b, b, a], -1)
-    assert ssim(rgb_a, rgb_b) == pytest.approx((2 * ours.mean() + 1.0) / 3, rel=1e-12)
+    assert ssim(rgb_a, rgb_b) == pytest.approx((ours.mean() + 2.0) / 3, rel=1e-12)  # channels (a,b), (b,b), (a,a)
 
 
 def test_pass_of_translated_image_is_near_one_while_ssim_is_not():
