@@ -257,7 +257,14 @@ def _converter(tp, flag: str):
     inner = _optional_inner(tp)
     if inner is not None:
         conv = _converter(inner, flag)
-        return lambda s: None if s.strip().lower() in ("none", "") else conv(s)
+
+        def optional(s):
+            if s.strip().lower() == "none":
+                return None
+            if not s.strip():
+                raise argparse.ArgumentTypeError(f"{flag} is empty (write none for no value)")
+            return conv(s)
+        return optional
     item = _tuple_item(tp)
     if item is not None:
         conv = _converter(item, flag)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bang_jax import checkpoint as ckpt_lib
@@ -317,13 +318,19 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
             raise ConfigError(f"{out} holds a '{cfg.preset}' run; --preset {args.preset} does not match it")
     else:
         cfg = module.get_config(args.preset or "default")
-    if args.models:
-        cfg = dataclasses.replace(cfg, models=parse_models(args.models, module.TABLE, args.seed_offset))
-    elif args.seed_offset:
-        cfg = dataclasses.replace(cfg, models=tuple(dataclasses.replace(m, seed=m.seed + args.seed_offset)
-                                                    for m in cfg.models))
+    if args.models is not None and not args.models.strip():
+        raise ConfigError("--models is empty; name the models (e.g. R0,B1) or leave the flag out")
+    try:
+        if args.models:
+            cfg = dataclasses.replace(cfg, models=parse_models(args.models, module.TABLE, args.seed_offset))
+        elif args.seed_offset:
+            cfg = dataclasses.replace(cfg, models=tuple(dataclasses.replace(m, seed=m.seed + args.seed_offset)
+                                                        for m in cfg.models))
+    except ValueError as err:
+        raise ConfigError(f"--seed-offset/--models: {err}") from None
     cfg = apply_overrides(cfg, overrides_from_args(args))
     cfg.validate()
+    _check_per_layer_values(cfg)
     if not distributed.is_writer():
         return cfg, out, stages, saved  # process 0 checks the run directory (and may be writing it already)
     if saved is not None and not args.overwrite:
@@ -340,6 +347,32 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
         raise ConfigError(f"--out {out} is a non-empty directory that holds no run of ours; choose another --out "
                           "or add --overwrite")
     return cfg, out, stages, saved
+
+
+def _check_per_layer_values(cfg: ExperimentConfig) -> None:
+    """Per-layer hyperparameters must name the model's layers (checked on shapes only, before any work)."""
+    shape = {"lenet": (1, 28, 28, 1), "cifar_quick": (1, 32, 32, 3)}[cfg.model]
+    params = jax.eval_shape(lambda: MODEL_CLASSES[cfg.model]().init(jax.random.PRNGKey(0), jnp.zeros(shape)))["params"]
+    for m in cfg.models:
+        try:
+            m.bang.broadcast(params)
+        except ValueError as err:
+            layers = ", ".join(params)
+            raise ConfigError(f"--models: model {m.name}: {err}; the {cfg.model} layers are {layers}") from None
+
+
+def _lock(out: Path):
+    """An exclusive lock on the run directory while this command works in it (one writer at a time)."""
+    import fcntl  # noqa: PLC0415
+
+    handle = open(out / ".lock", "a")  # noqa: SIM115 - held for the life of the command
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"another command is working in {out} (it holds {out / '.lock'}); wait for it or use "
+                          "another --out") from None
+    return handle
 
 
 def _clear(out: Path) -> None:
@@ -379,13 +412,22 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
               "(a GPU runs this far faster); attacks and noise come on top", file=sys.stderr)
     run = Run(cfg, out, progress=not args.no_progress)
     _ = run.data  # the data is checked before anything is written
+    if cfg.batch_size > len(run.data.train_images):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                          f"({len(run.data.train_images)} images)")
+    if args.resume and "train" in stages:
+        if saved is None:
+            print(f"note: --resume: {out} holds no run yet; starting a new one", file=sys.stderr)
+        elif ckpt_lib.checkpoint_info(out) is not None:
+            ckpt_lib.load_params(out)  # a damaged checkpoint is refused before anything is rewritten
     if not distributed.is_writer():  # other processes of a multi-process run: their share of training, no files
         if "train" in stages:
             stage_train(run, resume=args.resume, overwrite=args.overwrite)
         return None
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)  # noqa: F841 - released when the process ends
     if args.overwrite:
         _clear(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = cfg.to_json() | {
         "data_source": run.data.source,
         "comparable_to_paper": run.data.comparable_to_paper,

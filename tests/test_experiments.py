@@ -77,12 +77,26 @@ def test_finished_run_is_reevaluated_by_stages_without_retraining_and_guarded(tm
         (["--stages", "evaluate", "--steps", "0"], "--steps must be a positive integer"),
         (["--stages", "evaluate,bogus"], "unknown stage(s) bogus"),
         (["--stages", "evaluate", "--noise-every", "-7"], "--noise-every must be a non-negative integer"),
+        (["--resume", "--models", ""], "--models is empty"),
+        (["--resume", "--seed-offset", "-100"], "seed must be a non-negative integer"),
+        (["--overwrite", "--models", "R0,L(epsilon={conv1: 0.7, conv9: 0.75, ip1: 0.815, ip2: 0.9})"],
+         "the lenet layers are conv1, conv2, ip1, ip2"),
+        (["--resume", "--batch-size", "100000", "--data-dir", str(ROOT / "nowhere")], "batch_size"),
     ]
     for extra, message in cases:
         res = subprocess.run([sys.executable, "-m", "experiments.mnist", "--out", str(out), "--no-progress", *extra],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 2, (extra, res.stderr[-1500:])
         assert message in res.stderr and "Traceback" not in res.stderr, (extra, res.stderr[-1500:])
+    assert _tree_bytes(out) == before
+    # One command at a time in a run directory: a second one is refused while the first holds the lock.
+    import fcntl
+
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = subprocess.run([sys.executable, "-m", "experiments.mnist", "--out", str(out), "--no-progress",
+                              "--stages", "report"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "another command is working" in res.stderr, res.stderr[-1500:]
     assert _tree_bytes(out) == before
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "load_params",
     "load_snapshot",
     "load_state",
+    "refuse_symlinked_dirs",
     "save_snapshot",
     "save_state",
     "snapshot_path",
@@ -59,6 +60,17 @@ def _bang_config_restore(target: BangConfig, state: dict) -> BangConfig:
 serialization.register_serialization_state(BangConfig, _bang_config_state, _bang_config_restore, override=True)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def refuse_symlinked_dirs(workdir: str | os.PathLike) -> None:
+    """Raises :class:`CheckpointError` if the run's checkpoint or snapshot folder is a symbolic link."""
+    for sub in (STATE.parent, SNAPSHOTS):
+        if (Path(workdir) / sub).is_symlink():
+            raise CheckpointError(f"{Path(workdir) / sub} is a symbolic link; refusing to write through it")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint or snapshot that cannot be read, or that does not belong to the run asked for."""
 
@@ -69,6 +81,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

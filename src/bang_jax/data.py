@@ -309,7 +309,7 @@ def load_dataset(
         if root is None:
             reasons.append("no data directory given (data_dir= or BANG_DATA_DIR)")
         elif not root.is_dir():
-            reasons.append(f"data directory {root} ({configured}) does not exist")
+            reasons.append(f"data directory {root} ({configured}) does not exist or is not a folder")
         else:
             directory, missing = _dataset_dir(name, root)
             if directory is not None:

@@ -203,11 +203,15 @@ def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), 
     return row
 
 
-def _parse_floats(text):
+def _parse_floats(text, flag="value"):
     try:
-        return tuple(float(e) for e in text.split(",") if e.strip())
+        values = tuple(float(e) for e in text.split(",") if e.strip())
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not (0 <= v < float("inf"))]
+    if bad:
+        raise ValueError(f"{flag} expects finite non-negative numbers of pixels, got {list(bad)}")
+    return values
 
 
 def _fmt(v, pct=False):
@@ -321,10 +325,10 @@ def _main(args):
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     try:
         options = dict(
-            pgd_epsilons=_parse_floats(args.pgd_eps), pgd_steps=args.pgd_steps,
+            pgd_epsilons=_parse_floats(args.pgd_eps, "--pgd-eps"), pgd_steps=args.pgd_steps,
             pgd_min_max_epsilon=args.pgd_min_max_eps, square_queries=args.square_queries,
-            square_epsilons=None if args.square_eps is None else _parse_floats(args.square_eps),
-            curves=_parse_floats(args.curve_eps) if args.curves else None,
+            square_epsilons=None if args.square_eps is None else _parse_floats(args.square_eps, "--square-eps"),
+            curves=_parse_floats(args.curve_eps, "--curve-eps") if args.curves else None,
             curve_attacks=tuple(a.strip() for a in args.curve_attacks.split(",") if a.strip()),
         )
         _validate(attacks, **options)
@@ -349,10 +353,21 @@ def _main(args):
         run_dir = Path(args.run_dir)
         if not (run_dir / "config.json").is_file():
             raise UsageError(f"--run-dir {run_dir} has no config.json: not a run directory of python -m experiments.*")
-        dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
+        run_config = json.loads((run_dir / "config.json").read_text())
+        dataset = run_config["dataset"]
         if args.dataset and args.dataset != dataset:
             raise UsageError(f"--dataset {args.dataset} does not match the run's dataset {dataset}")
+        names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+        trained = load_params(run_dir)[0]
+        unknown = [n for n in names or [] if n not in trained]
+        if unknown:
+            raise UsageError(f"--models: {', '.join(unknown)} not in {run_dir} (it has {', '.join(trained)})")
+        if args.data_dir is None and not os.environ.get("BANG_DATA_DIR") and run_config.get("data_dir"):
+            args.data_dir = run_config["data_dir"]  # the data the run was made with, not a fallback
+            print(f"data: using the run's data directory {args.data_dir}", file=sys.stderr)
     ds = load_dataset(dataset, args.data_dir)
+    if args.run_dir and run_config.get("data_source") and ds.source != run_config["data_source"]:
+        print(f"note: the run was trained on {run_config['data_source']}; evaluating on {ds.source}", file=sys.stderr)
     if args.caffe_weights:
         mean = mean_image(ds.train_images) if dataset == "cifar10" else None
         model, variables = load_caffe_weights(args.caffe_weights, mean_image=mean, dataset=dataset)

@@ -618,6 +618,7 @@ def train(
     ctx = LoopContext(workdir, list(models), config, 0, 0, states, writer=distributed.is_writer())
     if workdir is not None and ctx.writer:
         workdir.mkdir(parents=True, exist_ok=True)
+        ckpt_lib.refuse_symlinked_dirs(workdir)
     for c in reversed(callbacks):  # the checkpoint first: the others clean up after the iteration it resumes at
         c.on_start(ctx)
     states = distributed.put_models(ctx.states, mesh)
