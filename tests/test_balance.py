@@ -13,7 +13,7 @@ from bang_jax import bang, eta, mark_per_example, safe_norm
 
 
 def eta_reference(norms, correct, epsilon, ratio):
-    """SPEC §1 step 3 written out with Python floats, one example at a time."""
+    """docs/semantics.md written out with Python floats, one example at a time."""
     m = max(norms)
     out = []
     for n, c in zip(norms, correct):

@@ -1,4 +1,4 @@
-"""The authors' released Caffe weights load and give the paper's accuracies (SPEC §6, Tables 1–2)."""
+"""The authors' released Caffe weights load and give the paper's accuracies (docs/semantics.md, Tables 1–2)."""
 
 import numpy as np
 import pytest

@@ -123,7 +123,7 @@ def test_single_pass_equals_per_example_on_paper_models(model_cls, shape, dropou
 
 
 def test_saturated_softmax_regime_in_float64():
-    """η up to ~1e15: both paths agree in float64 and stay finite (SPEC §1 numerics)."""
+    """η up to ~1e15: both paths agree in float64 and stay finite (docs/semantics.md numerics)."""
     with jax.enable_x64(True):
         model = TinyNet()
         rng = np.random.default_rng(5)

@@ -2,7 +2,7 @@
 
 Every number is checked against an independent per-example reference written here from Flax and JAX alone (a
 test-local interceptor or module wrapper adds zero perturbations to the weighted layers' outputs, a Python loop
-runs each example, and η and the weighted means are computed in float64 numpy from SPEC §1), never from the
+runs each example, and η and the weighted means are computed in float64 numpy from docs/semantics.md), never from the
 library's internals. BatchNorm in training mode has no per-example gradient; its reference is the batch-loss
 definition (κ rows of the batch loss's layer-output gradient, each layer's weight gradient from the η-scaled rows).
 """
@@ -39,7 +39,7 @@ def argmax_correct(outputs, labels):
 
 
 def eta64(norms, correct):
-    """SPEC §1 step 3 in float64, one example at a time."""
+    """docs/semantics.md in float64, one example at a time."""
     m = max(norms)
     return np.array([1.0 if n == 0 else (m / n) ** ((EPS if c else EPS * RATIO) * (1 - n / m))
                      for n, c in zip(norms, correct)])

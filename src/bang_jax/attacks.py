@@ -1,4 +1,4 @@
-"""The paper's adversarial attacks: FGS and hot/cold (HC1) directions and the discrete line search (SPEC §4).
+"""The paper's adversarial attacks: FGS and hot/cold (HC1) directions and the discrete line search (docs/semantics.md).
 
 Every attack takes a ``logits_fn(images) -> [N, classes]`` on images in **pixel units 0..255** (for the bundled
 models: ``lambda x: model.apply(variables, x)``). Build one and run the paper's protocol::
@@ -211,7 +211,7 @@ def line_search_attack(
     batch_size: int = 256,
     progress: bool = False,
 ) -> AttackResult:
-    """The paper's minimal-step line search along each direction (SPEC §4).
+    """The paper's minimal-step line search along each direction (docs/semantics.md).
 
     With d = g / max|g|, tries x_t = clip(round(x + t·d), 0, 255) for t = 1, 2, … and returns the first t whose
     predicted label differs from ``labels`` — exactly the result of trying every step in order. It evaluates

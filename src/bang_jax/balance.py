@@ -65,7 +65,7 @@ def safe_norm(x: jax.Array) -> jax.Array:
 
 
 def eta(kappa_norms: jax.Array, correct: jax.Array, epsilon: Any, ratio: Any = 1.0) -> jax.Array:
-    """BANG's balancing factors η for one layer (paper eq. 5, SPEC §1 step 3).
+    """BANG's balancing factors η for one layer (paper eq. 5, docs/semantics.md).
 
     Args:
       kappa_norms: ``[N]`` norms n_i ≥ 0 of the layer-output gradients κ_i (any common scale: only ratios
@@ -357,7 +357,7 @@ class BangState(NamedTuple):
 def bang(
     epsilon: Any = None, beta: Any = None, ratio: Any = None, *, config: BangConfig | None = None
 ) -> optax.GradientTransformationExtraArgs:
-    """Aggregates per-example gradients into BANG's balanced batch gradient (paper eq. 6, SPEC §1).
+    """Aggregates per-example gradients into BANG's balanced batch gradient (paper eq. 6, docs/semantics.md).
 
     For every parameter leaf g of shape ``[N, ...]`` (per-example gradients of the per-example losses E_i,
     batch on axis 0) this returns ``β · (1/N) Σ_i η_i g_i`` with η from :func:`eta`, computed from the κ norms

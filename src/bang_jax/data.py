@@ -86,7 +86,7 @@ class Dataset:
         )
 
 
-# SHA-256 of the *decompressed* official files (see shared/data/SOURCES.md).
+# SHA-256 of the *decompressed* official files (see docs/data.md).
 _CHECKSUMS = {
     "mnist": {
         "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",

@@ -17,7 +17,7 @@ Three ways to get a batch gradient from ``apply_fn(variables, inputs, rngs=..., 
 **What is balanced.** Weighted layers — by default ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``,
 ``nn.ConvTranspose``, ``nn.ConvLocal``, ``nn.Einsum`` (and so the projections inside
 ``nn.MultiHeadDotProductAttention``) — are found with :func:`flax.linen.intercept_methods`. κ of a layer is the
-gradient of the loss w.r.t. that layer's output (before any activation that follows it, SPEC §1.2). All other
+gradient of the loss w.r.t. that layer's output (before any activation that follows it, docs/semantics.md). All other
 parameters (biases of LayerNorm/BatchNorm, embeddings, free ``self.param``\\ s) get their ordinary gradient:
 η = 1, and β still applies. ``aux.layer_kappa_norms`` and :func:`weighted_layers` list the balanced layers.
 
@@ -251,7 +251,7 @@ def _float0_like(x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _balanced(layer_fn, groups, p, x, extra, probe, correct, eps, ratio):
-    """``layer_fn(p, x, extra)`` whose backward scales κ by η for the parameter gradient only (SPEC §1.1, 1.5).
+    """``layer_fn(p, x, extra)`` whose backward scales κ by η for the parameter gradient only (docs/semantics.md).
 
     ``groups`` is a tuple of tuples of leaf indices of ``p`` that share one (ε, ratio) pair (``eps[g]``,
     ``ratio[g]``). The cotangent of ``probe`` (``[1 + len(groups), N]``) carries the κ norms and each group's η
@@ -832,7 +832,7 @@ def bang_grad(
     return_aux=False,
     **apply_kwargs,
 ):
-    """BANG's balanced gradient from one ordinary backward pass (the authors' Caffe way, SPEC §1).
+    """BANG's balanced gradient from one ordinary backward pass (the authors' Caffe way, docs/semantics.md).
 
     The result equals ``bang(epsilon, beta, ratio)`` applied to :func:`per_example_grads` (paper eq. 6),
     but costs about one plain forward and backward pass: each weighted layer runs under a custom VJP that

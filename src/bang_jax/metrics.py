@@ -1,4 +1,4 @@
-"""SSIM and PASS (Perceptual Adversarial Similarity Score; Rozsa, Rudd, Boult 2016), SPEC §4.
+"""SSIM and PASS (Perceptual Adversarial Similarity Score; Rozsa, Rudd, Boult 2016), docs/semantics.md
 
 PASS(x̃, x) = SSIM(ψ(x̃, x), x), where ψ aligns x̃ to x with the homography maximising the Enhanced Correlation
 Coefficient (OpenCV ``findTransformECC``, MOTION_HOMOGRAPHY, 50 iterations, eps 1e-3, gaussFiltSize 5), warped

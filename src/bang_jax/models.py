@@ -1,4 +1,4 @@
-"""Caffe-faithful LeNet and CIFAR-10 "quick" models (SPEC §2), taking images in pixel units.
+"""Caffe-faithful LeNet and CIFAR-10 "quick" models (docs/semantics.md), taking images in pixel units.
 
 Both modules take ``[N, H, W, C]`` float32 images with values in 0..255 and do their own preprocessing, so
 attacks and noise work in pixel space:
@@ -86,7 +86,7 @@ _xavier = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # Caffe "x
 
 
 class LeNet(nn.Module):
-    """Caffe's MNIST LeNet with the paper's dropout layer (SPEC §2).
+    """Caffe's MNIST LeNet with the paper's dropout layer (docs/semantics.md).
 
     conv1 20@5×5 → max 2×2/2 → conv2 50@5×5 → max 2×2/2 → ip1 500 → ReLU → dropout 0.5 → ip2 10.
     Input ``[N, 28, 28, 1]`` pixels 0..255; output ``[N, 10]`` logits. 431,080 parameters.
@@ -113,7 +113,7 @@ class LeNet(nn.Module):
 
 
 class CifarQuick(nn.Module):
-    """Caffe's CIFAR-10 "quick" model with the paper's dropout layer (SPEC §2).
+    """Caffe's CIFAR-10 "quick" model with the paper's dropout layer (docs/semantics.md).
 
     conv1 32@5×5 p2 → max 3×3/2 → ReLU → conv2 32@5×5 p2 → ReLU → ave 3×3/2 → conv3 64@5×5 p2 → ReLU →
     ave 3×3/2 → ip1 64 → dropout 0.5 → ip2 10. Spatial sizes 32 → 16 → 8 → 4 (ceil mode), ip1 input 1024.

@@ -331,7 +331,7 @@ def bang_grad(
     return_aux: bool = False,
     **call_kwargs,
 ):
-    """BANG's balanced gradient of an NNX model from one ordinary backward pass (SPEC §1).
+    """BANG's balanced gradient of an NNX model from one ordinary backward pass (docs/semantics.md).
 
     Equals ``bang(epsilon, beta, ratio)`` applied to :func:`per_example_grads` where per-example gradients
     exist, and gives the batch-loss definition of :mod:`bang_jax.gradients` for BatchNorm in training mode.

@@ -1,4 +1,4 @@
-"""Robustness to random Gaussian noise over training (paper Figs. 3 and 5, SPEC §4).
+"""Robustness to random Gaussian noise over training (paper Figs. 3 and 5, docs/semantics.md).
 
 Protocol: pick ``per_class`` test images per class that **every** compared model classifies correctly at every
 tested checkpoint (first ones in test-set order); add Gaussian noise of standard deviation σ (pixel units) to

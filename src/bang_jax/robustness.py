@@ -23,7 +23,7 @@ Definitions (also written into the returned dicts):
 * An adversarial found at a smaller budget counts at every larger one, so every curve is monotone. The
   fixed-budget attacks (PGD, Square) therefore run at the budgets in increasing order, each on the images not
   fooled yet.
-* FGS curves come from the paper's minimal-step line search (SPEC §4) along the FGS direction, searched up to
+* FGS curves come from the paper's minimal-step line search (docs/semantics.md) along the FGS direction, searched up to
   the largest ε: success at ε iff the smallest successful step has L∞ ≤ ε. One search gives the whole curve, and
   it is the paper's own success criterion. (A single fixed step of size ε, :func:`~bang_jax.attacks.fixed_step_attack`,
   can miss where a smaller step would succeed.)

@@ -1,4 +1,4 @@
-"""Caffe's SGD solver as an optax chain (SPEC §3).
+"""Caffe's SGD solver as an optax chain (docs/semantics.md).
 
 Caffe updates ``v ← μ·v + lr·lr_mult·(g + wd·w); w ← w − v``: the learning rate sits **inside** the momentum
 buffer, so ``optax.sgd`` (which applies lr after the trace) differs whenever lr changes. Biases have
@@ -65,7 +65,7 @@ def caffe_sgd(
     """Caffe's SGD: weight decay on every parameter, lr (× lr_mult, 2 for leaves named ``bias``) inside momentum.
 
     Put it after :func:`bang_jax.bang` (or feed it a batch gradient from :func:`bang_jax.bang_grad`); the
-    decay is added after BANG's balancing, so neither η nor β scales it (SPEC §1.6).
+    decay is added after BANG's balancing, so neither η nor β scales it (docs/semantics.md).
     """
     _check_positive("momentum", momentum)
     _check_positive("weight_decay", weight_decay)
@@ -101,7 +101,7 @@ def caffe_sgd(
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    """A Caffe SGD solver (SPEC §3). ``policy`` is ``'inv'``, ``'multistep'`` or ``'fixed'``."""
+    """A Caffe SGD solver (docs/semantics.md). ``policy`` is ``'inv'``, ``'multistep'`` or ``'fixed'``."""
 
     base_lr: float
     momentum: float = 0.9
