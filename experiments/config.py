@@ -28,7 +28,7 @@ import yaml
 
 from bang_jax.balance import BangConfig
 from bang_jax.solvers import SolverConfig
-from bang_jax.train import GRADIENT_METHODS, MODEL_BATCHINGS, ModelSpec, TrainConfig
+from bang_jax.train import ModelSpec, TrainConfig
 
 from bang_jax.evaluate import ATTACKS  # noqa: E402  (the attacks evaluate_model knows)
 STAGES = ("train", "evaluate", "noise", "figures", "report")
@@ -111,19 +111,14 @@ class ExperimentConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be finite non-negative numbers, got {bad}")
         if self.noise_every and not self.noise_sigmas:
             raise ConfigError("--noise-sigmas: the noise study needs at least one σ")
-        if self.order not in ("sequential", "shuffled"):
-            raise ConfigError(f"--order must be sequential or shuffled, got {self.order!r}")
-        if self.method not in GRADIENT_METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(GRADIENT_METHODS)}, got {self.method!r}")
-        if self.model_batching not in MODEL_BATCHINGS:
-            raise ConfigError(f"--model-batching must be loop or vmap, got {self.model_batching!r}")
+        try:  # order, method and model batching are TrainConfig's to check; its messages name the field
+            self.train_config()
+        except ValueError as err:
+            field, _, rest = str(err).partition(" ")
+            raise ConfigError(f"--{field.replace('_', '-')} {rest}") from None
         if self.method == "plain" and any(m.is_bang for m in self.models):
             raise ConfigError("--method plain trains regular models only, but "
                               + ", ".join(m.name for m in self.models if m.is_bang) + " have BANG hyperparameters")
-        try:
-            self.train_config()
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
         return self
 
     def to_json(self) -> dict:
