@@ -30,11 +30,11 @@ COMMON = textwrap.dedent("""
 """)
 
 
-# XLA's CPU runtime runs the forced host devices' collectives on a small thread pool, and now and then (about one
-# twice in about ten runs of this file on 2-core machines, CI included) one device never reaches an all-gather: XLA aborts the
-# process after its collective timeout (SIGABRT, "Expected 4 threads to join the rendezvous"). Nothing in bang_jax
-# dispatches from more than one thread. We rerun up to twice on exactly that abort; any other failure, and any
-# wrong number, still fails the test.
+# XLA's CPU runtime runs the forced host devices' collectives on a small thread pool, and now and then (twice in
+# about ten runs of this file on 2-core machines, CI included) one device never reaches an all-gather: XLA aborts
+# the process after its collective timeout (SIGABRT, "Expected 4 threads to join the rendezvous"). Nothing in
+# bang_jax dispatches from more than one thread. We rerun up to twice on exactly that abort; any other failure,
+# and any wrong number, still fails the test.
 XLA_FLAGS = "--xla_cpu_collective_call_terminate_timeout_seconds=60"
 
 
