@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import bang_jax
@@ -120,6 +121,39 @@ def test_single_pass_equals_per_example_on_paper_models(model_cls, shape, dropou
         with_rngs = bang_grad(model.apply, variables, x, y, epsilon=0.815, beta=1.2, ratio=ratio,
                               rngs={"dropout": jax.random.PRNGKey(3)}, train=True)
         assert rel_err(with_rngs, single) < 1e-6
+
+
+def test_layer_factored_per_example_grads_equal_vmap_of_grad_on_lenet():
+    """LeNet's large leaves (the conv2, ip1 and ip2 kernels) come back layer-factored; their values, and bang() of
+    them, equal plain jax.vmap(jax.grad(...)) of each example's loss, materialised and marked by hand."""
+    model = LeNet()
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.integers(0, 256, (10, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 10), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(4), x[:1])
+    pe = jax.jit(lambda v: per_example_grads(model.apply, v, x, y))(variables)
+    factored = {k: {leaf: g.factored for leaf, g in d.items()} for k, d in pe.grads.items()}
+    assert factored == {"conv1": {"kernel": False, "bias": False}, "conv2": {"kernel": True, "bias": False},
+                        "ip1": {"kernel": True, "bias": False}, "ip2": {"kernel": True, "bias": False}}
+    assert "layer-factored" in repr(pe.grads["ip1"]["kernel"])
+
+    def loss1(params, x1, y1):
+        logits = model.apply({"params": params}, x1[None])
+        return -jax.nn.log_softmax(logits[0])[y1]
+
+    ref = jax.jit(jax.vmap(jax.grad(loss1), in_axes=(None, 0, 0)))(variables["params"], x, y)
+    values = jax.tree.map(lambda g: g.value, pe.grads, is_leaf=lambda g: isinstance(g, bang_jax.PerExampleGrad))
+    assert rel_err(values, ref) < 1e-5
+    tx = bang(epsilon=0.815, beta=1.2, ratio=0.5)
+    got = jax.jit(lambda g, k, c: tx.update(g, BangState(), kappa_norms=k, correct=c)[0])(
+        pe.grads, pe.kappa_norms, pe.correct)
+    want, _ = tx.update(bang_jax.mark_per_example(ref), BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
+    assert rel_err(got, want) < 1e-5
+    # a transformation placed before bang() is still caught (on the stored leaves' fingerprints)
+    with pytest.raises(ValueError, match="changed after they were computed"):
+        optax.chain(optax.scale(0.5), bang(epsilon=0.8)).update(pe.grads, optax.chain(
+            optax.scale(0.5), bang(epsilon=0.8)).init(variables["params"]), kappa_norms=pe.kappa_norms,
+            correct=pe.correct)
 
 
 def test_saturated_softmax_regime_in_float64():

@@ -9,6 +9,8 @@ definition (κ rows of the batch loss's layer-output gradient, each layer's weig
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -249,7 +251,8 @@ def both_linen_paths(model, variables, x, y, **kw):
     return both(variables)
 
 
-def check_linen(model, x, y, *, kw=None, example_kw=None, loss=None, correct_fn=None, init_kw=None):
+def check_linen(model, x, y, *, kw=None, example_kw=None, loss=None, correct_fn=None, init_kw=None,
+                factored=1):
     kw, example_kw = kw or {}, example_kw or {}
     variables = init_linen(model, one(x, 0), **(init_kw or {}), **one(example_kw, 0))
     fns = {} if loss is None else {"loss_fn": loss, "correct_fn": correct_fn}
@@ -259,7 +262,30 @@ def check_linen(model, x, y, *, kw=None, example_kw=None, loss=None, correct_fn=
     single, via_tx = both_linen_paths(model, variables, x, y, **kw, **example_kw, **fns)
     assert_close(single, ref)
     assert_close(via_tx, ref)
+    with factor_layers():  # every weighted layer's gradients in the layer-factored form
+        pe = jax.eval_shape(lambda v: bang_jax.per_example_grads(model.apply, v, x, y, **kw, **example_kw, **fns),
+                            variables)
+        assert count_factored(pe.grads) >= factored
+        _, via_tx = both_linen_paths(model, variables, x, y, **kw, **example_kw, **fns)
+    assert_close(via_tx, ref)
     return variables
+
+
+@contextlib.contextmanager
+def factor_layers():
+    """per_example_grads hands out the layer-factored form only for leaves too large to fingerprint (> 4,096
+    entries); lowering that size sends these small models' layers down that path too."""
+    old = bang_jax.balance._FINGERPRINT_MAX_SIZE
+    bang_jax.balance._FINGERPRINT_MAX_SIZE = 0
+    try:
+        yield
+    finally:
+        bang_jax.balance._FINGERPRINT_MAX_SIZE = old
+
+
+def count_factored(grads) -> int:
+    markers = jax.tree.leaves(grads, is_leaf=lambda g: isinstance(g, bang_jax.PerExampleGrad))
+    return sum(m.factored for m in markers)
 
 
 def data(shape, n=5, classes=3, seed=0):
@@ -381,7 +407,7 @@ def test_dict_inputs():
 
 def test_remat():
     x, y = data((4,), seed=5)
-    check_linen(Remat(), x, y)
+    check_linen(Remat(), x, y, factored=0)  # layers under remat keep the stored form
 
 
 def test_custom_loss_sequence_model():
@@ -595,23 +621,26 @@ def make(cls, seed=0, **kw):
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(lambda p, a: _fill(p, a, rng), abstract))
 
 
-def check_nnx(model, x, y, loss=None, correct_fn=None, **example_kw):
+def check_nnx(model, x, y, loss=None, correct_fn=None, factored=1, **example_kw):
     ref, correct = nnx_reference(model, x, y, example_kw=example_kw, loss=loss or xent,
                                  correct_fn=correct_fn or argmax_correct)
     cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
     fns = {} if loss is None else {"loss_fn": loss, "correct_fn": correct_fn}
 
-    @nnx.jit
     def both(model, x, y, kw):
         single = bnnx.bang_grad(model, x, y, config=cfg, **fns, **kw)
         pe = bnnx.per_example_grads(model, x, y, **fns, **kw)
         via_tx = bang_jax.bang(config=cfg).update(pe.grads, None, kappa_norms=pe.kappa_norms, correct=pe.correct)[0]
-        return single, via_tx
+        return single, via_tx, count_factored(pe.grads)
 
-    single, via_tx = both(model, x, y, example_kw)
+    single, via_tx, _ = nnx.jit(both)(model, x, y, example_kw)
     assert isinstance(single, nnx.State)
     assert jax.tree.structure(single) == jax.tree.structure(nnx.state(model, nnx.Param))
     assert_close(single, ref)
+    assert_close(via_tx, ref)
+    with factor_layers():  # a fresh jit: traced with every weighted layer's gradients in the layer-factored form
+        _, via_tx, n_factored = nnx.jit(both)(model, x, y, example_kw)
+    assert n_factored >= factored
     assert_close(via_tx, ref)
 
 

@@ -271,19 +271,78 @@ class PerExampleGrad(metaclass=_PerExampleGradType):
         LeNet that made the per-example step 20% slower), while any transformation that touches every leaf is
         caught on the small ones.
 
-    A pytree node (children ``value`` and ``fingerprint``), so it crosses ``jit``/``vmap`` boundaries and
-    ``nnx.Optimizer.update``. Arithmetic on it raises, so per-example gradients that reach ``apply_updates`` or an
-    optimiser unbalanced fail loudly instead of being averaged or broadcast silently.
+    A leaf can be held in one of two forms. *Stored*: ``value`` itself (what :func:`mark_per_example` makes).
+    *Layer-factored* (what :func:`bang_jax.per_example_grads` makes for the large leaves of weighted layers): the
+    layer's function and parameters, each example's input to the layer (batch 1) and κ_i, the gradient of E_i with
+    respect to the layer's output. The per-example gradient is then the layer's own vector-Jacobian product,
+    ``∂E_i/∂θ = (∂layer(θ, x_i)/∂θ)ᵀ κ_i`` (chain rule; exact, since the layer's parameters enter the loss through
+    that one call). ``value`` computes it on access (``vmap`` of that product), and :func:`bang` forms its
+    weighted sum ``Σ_i η_i ∂E_i/∂θ`` as the same products with ``η_i κ_i`` summed over the batch, which XLA turns
+    into one matrix product instead of writing ``[N, *param.shape]`` to memory and reading it back.
+
+    A pytree node (children ``value`` and ``fingerprint``, or the factors and ``fingerprint``), so it crosses
+    ``jit``/``vmap`` boundaries and ``nnx.Optimizer.update``. Arithmetic on it raises, so per-example gradients
+    that reach ``apply_updates`` or an optimiser unbalanced fail loudly instead of being averaged or broadcast
+    silently.
     """
 
-    __slots__ = ("value", "fingerprint")
+    __slots__ = ("_value", "fingerprint", "_factors", "_layer")
 
     def __init__(self, value, fingerprint):
-        self.value = value
-        self.fingerprint = fingerprint
+        self._value, self.fingerprint = value, fingerprint
+        self._factors, self._layer = None, None
+
+    @classmethod
+    def from_layer(cls, layer_fn, leaf: int, params, inputs, extra, kappa, fingerprint=None) -> PerExampleGrad:
+        """The layer-factored form: leaf ``leaf`` (``jax.tree.leaves`` order) of ``layer_fn(params, x, extra)``'s
+        parameter gradient, for inputs ``[N, 1, ...]`` (each example with batch 1), ``extra`` batched on axis 0
+        and κ ``[N, 1, ...]`` (the gradient of each example's loss with respect to the layer's output)."""
+        g = cls.__new__(cls)
+        g._value, g.fingerprint = None, fingerprint
+        g._factors, g._layer = (params, inputs, extra, kappa), (layer_fn, leaf)
+        return g
+
+    @property
+    def factored(self) -> bool:
+        return self._factors is not None
+
+    @property
+    def value(self):
+        return self._value if self._factors is None else self._layer_grads(None)
+
+    def _layer_grads(self, weights):
+        """``[N, *param.shape]`` per-example layer VJPs, with κ_i scaled by ``weights[i]`` when given."""
+        layer_fn, leaf = self._layer
+        params, inputs, extra, kappa = self._factors
+
+        def one(x1, e1, k1, w1):
+            _, pullback = jax.vjp(lambda q: layer_fn(q, x1, e1), params)
+            if w1 is not None:
+                k1 = k1 * w1.astype(k1.dtype)
+            return jax.tree.leaves(pullback(k1)[0])[leaf]
+
+        if weights is None:
+            return jax.vmap(lambda x1, e1, k1: one(x1, e1, k1, None))(inputs, extra, kappa)
+        return jax.vmap(one)(inputs, extra, kappa, weights)
+
+    def _shape_dtype(self) -> tuple[tuple, Any]:
+        if self._factors is None:
+            v = jnp.asarray(self._value) if not hasattr(self._value, "shape") else self._value
+            return tuple(v.shape), v.dtype
+        out = jax.eval_shape(lambda: self._layer_grads(None))
+        return tuple(out.shape), out.dtype
+
+    def weighted_sum(self, weights: jax.Array) -> jax.Array:
+        """``Σ_i weights[i] · value[i]`` (``param.shape``), without materialising ``value`` for a factored leaf."""
+        if self._factors is None:
+            v = self._value
+            return jnp.tensordot(jnp.asarray(weights).astype(v.dtype), v, axes=1)
+        return jnp.sum(self._layer_grads(weights), axis=0)
 
     def __repr__(self):
-        return f"PerExampleGrad(value={getattr(self.value, 'shape', self.value)}, fingerprint=…)"
+        shape = self._shape_dtype()[0] if self._factors is not None else getattr(self._value, "shape", self._value)
+        form = ", layer-factored" if self._factors is not None else ""
+        return f"PerExampleGrad(value={shape}{form}, fingerprint=…)"
 
     def _refuse(self, *_args, **_kwargs):
         raise TypeError(_MISUSE.format(what="arithmetic"))
@@ -295,13 +354,29 @@ class PerExampleGrad(metaclass=_PerExampleGradType):
         raise TypeError(_MISUSE.format(what="a jax.numpy function"))
 
 
-jax.tree_util.register_pytree_with_keys(
-    PerExampleGrad,
-    lambda m: (((jax.tree_util.GetAttrKey("value"), m.value), (jax.tree_util.GetAttrKey("fingerprint"), m.fingerprint)),
-               None),
-    lambda _, children: PerExampleGrad(*children),
-    flatten_func=lambda m: ((m.value, m.fingerprint), None),
-)
+_FACTOR_KEYS = tuple(jax.tree_util.GetAttrKey(k) for k in ("params", "inputs", "extra", "kappa", "fingerprint"))
+
+
+def _flatten_with_keys(m):
+    if m._factors is None:
+        return (((jax.tree_util.GetAttrKey("value"), m._value), (jax.tree_util.GetAttrKey("fingerprint"),
+                                                                 m.fingerprint)), None)
+    return tuple(zip(_FACTOR_KEYS, (*m._factors, m.fingerprint))), m._layer
+
+
+def _flatten(m):
+    if m._factors is None:
+        return (m._value, m.fingerprint), None
+    return (*m._factors, m.fingerprint), m._layer
+
+
+def _unflatten(layer, children):
+    if layer is None:
+        return PerExampleGrad(*children)
+    return PerExampleGrad.from_layer(layer[0], layer[1], *children)
+
+
+jax.tree_util.register_pytree_with_keys(PerExampleGrad, _flatten_with_keys, _unflatten, flatten_func=_flatten)
 
 
 _FINGERPRINT_MAX_SIZE = 4096
@@ -325,12 +400,27 @@ def mark_per_example(grads: Any) -> Any:
     leaves = [jnp.asarray(g) for g in leaves]
     if any(g.ndim == 0 for g in leaves):
         raise ValueError("per-example gradients need a leading batch axis; got a scalar leaf")
-    sizes = [int(np.prod(g.shape[1:])) for g in leaves]
+    return treedef.unflatten(_mark_leaves(leaves))
+
+
+def _mark_leaves(leaves: list) -> list[PerExampleGrad]:
+    """Markers for per-example gradient leaves: arrays, or ``(layer_fn, leaf, params, inputs, extra, kappa)``
+    tuples for the layer-factored form, which is used only for leaves too large to fingerprint (others, and the
+    smallest leaf, are stored: their fingerprint reads them)."""
+    shapes = [g.shape if hasattr(g, "shape") else jax.eval_shape(lambda f=g: PerExampleGrad.from_layer(*f).value).shape
+              for g in leaves]
+    sizes = [int(np.prod(s[1:])) for s in shapes]
     smallest = int(np.argmin(sizes)) if sizes else -1
-    return treedef.unflatten([
-        PerExampleGrad(g, per_example_fingerprint(g) if size <= _FINGERPRINT_MAX_SIZE or i == smallest else None)
-        for i, (g, size) in enumerate(zip(leaves, sizes))
-    ])
+    out = []
+    for i, (g, size) in enumerate(zip(leaves, sizes)):
+        fingerprinted = size <= _FINGERPRINT_MAX_SIZE or i == smallest
+        if not hasattr(g, "shape"):
+            if not fingerprinted:
+                out.append(PerExampleGrad.from_layer(*g))
+                continue
+            g = PerExampleGrad.from_layer(*g).value
+        out.append(PerExampleGrad(g, per_example_fingerprint(g) if fingerprinted else None))
+    return out
 
 
 def _is_marker_or_masked(x) -> bool:
@@ -442,23 +532,23 @@ def bang(
         for path, g, k, p in zip(paths, leaves, norm_leaves, param_leaves):
             if isinstance(g, optax.MaskedNode):
                 continue
-            v = g.value
-            if v.ndim == 0 or v.shape[0] != n:
+            v_shape, v_dtype = g._shape_dtype()
+            if len(v_shape) == 0 or v_shape[0] != n:
                 raise ValueError(
                     f"bang() expects per-example gradients with the batch (N={n}, from correct) on axis 0, but "
-                    f"the leaf {path} has shape {v.shape}"
+                    f"the leaf {path} has shape {v_shape}"
                 )
-            if p is not None and hasattr(p, "shape") and tuple(v.shape[1:]) != tuple(p.shape):
+            if p is not None and hasattr(p, "shape") and tuple(v_shape[1:]) != tuple(p.shape):
                 raise ValueError(
-                    f"bang() got per-example gradients of shape {v.shape} for the parameter {path} of shape "
+                    f"bang() got per-example gradients of shape {v_shape} for the parameter {path} of shape "
                     f"{tuple(p.shape)}; expected ({n}, *{tuple(p.shape)}): bang() must come first in the chain"
                 )
             if jnp.shape(k) != (n,):
                 raise ValueError(f"kappa_norms leaf {path} must have shape ({n},), got {jnp.shape(k)}")
             if g.fingerprint is None:
                 continue
-            tol = 3e-2 if jnp.finfo(v.dtype).bits <= 16 else 1e-3
-            now = per_example_fingerprint(v)
+            tol = 3e-2 if jnp.finfo(v_dtype).bits <= 16 else 1e-3
+            now = per_example_fingerprint(g.value)
             was = jnp.asarray(g.fingerprint, jnp.float32)
             mismatch.append(jnp.any(jnp.abs(now - was) > tol * jnp.maximum(now, was)))
             checked_paths.append(path)
@@ -470,16 +560,17 @@ def bang(
                 report = functools.partial(_raise_if_touched, tuple(checked_paths))
                 jax.lax.cond(jnp.any(bad), lambda b: jax.debug.callback(report, b), lambda b: None, bad)
 
-        values = treedef.unflatten([g if isinstance(g, optax.MaskedNode) else g.value for g in leaves])
-        eps_leaves = treedef.flatten_up_to(broadcast_to_params("epsilon", config.epsilon, values))
-        ratio_leaves = treedef.flatten_up_to(broadcast_to_params("ratio", config.ratio, values))
+        shapes = treedef.unflatten([g if isinstance(g, optax.MaskedNode) else jax.ShapeDtypeStruct(*g._shape_dtype())
+                                    for g in leaves])
+        eps_leaves = treedef.flatten_up_to(broadcast_to_params("epsilon", config.epsilon, shapes))
+        ratio_leaves = treedef.flatten_up_to(broadcast_to_params("ratio", config.ratio, shapes))
 
         def balance(g, k, e, r):
             if isinstance(g, optax.MaskedNode):
                 return g
-            v = g.value
-            w = eta(k, correct, e, r).astype(v.dtype)
-            return (jnp.tensordot(w, v, axes=1) / n).astype(v.dtype)
+            dtype = g._shape_dtype()[1]
+            w = eta(k, correct, e, r).astype(dtype)
+            return (g.weighted_sum(w) / n).astype(dtype)
 
         out = treedef.unflatten([balance(*a) for a in zip(leaves, norm_leaves, eps_leaves, ratio_leaves)])
         return apply_beta(out, config.beta), state

@@ -61,9 +61,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bang_jax import balance
 from bang_jax.balance import (
     BangConfig,
-    mark_per_example,
+    _mark_leaves,
     apply_beta,
     as_bang_config,
     broadcast_to_params,
@@ -310,6 +311,7 @@ class _Tap:
         self.perturbations, self.probes, self.correct, self.groups = perturbations, probes, correct, groups
         self.dropout_masks, self.record_dropout = dropout_masks, record_dropout
         self.layers: dict[LayerPath, _LayerRecord] = {}
+        self.calls: dict[LayerPath, tuple] = {}  # per-example perturb mode: (layer_fn, p, x, extra) per layer
         self.masks: dict[LayerPath, jax.Array] = {}
         self.entry = None
         self.passthrough = 0
@@ -364,6 +366,10 @@ class _Tap:
         if self.mode == "discover" and self.n is not None and (y.ndim == 0 or y.shape[0] != self.n):
             raise ValueError(f"{self._where(path, kind)} output {y.shape} has no batch axis of size {self.n}")
         if self.mode == "perturb":
+            # Only a call made in the model's own trace (not inside remat, cond or an inner jit) can hand its
+            # values out; the others keep the stored per-example gradient.
+            if self.per_example and self.entry is not None and _current_trace() is self.entry:
+                self.calls[path] = (layer_fn, p, x, extra)
             y = y + self.perturbations[path]
         return y
 
@@ -510,6 +516,7 @@ def _run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_ma
     state_b, state_axes = adapter.per_example_state(adapter.state, n)
     zero_perts = {p: jnp.zeros((1,) + r.out.shape[1:], r.out.dtype) for p, r in layers.items()}
     one_of = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
+    layer_fns = {}  # filled while tracing: each weighted layer's pure function, for the layer-factored gradients
 
     def one(x, y, kw, state, masks):
         x1, y1, kw1 = one_of(x), one_of(y), {**whole_kw, **one_of(kw)}
@@ -518,6 +525,9 @@ def _run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_ma
         def loss_of(params, perts):
             tap = _Tap("perturb", adapter=adapter, per_example=True, perturbations=perts, dropout_masks=masks1)
             outputs, updates = adapter.run(params, state, x1, kw1, tap)
+            layer_fns.update({path: call[0] for path, call in tap.calls.items()})
+            calls = ({path: call[1] for path, call in tap.calls.items()},
+                     {path: call[2:] for path, call in tap.calls.items()})
             for path, o in jax.tree_util.tree_flatten_with_path(outputs)[0]:
                 if np.ndim(o) == 0 or np.shape(o)[0] != 1:
                     raise ValueError(
@@ -530,22 +540,46 @@ def _run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_ma
             if np.shape(losses) != (1,):
                 raise ValueError(f"loss_fn must return one loss per example ([N]); for one example it returned "
                                  f"shape {np.shape(losses)}")
-            return losses[0], (outputs, updates)
+            return losses[0], (outputs, updates, calls)
 
-        (loss, (outputs, updates)), (g, kappa) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
+        (loss, (outputs, updates, calls)), (g, kappa) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
             adapter.params, zero_perts)
         norms = {p: _kappa_norms(kappa[p])[0] for p in layers}
-        return g, norms, jax.tree.map(lambda a: a[0], outputs), loss, updates
+        return g, norms, jax.tree.map(lambda a: a[0], outputs), loss, updates, calls, kappa
 
-    grads, norms, outputs, losses, updates = jax.vmap(one, in_axes=(0, 0, 0, state_axes, 0))(
-        inputs, labels, batched_kw, state_b, dropout_masks)
+    # The layers' parameters come out once (they do not depend on the example); inputs, extras and κ per example.
+    out_axes = (0, 0, 0, 0, 0, (None, 0), 0)
+    grads, norms, outputs, losses, updates, (layer_params, layer_inputs), kappa = jax.vmap(
+        one, in_axes=(0, 0, 0, state_axes, 0), out_axes=out_axes)(inputs, labels, batched_kw, state_b, dropout_masks)
     adapter.after_per_example(updates)
-    marked = mark_per_example(grads)
+    marked = _mark_grads(adapter, layers, grads, layer_fns, layer_params, layer_inputs, kappa)
     zeros = jnp.zeros((n,), jnp.float32)
     kappa_norms = jax.tree_util.tree_map_with_path(
         lambda path, _: norms.get(owner.get(adapter.leaf_key(path)), zeros), adapter.params)
     correct = correct_fn(outputs, labels)
     return PerExampleGrads(marked, kappa_norms, correct, jnp.mean(losses), outputs)
+
+
+def _mark_grads(adapter, layers, grads, layer_fns, layer_params, layer_inputs, kappa):
+    """Marks per-example gradients for bang(); a weighted layer's leaves too large to fingerprint are passed in the
+    layer-factored form (:class:`bang_jax.PerExampleGrad`), so that XLA never writes ``[N, *param.shape]`` for them
+    in a jitted training step (the vmapped gradient above is then dead code for those leaves and is removed)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    index = {}
+    for path, rec in layers.items():
+        for i, rel in enumerate(rec.leaf_keys):
+            index[tuple(path) + tuple(rel)] = (path, i)
+    leaves = []
+    for key_path, g in flat:
+        where = index.get(adapter.leaf_key(key_path))
+        small = int(np.prod(g.shape[1:])) <= balance._FINGERPRINT_MAX_SIZE
+        if where is None or where[0] not in layer_fns or small:
+            leaves.append(g)
+            continue
+        path, i = where
+        extra, x = layer_inputs[path][1], layer_inputs[path][0]
+        leaves.append((layer_fns[path], i, layer_params[path], x, extra, kappa[path]))
+    return treedef.unflatten(_mark_leaves(leaves))
 
 
 def _run_bang(adapter, inputs, labels, *, config, loss_fn, correct_fn, dropout_masks, kwargs):
