@@ -49,7 +49,8 @@ def make_steps(model, solver, hp):
         return finish(params, opt_state, g)
 
     def per_example(params, opt_state, consts, x, y, key):
-        pe = per_example_grads(model.apply, {**consts, "params": params}, x, y, rngs={"dropout": key}, train=True)
+        pe = per_example_grads(model.apply, {**consts, "params": params}, x, y, rngs={"dropout": key}, train=True,
+                               factor_layers=getattr(model, "untied_weighted_layers", False))
         g, _ = bang(**hp).update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
         return finish(params, opt_state, g)
 

@@ -131,7 +131,7 @@ def test_layer_factored_per_example_grads_equal_vmap_of_grad_on_lenet():
     x = jnp.asarray(rng.integers(0, 256, (10, 28, 28, 1)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 10), jnp.int32)
     variables = model.init(jax.random.PRNGKey(4), x[:1])
-    pe = jax.jit(lambda v: per_example_grads(model.apply, v, x, y))(variables)
+    pe = jax.jit(lambda v: per_example_grads(model.apply, v, x, y, factor_layers=True))(variables)
     factored = {k: {leaf: g.factored for leaf, g in d.items()} for k, d in pe.grads.items()}
     assert factored == {"conv1": {"kernel": False, "bias": False}, "conv2": {"kernel": True, "bias": False},
                         "ip1": {"kernel": True, "bias": False}, "ip2": {"kernel": True, "bias": False}}

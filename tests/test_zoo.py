@@ -237,14 +237,14 @@ def assert_close(got, ref, tol=TOL):
         assert err <= tol, f"{k}: relative error {err:.2e}"
 
 
-def both_linen_paths(model, variables, x, y, **kw):
+def both_linen_paths(model, variables, x, y, factor_layers=False, **kw):
     """(bang_grad, bang(per_example_grads)) of a linen model, in one jitted function."""
     cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
 
     @jax.jit
     def both(v):
         single = bang_jax.bang_grad(model.apply, v, x, y, config=cfg, **kw)
-        pe = bang_jax.per_example_grads(model.apply, v, x, y, **kw)
+        pe = bang_jax.per_example_grads(model.apply, v, x, y, factor_layers=factor_layers, **kw)
         return single, bang_jax.bang(config=cfg).update(pe.grads, None, v["params"], kappa_norms=pe.kappa_norms,
                                                         correct=pe.correct)[0]
 
@@ -263,10 +263,10 @@ def check_linen(model, x, y, *, kw=None, example_kw=None, loss=None, correct_fn=
     assert_close(single, ref)
     assert_close(via_tx, ref)
     with factor_layers():  # every weighted layer's gradients in the layer-factored form
-        pe = jax.eval_shape(lambda v: bang_jax.per_example_grads(model.apply, v, x, y, **kw, **example_kw, **fns),
-                            variables)
+        pe = jax.eval_shape(lambda v: bang_jax.per_example_grads(model.apply, v, x, y, factor_layers=True, **kw,
+                                                                 **example_kw, **fns), variables)
         assert count_factored(pe.grads) >= factored
-        _, via_tx = both_linen_paths(model, variables, x, y, **kw, **example_kw, **fns)
+        _, via_tx = both_linen_paths(model, variables, x, y, factor_layers=True, **kw, **example_kw, **fns)
     assert_close(via_tx, ref)
     return variables
 
@@ -627,9 +627,9 @@ def check_nnx(model, x, y, loss=None, correct_fn=None, factored=1, **example_kw)
     cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
     fns = {} if loss is None else {"loss_fn": loss, "correct_fn": correct_fn}
 
-    def both(model, x, y, kw):
+    def both(model, x, y, kw, factor=False):
         single = bnnx.bang_grad(model, x, y, config=cfg, **fns, **kw)
-        pe = bnnx.per_example_grads(model, x, y, **fns, **kw)
+        pe = bnnx.per_example_grads(model, x, y, factor_layers=factor, **fns, **kw)
         via_tx = bang_jax.bang(config=cfg).update(pe.grads, None, kappa_norms=pe.kappa_norms, correct=pe.correct)[0]
         return single, via_tx, count_factored(pe.grads)
 
@@ -639,7 +639,7 @@ def check_nnx(model, x, y, loss=None, correct_fn=None, factored=1, **example_kw)
     assert_close(single, ref)
     assert_close(via_tx, ref)
     with factor_layers():  # a fresh jit: traced with every weighted layer's gradients in the layer-factored form
-        _, via_tx, n_factored = nnx.jit(both)(model, x, y, example_kw)
+        _, via_tx, n_factored = nnx.jit(both, static_argnums=4)(model, x, y, example_kw, True)
     assert n_factored >= factored
     assert_close(via_tx, ref)
 

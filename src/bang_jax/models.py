@@ -92,6 +92,10 @@ class LeNet(nn.Module):
     Input ``[N, 28, 28, 1]`` pixels 0..255; output ``[N, 10]`` logits. 431,080 parameters.
     """
 
+    # Every weighted layer's parameters reach the loss only through that layer's own call (no tied weights), so
+    # the per-example training method may use layer-factored gradients (bang_jax.per_example_grads(factor_layers=)).
+    untied_weighted_layers = True
+
     num_classes: int = 10
     dropout_rate: float = 0.5
     param_dtype: Any = jnp.float32  # float64 (with jax_enable_x64) for reference computations
@@ -119,6 +123,10 @@ class CifarQuick(nn.Module):
     ave 3×3/2 → ip1 64 → dropout 0.5 → ip2 10. Spatial sizes 32 → 16 → 8 → 4 (ceil mode), ip1 input 1024.
     Input ``[N, 32, 32, 3]`` RGB pixels 0..255; the training-set mean image is subtracted inside.
     """
+
+    # Every weighted layer's parameters reach the loss only through that layer's own call (no tied weights), so
+    # the per-example training method may use layer-factored gradients (bang_jax.per_example_grads(factor_layers=)).
+    untied_weighted_layers = True
 
     num_classes: int = 10
     dropout_rate: float = 0.5

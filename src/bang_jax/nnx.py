@@ -291,6 +291,7 @@ def per_example_grads(
     dropout_masks=None,
     batch_kwargs: Collection[str] | None = None,
     layer_types=WEIGHTED_LAYER_TYPES,
+    factor_layers: bool = False,
     **call_kwargs,
 ) -> PerExampleGrads:
     """Per-example gradients of an NNX model's Params, κ norms and correctness (``vmap`` over ``grad``).
@@ -300,6 +301,8 @@ def per_example_grads(
       inputs, labels, loss_fn, correct_fn, dropout_masks, batch_kwargs: as in
         :func:`bang_jax.per_example_grads` (masks from :func:`sample_dropout_masks`).
       layer_types: the NNX module types treated as weighted layers.
+      factor_layers: the layer-factored form for large leaves, as in :func:`bang_jax.per_example_grads` (exact
+        only without tied weights; default ``False``).
       **call_kwargs: passed to the model (``nnx.Rngs`` objects included; array arguments with the batch on
         axis 0 are sliced per example unless ``batch_kwargs`` says otherwise).
 
@@ -312,7 +315,8 @@ def per_example_grads(
     _check_masks_path_type(dropout_masks)
     adapter = _NNX(model, call_kwargs, layer_types)
     return _run_per_example(adapter, inputs, labels, loss_fn=loss_fn, correct_fn=correct_fn,
-                            dropout_masks=dropout_masks, batch_kwargs=batch_kwargs, kwargs=adapter.kwargs)
+                            dropout_masks=dropout_masks, batch_kwargs=batch_kwargs, kwargs=adapter.kwargs,
+                            factor_layers=factor_layers)
 
 
 def bang_grad(

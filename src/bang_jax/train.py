@@ -205,7 +205,8 @@ def make_train_step(model: nn.Module, config: TrainConfig, steps_per_dispatch: i
         rngs = {"dropout": key}
         tx = _optimizer(config, state.bang)
         if method == "per_example":
-            pe = per_example_grads(model.apply, variables, images, labels, rngs=rngs, train=True)
+            pe = per_example_grads(model.apply, variables, images, labels, rngs=rngs, train=True,
+                                   factor_layers=getattr(model, "untied_weighted_layers", False))
             updates, opt_state = tx.update(pe.grads, state.opt_state, state.params, kappa_norms=pe.kappa_norms,
                                            correct=pe.correct)
             loss, correct = pe.loss, pe.correct
