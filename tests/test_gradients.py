@@ -308,3 +308,33 @@ def test_bang_grad_compiles_once_and_matches_under_vmap_over_configs(tiny):
     assert len(traces) == 1
     for i, cfg in enumerate(cfgs):
         assert rel_err(jax.tree.map(lambda g: g[i], out), bang_grad(model.apply, variables, x, y, config=cfg)) < 1e-5
+
+
+def test_factor_layers_keeps_the_stored_form_for_transformed_or_frozen_parameters():
+    """A layer that sees a transformed copy of its parameters (map_variables ×2, or frozen by stop_gradient) is not
+    factored: its VJP would not be their gradient. bang() then still equals vmap(grad) of each example's loss."""
+    for fn in (lambda a: a * 2.0, jax.lax.stop_gradient):
+        Scaled = nn.map_variables(nn.Dense, "params", lambda t, fn=fn: jax.tree.map(fn, t), init=True)
+
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.Dense(3)(nn.relu(Scaled(100)(x)))
+
+        model, rng = Net(), np.random.default_rng(6)
+        x = jnp.asarray(rng.normal(size=(6, 64)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 3, 6), jnp.int32)
+        variables = model.init(jax.random.PRNGKey(0), x[:1])
+        pe = per_example_grads(model.apply, variables, x, y, factor_layers=True)
+        assert not any(g.factored for g in jax.tree.leaves(
+            pe.grads, is_leaf=lambda g: isinstance(g, bang_jax.PerExampleGrad)))
+
+        def loss1(params, x1, y1):
+            return -jax.nn.log_softmax(model.apply({"params": params}, x1[None])[0])[y1]
+
+        ref = jax.vmap(jax.grad(loss1), in_axes=(None, 0, 0))(variables["params"], x, y)
+        tx = bang(epsilon=0.8)
+        got, _ = tx.update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
+        want, _ = tx.update(bang_jax.mark_per_example(ref), BangState(), kappa_norms=pe.kappa_norms,
+                            correct=pe.correct)
+        assert rel_err(got, want) < 1e-5
