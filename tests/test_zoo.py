@@ -85,6 +85,16 @@ def one(tree, i):
     return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[i:i + 1]), tree)
 
 
+def perturb_outputs(perts):
+    """A linen interceptor adding ``perts[layer path]`` to every weighted layer's output (κ is its gradient)."""
+    def add(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
+            out = out + perts[tuple(ctx.module.path)]
+        return out
+    return add
+
+
 def _fill(path, leaf, rng):
     """A random value for an abstract leaf: parameters ~ N(0, 1/fan_in), biases ~ N(0, 0.1²), statistics 0 / 1."""
     name = str(getattr(path[-2] if getattr(path[-1], "name", None) == "value" else path[-1], "key",
@@ -128,12 +138,7 @@ def linen_reference(apply_fn, variables, x, y, *, loss=xent, correct_fn=argmax_c
     @jax.jit
     def per_example(params, xi, yi, kwi):
         def f(params, perts):
-            def add(next_fun, args, kwargs, ctx):
-                out = next_fun(*args, **kwargs)
-                if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
-                    out = out + perts[tuple(ctx.module.path)]
-                return out
-            with nn.intercept_methods(add):
+            with nn.intercept_methods(perturb_outputs(perts)):
                 out = apply_fn({**variables, "params": params}, xi, **kw, **kwi)
             return loss(out, yi)[0], out
         perts = {p: jnp.zeros((1,) + s) for p, s in shapes.items()}
@@ -444,12 +449,7 @@ def bn_reference(model, variables, x, y):
     inputs = jax.jit(layer_inputs)(variables)
 
     def run(params, perts):
-        def tap(next_fun, args, kwargs, ctx):
-            out = next_fun(*args, **kwargs)
-            if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
-                out = out + perts[tuple(ctx.module.path)]
-            return out
-        with nn.intercept_methods(tap):
+        with nn.intercept_methods(perturb_outputs(perts)):
             out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
         return jnp.mean(xent(out, y)), out
 

@@ -326,11 +326,13 @@ class PerExampleGrad(metaclass=_PerExampleGradType):
         return jax.vmap(one)(inputs, extra, kappa, weights)
 
     def _shape_dtype(self) -> tuple[tuple, Any]:
+        """``value``'s shape and dtype, without forming it (a factored leaf: ``[N, *param.shape]``, param dtype)."""
         if self._factors is None:
             v = jnp.asarray(self._value) if not hasattr(self._value, "shape") else self._value
             return tuple(v.shape), v.dtype
-        out = jax.eval_shape(lambda: self._layer_grads(None))
-        return tuple(out.shape), out.dtype
+        params, inputs = self._factors[:2]
+        param = jax.tree.leaves(params)[self._layer[1]]
+        return (inputs.shape[0], *param.shape), param.dtype
 
     def weighted_sum(self, weights: jax.Array) -> jax.Array:
         """``Σ_i weights[i] · value[i]`` (``param.shape``), without materialising ``value`` for a factored leaf."""
@@ -364,19 +366,13 @@ def _flatten_with_keys(m):
     return tuple(zip(_FACTOR_KEYS, (*m._factors, m.fingerprint))), m._layer
 
 
-def _flatten(m):
-    if m._factors is None:
-        return (m._value, m.fingerprint), None
-    return (*m._factors, m.fingerprint), m._layer
-
-
 def _unflatten(layer, children):
     if layer is None:
         return PerExampleGrad(*children)
     return PerExampleGrad.from_layer(layer[0], layer[1], *children)
 
 
-jax.tree_util.register_pytree_with_keys(PerExampleGrad, _flatten_with_keys, _unflatten, flatten_func=_flatten)
+jax.tree_util.register_pytree_with_keys(PerExampleGrad, _flatten_with_keys, _unflatten)
 
 
 _FINGERPRINT_MAX_SIZE = 4096
@@ -407,8 +403,7 @@ def _mark_leaves(leaves: list) -> list[PerExampleGrad]:
     """Markers for per-example gradient leaves: arrays, or ``(layer_fn, leaf, params, inputs, extra, kappa)``
     tuples for the layer-factored form, which is used only for leaves too large to fingerprint (others, and the
     smallest leaf, are stored: their fingerprint reads them)."""
-    shapes = [g.shape if hasattr(g, "shape") else jax.eval_shape(lambda f=g: PerExampleGrad.from_layer(*f).value).shape
-              for g in leaves]
+    shapes = [g.shape if hasattr(g, "shape") else PerExampleGrad.from_layer(*g)._shape_dtype()[0] for g in leaves]
     sizes = [int(np.prod(s[1:])) for s in shapes]
     smallest = int(np.argmin(sizes)) if sizes else -1
     out = []
