@@ -24,8 +24,8 @@ import bang_jax.nnx as bnnx
 
 EPS, BETA, RATIO = 0.8, 1.3, 0.5
 TOL = 1e-5
-LINEN_WEIGHTED = (nn.Dense, nn.DenseGeneral, nn.Conv)
-NNX_WEIGHTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+LINEN_WEIGHTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+NNX_WEIGHTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def linen_reference(apply_fn, variables, x, y, *, loss=xent, correct_fn=argmax_c
     def recorder(next_fun, args, kwargs, ctx):
         out = next_fun(*args, **kwargs)
         if ctx.method_name == "__call__" and isinstance(ctx.module, LINEN_WEIGHTED):
-            shapes[tuple(ctx.module.path)] = out.shape[1:]
+            shapes[tuple(ctx.module.path)] = out.shape  # one example: batch 1 on whichever axis carries it
         return out
 
     with nn.intercept_methods(recorder):
@@ -141,7 +141,7 @@ def linen_reference(apply_fn, variables, x, y, *, loss=xent, correct_fn=argmax_c
             with nn.intercept_methods(perturb_outputs(perts)):
                 out = apply_fn({**variables, "params": params}, xi, **kw, **kwi)
             return loss(out, yi)[0], out
-        perts = {p: jnp.zeros((1,) + s) for p, s in shapes.items()}
+        perts = {p: jnp.zeros(s) for p, s in shapes.items()}
         (_, out), (g, k) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, perts)
         return g, k, correct_fn(out, yi)[0]
 
@@ -173,7 +173,7 @@ class Recorder(nnx.Module):
 
     def __call__(self, x, **kwargs):
         out = self.layer(x, **kwargs)
-        self.shapes[self.path] = out.shape[1:]
+        self.shapes[self.path] = out.shape  # one example: batch 1 on whichever axis carries it
         return out
 
 
@@ -200,7 +200,7 @@ def nnx_reference(model, x, y, *, loss=xent, correct_fn=argmax_correct, kw=None,
     _replace_layers(probe, lambda path, layer: Recorder(layer, shapes, path))
     probe(one(x, 0), **kw, **one(example_kw, 0))
     wrapped = nnx.clone(model)
-    layers = _replace_layers(wrapped, lambda path, layer: Perturbed(layer, (1,) + shapes[path]))
+    layers = _replace_layers(wrapped, lambda path, layer: Perturbed(layer, shapes[path]))
     graphdef, diff, rest = nnx.split(wrapped, nnx.Any(nnx.Param, PertVar), ...)
 
     @jax.jit
@@ -779,3 +779,70 @@ def test_nnx_model_trains_with_nnx_optimizer_on_both_paths():
 
         losses = [float(step(model, optimizer, x, y)) for _ in range(25)]
         assert losses[-1] < 0.5 * losses[0], (route, losses)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The batch axis of a weighted layer's output is found from the model, never assumed to be axis 0.
+
+
+class NNXBatchSecond(nnx.Module):
+    """A Gemma-style projection whose output carries the batch on axis 1: ``Einsum('bd,sdh->sbh')``."""
+
+    def __init__(self, rngs, s=2):
+        self.proj = nnx.Einsum("bd,sdh->sbh", (s, 4, 3), (s, 1, 3), rngs=rngs)
+        self.head = nnx.Linear(s * 3, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.tanh(self.proj(x))  # [S, N, H]
+        return self.head(jnp.transpose(h, (1, 0, 2)).reshape((x.shape[0], -1)))
+
+
+class LinenBatchSecond(nn.Module):
+    s: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.tanh(nn.Einsum((self.s, 4, 3), "bd,sdh->sbh", use_bias=False, name="proj")(x))
+        return nn.Dense(3, name="head")(jnp.transpose(h, (1, 0, 2)).reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize("n", [2, 3])  # n = 2: the trap, axis 0 of the projection's output has the batch's length
+def test_batch_on_a_later_axis_is_found_not_assumed(n):
+    x, y = data((4,), n=n, seed=40)
+    model = make(NNXBatchSecond)
+    check_nnx(model, x, y, factored=0)
+    assert bnnx.weighted_layers(model, x)[("proj",)] == (2, n, 3)
+    check_linen(LinenBatchSecond(), x, y, factored=0)
+
+
+class MergedBatch(nn.Module):
+    """Flattens [N, T, D] to [N·T, D] before a Dense: no output axis carries one example."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4, name="tok")(x.reshape((-1, x.shape[-1])))
+        return nn.Dense(3, name="head")(h.reshape((x.shape[0], -1)))
+
+
+class BatchFree(nn.Module):
+    """A weighted layer applied to a parameter only: its output does not depend on the batch size."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = nn.Dense(4, name="gen")(self.param("seed", nn.initializers.normal(), (1, 3)))
+        return nn.Dense(3, name="head")(x) + w[:, :3]
+
+
+@pytest.mark.parametrize("model, shape, needle", [
+    (MergedBatch(), (2, 5), "tok (Dense): its output has shape (4, 4) at batch 2 and (6, 4) at batch 3: the batch is "
+                            "merged"),
+    (BatchFree(), (3,), "gen (Dense): its output (1, 4) does not depend on the batch size"),
+])
+def test_no_unique_batch_axis_is_refused_with_a_remedy(model, shape, needle):
+    x, y = data(shape, n=2, seed=41)
+    variables = init_linen(model, x)
+    for fn in (lambda: bang_jax.bang_grad(model.apply, variables, x, y, epsilon=0.8),
+               lambda: bang_jax.per_example_grads(model.apply, variables, x, y)):
+        with pytest.raises(ValueError, match="layer_types=") as err:
+            fn()
+        assert needle in str(err.value)

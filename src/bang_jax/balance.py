@@ -41,26 +41,30 @@ __all__ = [
 ]
 
 
-def safe_norm(x: jax.Array) -> jax.Array:
-    """Per-example L2 norm over every axis but the first, without underflow.
+def safe_norm(x: jax.Array, batch_axis: int = 0) -> jax.Array:
+    """Per-example L2 norm over every axis but the batch axis, without underflow.
 
     Args:
-      x: ``[N, ...]`` array (for instance κ, the loss gradient w.r.t. a layer's output).
+      x: ``[N, ...]`` array (for instance κ, the loss gradient w.r.t. a layer's output), or any array whose
+        ``batch_axis`` carries the batch.
+      batch_axis: the axis that indexes the examples (default 0).
 
     Returns:
       ``[N]`` array of ‖x_i‖₂. Computed as ``a·‖x/a‖`` with ``a = max|x_i|`` so that values around 1e-20,
       whose squares underflow in float32, still give the right norm; an all-zero row gives exactly 0, and so
-      does a row whose largest entry is subnormal (below ``finfo.tiny``, ≈1.2e-38 in float32).
+      does a row whose largest entry is subnormal (below ``finfo.tiny``, ≈1.2e-38 in float32). Reductions only,
+      no reshape, so a sharded ``x`` keeps its sharding.
     """
     if x.ndim == 0:
-        raise ValueError("safe_norm needs an array with a leading batch axis, got a scalar")
-    flat = jnp.reshape(x, (x.shape[0], -1))
-    scale = jnp.max(jnp.abs(flat), axis=1)
+        raise ValueError("safe_norm needs an array with a batch axis, got a scalar")
+    batch_axis = batch_axis % x.ndim
+    axes = tuple(a for a in range(x.ndim) if a != batch_axis)
+    scale = jnp.max(jnp.abs(x), axis=axes)
     # Rows whose largest entry is subnormal count as zero: XLA on CPU flushes subnormals to zero inside
     # arithmetic, so dividing by such a scale would give 0/0.
-    usable = scale >= jnp.finfo(flat.dtype).tiny
+    usable = scale >= jnp.finfo(x.dtype).tiny
     safe_scale = jnp.where(usable, scale, 1.0)
-    norm = scale * jnp.sqrt(jnp.sum(jnp.square(flat / safe_scale[:, None]), axis=1))
+    norm = scale * jnp.sqrt(jnp.sum(jnp.square(x / jnp.expand_dims(safe_scale, axes)), axis=axes))
     return jnp.where(usable, norm, jnp.zeros_like(norm))
 
 

@@ -238,9 +238,14 @@ def _transforms_between(entry) -> list[str]:
     return names
 
 
-def _kappa_norms(kappa: jax.Array) -> jax.Array:
-    """``[N]`` ‖κ_i‖₂, in at least float32 (so bfloat16 models get accurate η)."""
-    return safe_norm(kappa.astype(jnp.promote_types(kappa.dtype, jnp.float32)))
+def _kappa_norms(kappa: jax.Array, batch_axis: int = 0) -> jax.Array:
+    """``[N]`` ‖κ_i‖₂ over every axis but ``batch_axis``, in at least float32 (so bfloat16 models get accurate η)."""
+    return safe_norm(kappa.astype(jnp.promote_types(kappa.dtype, jnp.float32)), batch_axis=batch_axis)
+
+
+def _along(values: jax.Array, like: jax.Array, batch_axis: int) -> jax.Array:
+    """``[N]`` values shaped to broadcast against ``like`` along its ``batch_axis`` (no reshape: sharding-safe)."""
+    return jnp.expand_dims(values.astype(like.dtype), tuple(a for a in range(like.ndim) if a != batch_axis))
 
 
 def _float0_like(x):
@@ -250,34 +255,35 @@ def _float0_like(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _balanced(layer_fn, groups, p, x, extra, probe, correct, eps, ratio):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _balanced(layer_fn, groups, batch_axis, p, x, extra, probe, correct, eps, ratio):
     """``layer_fn(p, x, extra)`` whose backward scales κ by η for the parameter gradient only (docs/semantics.md).
 
     ``groups`` is a tuple of tuples of leaf indices of ``p`` that share one (ε, ratio) pair (``eps[g]``,
-    ``ratio[g]``). The cotangent of ``probe`` (``[1 + len(groups), N]``) carries the κ norms and each group's η
-    out of the backward pass.
+    ``ratio[g]``). ``batch_axis`` is the axis of the layer's output that carries the batch (found by
+    :func:`_discover`). The cotangent of ``probe`` (``[1 + len(groups), N]``) carries the κ norms and each group's
+    η out of the backward pass.
     """
-    del groups, probe, correct, eps, ratio
+    del groups, batch_axis, probe, correct, eps, ratio
     return layer_fn(p, x, extra)
 
 
-def _balanced_fwd(layer_fn, groups, p, x, extra, probe, correct, eps, ratio):
+def _balanced_fwd(layer_fn, groups, batch_axis, p, x, extra, probe, correct, eps, ratio):
     y, pullback = jax.vjp(lambda p, x: layer_fn(p, x, extra), p, x)
     return y, (pullback, extra, probe, correct, eps, ratio)
 
 
-def _balanced_bwd(layer_fn, groups, res, kappa):
+def _balanced_bwd(layer_fn, groups, batch_axis, res, kappa):
     del layer_fn
     pullback, extra, probe, correct, eps, ratio = res
-    norms = _kappa_norms(kappa)
+    norms = _kappa_norms(kappa, batch_axis)
     _, dx = pullback(kappa)  # what flows down is never scaled
     dp_leaves, dp_def = None, None
     rows = [norms]
     for g, idx in enumerate(groups):
         e = eta(norms, correct, eps[g], ratio[g])
         rows.append(e)
-        scaled = kappa * e.astype(kappa.dtype).reshape((-1,) + (1,) * (kappa.ndim - 1))
+        scaled = kappa * _along(e, kappa, batch_axis)
         dp_g, _ = pullback(scaled)
         leaves, treedef = jax.tree.flatten(dp_g)
         if dp_leaves is None:
@@ -297,15 +303,17 @@ class _LayerRecord(NamedTuple):
     kind: str
     out: jax.ShapeDtypeStruct
     leaf_keys: tuple  # relative key tuples of the layer's parameter leaves, in jax.tree.flatten order
+    batch_axis: int = 0  # the output axis that carries the batch (found by _discover, never assumed)
 
 
 class _Tap:
     """One forward pass's hooks. Modes: ``discover`` (record layers, abstract), ``plain``, ``perturb`` (add a
     zero perturbation to each weighted layer's output: κ is its gradient) and ``balance`` (:func:`_balanced`)."""
 
-    def __init__(self, mode, *, adapter, n=None, per_example=False, perturbations=None, probes=None, correct=None,
-                 groups=None, dropout_masks=None, record_dropout=False):
-        self.mode, self.n, self.per_example = mode, n, per_example
+    def __init__(self, mode, *, adapter, per_example=False, perturbations=None, probes=None, correct=None,
+                 groups=None, batch_axes=None, dropout_masks=None, record_dropout=False, shapes_only=False):
+        self.mode, self.per_example, self.shapes_only = mode, per_example, shapes_only
+        self.batch_axes = batch_axes
         self.leaf_key = adapter.leaf_key
         self.layer_types = getattr(adapter, "layer_types", ())
         self.perturbations, self.probes, self.correct, self.groups = perturbations, probes, correct, groups
@@ -357,15 +365,14 @@ class _Tap:
         leaf_keys = tuple(self.leaf_key(k) for k, _ in jax.tree_util.tree_flatten_with_path(p)[0])
         if self.mode == "balance":
             groups = self.groups[path]
-            y = _balanced(layer_fn, tuple(g[0] for g in groups), p, x, extra, self.probes[path], self.correct,
+            y = _balanced(layer_fn, tuple(g[0] for g in groups), self.batch_axes[path], p, x, extra,
+                          self.probes[path], self.correct,
                           tuple(g[1] for g in groups), tuple(g[2] for g in groups))
         else:
             y = call()
         if not hasattr(y, "shape"):
             raise ValueError(f"{self._where(path, kind)} returned {type(y).__name__}, not an array")
         self.layers[path] = _LayerRecord(kind, jax.ShapeDtypeStruct(y.shape, y.dtype), leaf_keys)
-        if self.mode == "discover" and self.n is not None and (y.ndim == 0 or y.shape[0] != self.n):
-            raise ValueError(f"{self._where(path, kind)} output {y.shape} has no batch axis of size {self.n}")
         if self.mode == "perturb":
             # Only a call made in the model's own trace (not inside remat, cond or an inner jit) can hand its
             # values out; the others keep the stored per-example gradient.
@@ -379,6 +386,8 @@ class _Tap:
 
     def dropout(self, path, kind, rate, x, draw):
         """A dropout layer in training mode; ``draw(z)`` applies the framework's own dropout to ``z``."""
+        if self.shapes_only:  # the second discovery trace needs shapes only (masks have the first batch size)
+            return x
         if rate >= 1.0:
             return jnp.zeros_like(x)
         keep = 1.0 - rate
@@ -447,20 +456,90 @@ def _split_kwargs(kwargs: dict, n: int, batch_kwargs) -> tuple[dict, dict]:
     return batched, whole
 
 
-def _discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=None):
-    """Abstract forward pass: ``(records {path: _LayerRecord}, outputs ShapeDtypeStruct tree)``."""
+def _resized(tree, n: int, n2: int):
+    """``tree``'s array leaves with axis 0 of length ``n`` as ShapeDtypeStructs of length ``n2`` (others as they are)."""
+    def one(a):
+        if hasattr(a, "shape") and hasattr(a, "dtype") and len(a.shape) >= 1 and a.shape[0] == n:
+            return jax.ShapeDtypeStruct((n2,) + tuple(a.shape[1:]), a.dtype)
+        return a
+    return jax.tree.map(one, tree)
+
+
+def _batch_axis(path, rec: _LayerRecord, shape2: tuple, n: int, n2: int) -> int:
+    """The one output axis of a weighted layer whose length follows the batch size (``n`` → ``n2``), or an error."""
+    where = f"weighted layer {'/'.join(map(str, path)) or '<root>'} ({rec.kind})"
+    shape1 = tuple(rec.out.shape)
+    changed = [a for a in range(len(shape1)) if a < len(shape2) and shape1[a] != shape2[a]]
+    follows = [a for a in changed if shape1[a] == n and shape2[a] == n2]
+    if len(shape1) == len(shape2) and len(follows) == 1 and changed == follows:
+        return follows[0]
+    remedy = ("BANG needs each weighted layer's output to carry the batch on exactly one axis, to take one κ_i per "
+              "example. Keep the batch on its own axis through the layer (e.g. reshape [N·T, D] back to [N, T, D] "
+              "before the layer), or leave this layer type out of layer_types= so that its parameters get the "
+              "ordinary gradient.")
+    if len(shape1) != len(shape2) or any(shape1[a] != shape2[a] for a in changed if a not in follows):
+        found = (f"its output has shape {shape1} at batch {n} and {shape2} at batch {n2}: the batch is merged "
+                 "with other axes or changes the output's rank")
+    elif not changed:
+        found = f"its output {shape1} does not depend on the batch size (traced at batch {n} and {n2})"
+    else:
+        found = (f"its output {shape1} has {len(follows)} axes ({', '.join(map(str, follows))}) whose length follows "
+                 f"the batch size (traced at batch {n} and {n2}), so which one is the batch is ambiguous")
+    raise ValueError(f"{where}: {found}. {remedy}")
+
+
+def _discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=None, batch_kwargs=None):
+    """Abstract forward passes: ``(records {path: _LayerRecord}, outputs ShapeDtypeStruct tree)``.
+
+    The model is traced at the batch size ``n`` and again at ``n + 1`` (inputs and batch-carrying call arguments
+    resized): the batch axis of each weighted layer's output is the one axis whose length follows. It is found,
+    never assumed, so a layer whose output carries the batch on a later axis (``Einsum('bd,sdh->sbh')``) is
+    balanced along that axis even when axis 0 happens to have length ``n``.
+    """
     found = {}
 
-    def shapes(params, state, inputs):
-        tap = _Tap("discover", adapter=adapter, n=n, per_example=per_example, dropout_masks=dropout_masks)
-        outputs, _ = adapter.run(params, state, inputs, kwargs, tap)
-        found["layers"] = tap.layers
+    def shapes(params, state, inputs, kw, key, **tap_options):
+        tap = _Tap("discover", adapter=adapter, per_example=per_example, **tap_options)
+        outputs, _ = adapter.run(params, state, inputs, {**kwargs, **kw}, tap)
+        found[key] = tap.layers
         return outputs
 
-    out_shapes = jax.eval_shape(shapes, adapter.params, adapter.state, inputs)
-    layers = found["layers"]
+    out_shapes = jax.eval_shape(functools.partial(shapes, key=1, dropout_masks=dropout_masks),
+                                adapter.params, adapter.state, inputs, {})
+    layers = found[1]
     if not layers:
         raise ValueError(f"the model has no weighted layer BANG can balance: {adapter.no_layers_hint}")
+    n2 = n + 1
+    # Call arguments resized for the second trace: those with the batch length on axis 0 (and, should that
+    # fail, exactly those named in batch_kwargs).
+    choices = [_split_kwargs(kwargs, n, None)[0]]
+    if batch_kwargs is not None:
+        choices.append(_split_kwargs(kwargs, n, batch_kwargs)[0])
+    for attempt, batched_kw in enumerate(choices):
+        try:
+            jax.eval_shape(functools.partial(shapes, key=2, shapes_only=True), adapter.params, adapter.state,
+                           _resized(inputs, n, n2), _resized(batched_kw, n, n2))
+            break
+        except Exception as e:
+            err = e
+            if attempt + 1 < len(choices):
+                continue
+            raise ValueError(
+                f"BANG finds the batch axis of every weighted layer's output by tracing the model at two batch "
+                f"sizes, and the model could not be traced at batch {n2} (inputs and every call argument with {n} "
+                f"on axis 0 resized): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Let the "
+                "model's shapes follow the input batch (no batch size fixed in the model), and pass every call "
+                "argument that carries the batch with the batch on axis 0."
+            ) from err
+    second = found[2]
+    if set(second) != set(layers):
+        raise ValueError(
+            "the model calls different weighted layers at batch sizes "
+            f"{n} and {n2} ({sorted('/'.join(map(str, p)) for p in set(second) ^ set(layers))}); BANG needs the "
+            "same layers whatever the batch size"
+        )
+    layers = {path: rec._replace(batch_axis=_batch_axis(path, rec, tuple(second[path].out.shape), n, n2))
+              for path, rec in layers.items()}
     return layers, out_shapes
 
 
@@ -508,18 +587,26 @@ def _mean_loss(loss_fn, outputs, labels, n):
     return jnp.mean(losses)
 
 
+def _one_example_shape(rec: _LayerRecord) -> tuple:
+    """The layer's output shape in a one-example forward pass (its batch axis of length 1)."""
+    shape = list(rec.out.shape)
+    shape[rec.batch_axis] = 1
+    return tuple(shape)
+
+
 def _run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_masks, batch_kwargs, kwargs,
                      factor_layers=False):
     n = _batch_size(inputs)
     _check_labels(labels, n, loss_fn is None)
-    layers, out_shapes = _discover(adapter, inputs, kwargs, n=n, per_example=True, dropout_masks=dropout_masks)
+    layers, out_shapes = _discover(adapter, inputs, kwargs, n=n, per_example=True, dropout_masks=dropout_masks,
+                                   batch_kwargs=batch_kwargs)
     if loss_fn is None:
         _check_default_outputs(out_shapes, labels, n)
     loss_fn, correct_fn = _loss_fns(loss_fn, correct_fn)
     owner = _owners(adapter, layers)
     batched_kw, whole_kw = _split_kwargs(kwargs, n, batch_kwargs)
     state_b, state_axes = adapter.per_example_state(adapter.state, n)
-    zero_perts = {p: jnp.zeros((1,) + r.out.shape[1:], r.out.dtype) for p, r in layers.items()}
+    zero_perts = {p: jnp.zeros(_one_example_shape(r), r.out.dtype) for p, r in layers.items()}
     one_of = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
     layer_fns = {}  # filled while tracing: each weighted layer's pure function, for the layer-factored gradients
 
@@ -551,7 +638,7 @@ def _run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_ma
 
         (loss, (outputs, updates, calls)), (g, kappa) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
             adapter.params, zero_perts)
-        norms = {p: _kappa_norms(kappa[p])[0] for p in layers}
+        norms = {p: _kappa_norms(kappa[p], layers[p].batch_axis)[0] for p in layers}
         return g, norms, jax.tree.map(lambda a: a[0], outputs), loss, updates, calls, kappa
 
     # The layers' parameters come out once (they do not depend on the example); inputs, extras and κ per example.
@@ -606,6 +693,7 @@ def _run_bang(adapter, inputs, labels, *, config, loss_fn, correct_fn, dropout_m
 
     def loss_of(params, probes):
         tap = _Tap("balance", adapter=adapter, probes=probes, correct=correct, groups=groups,
+                   batch_axes={path: rec.batch_axis for path, rec in layers.items()},
                    dropout_masks=dropout_masks)
         outputs, updates = adapter.run(params, adapter.state, inputs, kwargs, tap)
         return _mean_loss(loss_fn, outputs, labels, n), (outputs, updates)
