@@ -161,3 +161,83 @@ def test_two_processes_equal_one_and_resume(tmp_path):
     _multi(tmp_path, tmp_path / "resumed", 10, False, tmp_path / "stopped.npy")
     _multi(tmp_path, tmp_path / "resumed", 0, True, tmp_path / "resumed.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "multi.npy"))
+
+
+def test_explicit_sharding_equals_unsharded():
+    """Under ``jax.set_mesh`` with JAX's Explicit axes (the NNX MiniGPT way): a batch sharded over 'data', kernels
+    over 'model', a layer output pinned with ``out_sharding``. Both NNX paths, both linen paths give what the unsharded (replicated) batch gives (per_example_grads gathers a sharded batch first); per-example
+    gradients of a model that pins its batch axis' sharding are refused with a pointer to bang_grad (a one-example
+    forward cannot honour that pin)."""
+    script = """
+        import jax, jax.numpy as jnp, flax.linen as nn
+        from flax import nnx
+        from jax.sharding import PartitionSpec as P
+        import bang_jax, bang_jax.nnx as bnnx
+        mesh = jax.make_mesh((2, 2), ("data", "model"))
+        assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+        cfg = bang_jax.BangConfig(epsilon=0.8, beta=1.2, ratio=0.5)
+
+        class Block(nnx.Module):
+            def __init__(self, rngs, pin):
+                self.pin = pin
+                self.emb = nnx.Linear(6, 8, kernel_metadata={"sharding_names": (None, "model")}, rngs=rngs)
+                self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8, decode=False,
+                                                   rngs=rngs)
+                self.proj = nnx.Einsum("btd,sdh->sbth", (2, 8, 4), rngs=rngs)  # batch on axis 1
+                self.head = nnx.Linear(8, 3, rngs=rngs)
+
+            def __call__(self, x):
+                h = self.emb(x, out_sharding=P("data", None, "model")) if self.pin else self.emb(x)
+                h = nnx.relu(h)
+                h = nnx.tanh(self.proj(h + self.attn(h))).mean(axis=2)  # [S, N, H]
+                return self.head(jnp.concatenate([h[0], h[1]], axis=-1))
+
+        def nnx_paths(model, x, y):
+            g = bnnx.bang_grad(model, x, y, config=cfg)
+            if model.pin:
+                return [g]
+            pe = bnnx.per_example_grads(model, x, y, factor_layers=True)
+            return [g, bang_jax.bang(config=cfg).update(pe.grads, None, kappa_norms=pe.kappa_norms,
+                                                         correct=pe.correct)[0]]
+
+        class MLP(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.Dense(3)(nn.relu(nn.Conv(4, (3,))(x)).mean(axis=1))
+
+        def linen_paths(v, x, y):
+            pe = bang_jax.per_example_grads(MLP().apply, v, x, y)
+            return [bang_jax.bang_grad(MLP().apply, v, x, y, config=cfg),
+                    bang_jax.bang(config=cfg).update(pe.grads, None, v["params"], kappa_norms=pe.kappa_norms,
+                                                      correct=pe.correct)[0]]
+
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(8, 5, 6)).astype(np.float32)
+        y = rng.integers(0, 3, 8).astype(np.int32)
+        worst = 0.0
+        with jax.set_mesh(mesh):
+            for pin in (True, False):
+                model = Block(nnx.Rngs(0), pin)
+                sharded = nnx.jit(nnx_paths)(model, jax.device_put(x, P("data")), jax.device_put(y, P("data")))
+                whole = nnx.jit(nnx_paths)(model, jax.device_put(x, P()), jax.device_put(y, P()))
+                for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
+                    worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b))))
+            try:
+                nnx.jit(bnnx.per_example_grads)(Block(nnx.Rngs(0), True), jax.device_put(x, P("data")),
+                                               jax.device_put(y, P("data")))
+                print("REFUSAL: none")
+            except ValueError as err:
+                print("REFUSAL:", str(err)[:600].replace(chr(10), " "))
+            v = MLP().init(jax.random.key(0), x)
+            sharded = jax.jit(linen_paths)(v, jax.device_put(x, P("data")), jax.device_put(y, P("data")))
+            whole = jax.jit(linen_paths)(v, jax.device_put(x, P()), jax.device_put(y, P()))
+            for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
+                worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b))))
+        print("WORST", worst)
+    """
+    res = _run(script, devices=4)
+    assert res.returncode == 0, res.stderr[-3000:]
+    worst = float(res.stdout.split("WORST")[1].split()[0])
+    assert worst < 1e-4, res.stdout
+    refusal = res.stdout.split("REFUSAL:")[1]
+    assert "bang_grad" in refusal and "out_sharding" in refusal, refusal

@@ -834,7 +834,7 @@ class BatchFree(nn.Module):
 
 
 @pytest.mark.parametrize("model, shape, needle", [
-    (MergedBatch(), (2, 5), "tok (Dense): its output has shape (4, 4) at batch 2 and (6, 4) at batch 3: the batch is "
+    (MergedBatch(), (2, 5), "tok (Dense): its output has shape (4, 4) at batch 2 and (8, 4) at batch 4: the batch is "
                             "merged"),
     (BatchFree(), (3,), "gen (Dense): its output (1, 4) does not depend on the batch size"),
 ])

@@ -342,7 +342,10 @@ class PerExampleGrad(metaclass=_PerExampleGradType):
         """``Σ_i weights[i] · value[i]`` (``param.shape``), without materialising ``value`` for a factored leaf."""
         if self._factors is None:
             v = self._value
-            return jnp.tensordot(jnp.asarray(weights).astype(v.dtype), v, axes=1)
+            w = jnp.asarray(weights).astype(v.dtype)
+            if _explicitly_sharded(v):  # a sharded contraction needs its output sharding: reduce instead
+                return jnp.sum(jnp.expand_dims(w, tuple(range(1, v.ndim))) * v, axis=0)
+            return jnp.tensordot(w, v, axes=1)
         return jnp.sum(self._layer_grads(weights), axis=0)
 
     def __repr__(self):
@@ -382,9 +385,31 @@ jax.tree_util.register_pytree_with_keys(PerExampleGrad, _flatten_with_keys, _unf
 _FINGERPRINT_MAX_SIZE = 4096
 
 
+def _sharding_spec(value) -> tuple:
+    """The explicit sharding spec of ``value``'s type (``()`` when it has none)."""
+    try:
+        return tuple(jax.typeof(value).sharding.spec)
+    except Exception:  # pragma: no cover - no sharding type
+        return ()
+
+
+def _explicitly_sharded(value) -> bool:
+    return any(_sharding_spec(value))
+
+
+def _examples_flat(value: jax.Array) -> jax.Array:
+    """``[N, -1]`` view of ``value``; with an explicit sharding type the batch axis keeps its mesh axes (JAX asks
+    for the output sharding of a reshape that merges sharded axes)."""
+    shape = (value.shape[0], int(np.prod(value.shape[1:])))
+    spec = _sharding_spec(value)
+    if any(spec):
+        return jax.lax.reshape(value, shape, out_sharding=jax.sharding.PartitionSpec(spec[0], None))
+    return jnp.reshape(value, shape)
+
+
 def per_example_fingerprint(value: jax.Array) -> jax.Array:
     """``[N]`` float32 sum of squares of each example's entries at (at most) 16 evenly spaced flat positions."""
-    flat = jnp.reshape(value, (value.shape[0], -1))
+    flat = _examples_flat(value)
     step = max(1, flat.shape[1] // 16)
     sample = flat[:, ::step][:, :16].astype(jnp.promote_types(value.dtype, jnp.float32))
     return jnp.sum(jnp.square(sample), axis=1).astype(jnp.float32)

@@ -248,6 +248,14 @@ def _along(values: jax.Array, like: jax.Array, batch_axis: int) -> jax.Array:
     return jnp.expand_dims(values.astype(like.dtype), tuple(a for a in range(like.ndim) if a != batch_axis))
 
 
+def _same_sharding(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` resharded to ``like``'s sharding type where they differ (explicit mesh axes; else a no-op)."""
+    want, have = balance._sharding_spec(like), balance._sharding_spec(x)
+    if want == have or (not any(want) and not any(have)):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*want))
+
+
 def _float0_like(x):
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.inexact):
@@ -291,7 +299,7 @@ def _balanced_bwd(layer_fn, groups, batch_axis, res, kappa):
         for i in idx:
             dp_leaves[i] = leaves[i]
     dp = dp_def.unflatten(dp_leaves)
-    probe_ct = jnp.stack(rows).astype(probe.dtype)
+    probe_ct = _same_sharding(jnp.stack(rows).astype(probe.dtype), probe)
     return (dp, dx, jax.tree.map(_float0_like, extra), probe_ct, _float0_like(correct),
             tuple(jnp.zeros_like(e) for e in eps), tuple(jnp.zeros_like(r) for r in ratio))
 
@@ -460,7 +468,14 @@ def _resized(tree, n: int, n2: int):
     """``tree``'s array leaves with axis 0 of length ``n`` as ShapeDtypeStructs of length ``n2`` (others as they are)."""
     def one(a):
         if hasattr(a, "shape") and hasattr(a, "dtype") and len(a.shape) >= 1 and a.shape[0] == n:
-            return jax.ShapeDtypeStruct((n2,) + tuple(a.shape[1:]), a.dtype)
+            shape = (n2,) + tuple(a.shape[1:])
+            try:  # keep an explicit sharding type (an input sharded over the batch stays sharded)
+                sharding = jax.typeof(a).sharding
+                if any(sharding.spec):
+                    return jax.ShapeDtypeStruct(shape, a.dtype, sharding=sharding)
+            except Exception:  # pragma: no cover - no sharding type to keep
+                pass
+            return jax.ShapeDtypeStruct(shape, a.dtype)
         return a
     return jax.tree.map(one, tree)
 
@@ -491,7 +506,7 @@ def _batch_axis(path, rec: _LayerRecord, shape2: tuple, n: int, n2: int) -> int:
 def _discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=None, batch_kwargs=None):
     """Abstract forward passes: ``(records {path: _LayerRecord}, outputs ShapeDtypeStruct tree)``.
 
-    The model is traced at the batch size ``n`` and again at ``n + 1`` (inputs and batch-carrying call arguments
+    The model is traced at the batch size ``n`` and again at ``2n`` (inputs and batch-carrying call arguments
     resized): the batch axis of each weighted layer's output is the one axis whose length follows. It is found,
     never assumed, so a layer whose output carries the batch on a later axis (``Einsum('bd,sdh->sbh')``) is
     balanced along that axis even when axis 0 happens to have length ``n``.
@@ -509,7 +524,7 @@ def _discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=No
     layers = found[1]
     if not layers:
         raise ValueError(f"the model has no weighted layer BANG can balance: {adapter.no_layers_hint}")
-    n2 = n + 1
+    n2 = 2 * n  # divisible wherever n is: a batch sharded over devices traces at both sizes
     # Call arguments resized for the second trace: those with the batch length on axis 0 (and, should that
     # fail, exactly those named in batch_kwargs).
     choices = [_split_kwargs(kwargs, n, None)[0]]
@@ -587,6 +602,21 @@ def _mean_loss(loss_fn, outputs, labels, n):
     return jnp.mean(losses)
 
 
+def _replicated(*trees):
+    """``trees`` with every explicitly sharded array gathered (replicated); arrays without a sharding type as given."""
+    def one(a):
+        if a is not None and hasattr(a, "shape") and balance._explicitly_sharded(a):
+            return jax.sharding.reshard(a, jax.sharding.PartitionSpec())
+        return a
+    return jax.tree.map(one, trees)
+
+
+def _is_sharding_error(err: Exception) -> bool:
+    """Whether ``err`` is JAX's complaint about a sharding annotation (explicit mesh axes)."""
+    text = f"{type(err).__name__} {err}"
+    return any(w in text for w in ("ShardingTypeError", "DuplicateSpecError", "Sharding spec", "NamedSharding"))
+
+
 def _one_example_shape(rec: _LayerRecord) -> tuple:
     """The layer's output shape in a one-example forward pass (its batch axis of length 1)."""
     shape = list(rec.out.shape)
@@ -643,8 +673,23 @@ def _run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_ma
 
     # The layers' parameters come out once (they do not depend on the example); inputs, extras and κ per example.
     out_axes = (0, 0, 0, 0, 0, (None, 0), 0)
-    grads, norms, outputs, losses, updates, (layer_params, layer_inputs), kappa = jax.vmap(
-        one, in_axes=(0, 0, 0, state_axes, 0), out_axes=out_axes)(inputs, labels, batched_kw, state_b, dropout_masks)
+    # A batch sharded over explicit mesh axes is gathered first: JAX's vmap of a sharded axis cannot run every
+    # reshape a one-example forward needs (attention's head merge, flattening before a head).
+    inputs, labels, batched_kw, dropout_masks = _replicated(inputs, labels, batched_kw, dropout_masks)
+    try:
+        grads, norms, outputs, losses, updates, (layer_params, layer_inputs), kappa = jax.vmap(
+            one, in_axes=(0, 0, 0, state_axes, 0), out_axes=out_axes)(
+                inputs, labels, batched_kw, state_b, dropout_masks)
+    except Exception as err:
+        if not _is_sharding_error(err):
+            raise
+        raise ValueError(
+            "per_example_grads runs each example's forward pass at batch 1 under vmap, and a sharding annotation "
+            "in the model (an out_sharding= or reshard that puts a mesh axis on the batch axis) cannot be applied "
+            f"to a one-example forward: {type(err).__name__}: "
+            f"{str(err).splitlines()[0]}. Use bang_grad (bang_jax.nnx.bang_grad), the single-pass route, which "
+            "runs the batched forward exactly as written, or drop the batch axis from the layers' out_sharding."
+        ) from err
     adapter.after_per_example(updates)
     marked = _mark_grads(adapter, layers, grads, layer_fns, layer_params, layer_inputs, kappa)
     zeros = jnp.zeros((n,), jnp.float32)
