@@ -518,16 +518,9 @@ def test_refusals_name_the_construct():
             d = nn.Dense(4, name="tied")
             return nn.Dense(3)(d(d(x)))
 
-    refused(Shared(), "tied \\(Dense\\) is called more than once")
-
-    class Attend(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            emb = nn.Embed(3, 4, name="emb")
-            h = nn.Dense(4, name="body")(x) + emb(jnp.zeros(x.shape[0], jnp.int32))
-            return emb.attend(h)
-
-    refused(Attend(), "Embed.attend")
+    variables = init_linen(Shared(), x[:1])
+    with pytest.raises(ValueError, match="tied \\(Dense\\) is called more than once.*use bang_grad"):
+        bang_jax.per_example_grads(Shared().apply, variables, x, y)
 
 
 def test_attention_dropout_is_not_silently_unshared():
@@ -728,7 +721,7 @@ def test_nnx_refusals():
         def __call__(self, x):
             return self.emb.attend(self.body(x) + self.emb(jnp.zeros(x.shape[0], jnp.int32)))
 
-    with pytest.raises(ValueError, match="Embed.attend"):
+    with pytest.raises(ValueError, match="Embed.attend.*use bang_grad"):
         bnnx.per_example_grads(Tied(nnx.Rngs(0)), x, y)
     attn = NNXAttention(nnx.Rngs(0, dropout=1), dropout=0.5)
     xa, ya = data((4, 6), seed=19)
@@ -846,3 +839,191 @@ def test_no_unique_batch_axis_is_refused_with_a_remedy(model, shape, needle):
         with pytest.raises(ValueError, match="layer_types=") as err:
             fn()
         assert needle in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layers called more than once: each call balanced on its own (its own κ_{i,c}, maximum and η_{i,c}); the layer's
+# gradient is β·(1/N)·Σ_c Σ_i η_{i,c}·g_{i,c}. The references untie the calls by hand: each call gets its own copy
+# of the weights, so g_{i,c} is the gradient with respect to that copy.
+
+
+def per_call_reference(f, params, x, y, perts_shapes):
+    """``f(params, xi, perts) -> logits [1, C]``: ``params`` maps each call to its own weight copy (keys
+    ``(layer, call)``; plain leaves under other keys) and ``perts[(layer, call)]`` is added to that call's output.
+    Returns ``{(layer, call) or key: float64 balanced gradient}`` summed over the calls of each layer."""
+    n = x.shape[0]
+    grads, kappas, correct = [], [], []
+    for i in range(n):
+        xi, yi = x[i:i + 1], y[i:i + 1]
+
+        def loss(params, perts):
+            out = f(params, xi, perts)
+            return xent(out, yi)[0], out
+
+        perts = {k: jnp.zeros(s) for k, s in perts_shapes.items()}
+        (_, out), (g, k) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, perts)
+        grads.append(g)
+        kappas.append(k)
+        correct.append(bool(argmax_correct(out, yi)[0]))
+    out = {}
+    for key in params:
+        if key in perts_shapes:
+            w = eta64([float(np.linalg.norm(np.asarray(k[key], np.float64))) for k in kappas], correct)
+        else:
+            w = np.ones(n)
+        out[key] = jax.tree.map(lambda *gs: BETA * sum(wi * np.asarray(g, np.float64) for wi, g in zip(w, gs)) / n,
+                                *[g[key] for g in grads])
+    return out, correct
+
+
+def _sum_calls(ref, layer):
+    parts = [v for k, v in ref.items() if isinstance(k, tuple) and k[0] == layer]
+    return jax.tree.map(lambda *a: sum(a), *parts)
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+class SharedTwice(nn.Module):
+    """One Dense applied twice (weights reused within a forward pass), and a head called twice of which only the
+    second call reaches the loss (big_vision's ViT/BiT call their head on the pre-logits too)."""
+
+    @nn.compact
+    def __call__(self, x):
+        d = nn.Dense(4, name="tied")
+        head = nn.Dense(3, name="head")
+        h = jnp.tanh(d(jnp.tanh(d(x))))
+        _ = head(h * 0.5)  # computed, not used by the loss
+        return head(h)
+
+
+def _shared_twice_reference(params, x, y):
+    def dense(p, h):
+        return h @ p["kernel"] + p["bias"][None]
+
+    def f(ps, xi, perts):
+        h = jnp.tanh(dense(ps[("tied", 0)], xi) + perts[("tied", 0)])
+        h = jnp.tanh(dense(ps[("tied", 1)], h) + perts[("tied", 1)])
+        _ = dense(ps[("head", 0)], h * 0.5) + perts[("head", 0)]
+        return dense(ps[("head", 1)], h) + perts[("head", 1)]
+
+    ps = {("tied", 0): params["tied"], ("tied", 1): params["tied"], ("head", 0): params["head"],
+          ("head", 1): params["head"]}
+    shapes = {("tied", 0): (1, 4), ("tied", 1): (1, 4), ("head", 0): (1, 3), ("head", 1): (1, 3)}
+    ref, correct = per_call_reference(f, ps, x, y, shapes)
+    return {"tied": _sum_calls(ref, "tied"), "head": _sum_calls(ref, "head")}, correct
+
+
+def test_layer_called_twice_is_balanced_per_call_linen():
+    x, y = data((4,), n=6, seed=50)
+    variables = init_linen(SharedTwice(), x[:1])
+    ref, correct = _shared_twice_reference(variables["params"], x, y)
+    assert 0 < sum(correct) < len(correct)
+    cfg = bang_jax.BangConfig(epsilon=EPS, beta=BETA, ratio=RATIO)
+    got, aux = jax.jit(lambda v: bang_jax.bang_grad(SharedTwice().apply, v, x, y, config=cfg, return_aux=True))(
+        variables)
+    for layer in ("tied", "head"):
+        for leaf in ("kernel", "bias"):
+            assert _rel_err(got[layer][leaf], ref[layer][leaf]) <= TOL, (layer, leaf)
+    # each call has its own κ norms and η, reported under path, path + ('call1',)
+    assert set(aux.layer_eta) == {("tied",), ("tied", "call1"), ("head",), ("head", "call1")}
+    np.testing.assert_array_equal(np.asarray(aux.layer_kappa_norms[("head",)]), 0.0)  # the unused call: κ = 0
+    np.testing.assert_array_equal(np.asarray(aux.layer_eta[("head",)]), 1.0)
+    # and it differs from one η per layer: balancing the sum of the calls' κ would give another gradient
+    plain = jax.grad(lambda p: jnp.mean(xent(SharedTwice().apply({"params": p}, x), y)))(variables["params"])
+    assert _rel_err(got["tied"]["kernel"], BETA * plain["tied"]["kernel"]) > 1e-3
+
+
+class NNXSharedTwice(nnx.Module):
+    def __init__(self, rngs):
+        self.tied = nnx.Linear(4, 4, rngs=rngs)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.tied(jnp.tanh(self.tied(x))))
+        _ = self.head(h * 0.5)
+        return self.head(h)
+
+
+def test_layer_called_twice_is_balanced_per_call_nnx():
+    x, y = data((4,), n=6, seed=51)
+    model = make(NNXSharedTwice)
+    params = {k: {"kernel": getattr(model, k).kernel[...], "bias": getattr(model, k).bias[...]}
+              for k in ("tied", "head")}
+    ref, _ = _shared_twice_reference(params, x, y)
+    got = nnx.jit(lambda m: bnnx.bang_grad(m, x, y, epsilon=EPS, beta=BETA, ratio=RATIO))(model)
+    for layer in ("tied", "head"):
+        for leaf in ("kernel", "bias"):
+            assert _rel_err(got[layer][leaf][...], ref[layer][leaf]) <= TOL, (layer, leaf)
+
+
+class LinenTied(nn.Module):
+    """A language-model style tied output embedding: lookup of a token, output projection with Embed.attend."""
+
+    @nn.compact
+    def __call__(self, x, tokens):
+        emb = nn.Embed(5, 4, name="emb")
+        h = jnp.tanh(nn.Dense(4, name="body")(x) + emb(tokens))
+        return emb.attend(h)
+
+
+class NNXTied(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(5, 4, rngs=rngs)
+        self.body = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x, tokens):
+        return self.emb.attend(jnp.tanh(self.body(x) + self.emb(tokens)))
+
+
+def _tied_reference(params, x, y, tokens):
+    """The projection call (attend) is balanced; the lookup keeps its ordinary gradient (η = 1)."""
+    def f(ps, xi, perts, ti):
+        body = xi @ ps[("body", 0)]["kernel"] + ps[("body", 0)]["bias"][None] + perts[("body", 0)]
+        h = jnp.tanh(body + ps[("lookup", 0)][ti])
+        return h @ ps[("emb", 0)].T + perts[("emb", 0)]
+
+    ps = {("body", 0): params["body"], ("emb", 0): params["emb"], ("lookup", 0): params["emb"]}
+    shapes = {("body", 0): (1, 4), ("emb", 0): (1, 5)}
+    n = x.shape[0]
+    grads, kappas, correct = [], [], []
+    for i in range(n):
+        def loss(p, perts, i=i):
+            out = f(p, x[i:i + 1], perts, tokens[i:i + 1])
+            return xent(out, y[i:i + 1])[0], out
+        perts = {k: jnp.zeros(s) for k, s in shapes.items()}
+        (_, out), (g, k) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(ps, perts)
+        grads.append(g)
+        kappas.append(k)
+        correct.append(bool(argmax_correct(out, y[i:i + 1])[0]))
+    etas = {key: eta64([float(np.linalg.norm(np.asarray(k[key], np.float64))) for k in kappas], correct)
+            for key in shapes}
+
+    def wsum(key, w):
+        return jax.tree.map(lambda *gs: BETA * sum(wi * np.asarray(g, np.float64) for wi, g in zip(w, gs)) / n,
+                            *[g[key] for g in grads])
+
+    return {"body": wsum(("body", 0), etas[("body", 0)]),
+            "emb": wsum(("emb", 0), etas[("emb", 0)]) + wsum(("lookup", 0), np.ones(n))}
+
+
+def test_tied_embedding_attend_is_balanced_as_a_call():
+    x, y = data((4,), n=6, classes=5, seed=52)
+    tokens = jnp.asarray(np.random.default_rng(52).integers(0, 5, 6), jnp.int32)
+    variables = init_linen(LinenTied(), x[:1], tokens[:1])
+    params = {"body": variables["params"]["body"], "emb": variables["params"]["emb"]["embedding"]}
+    ref = _tied_reference(params, x, y, tokens)
+    got = jax.jit(lambda v: bang_jax.bang_grad(LinenTied().apply, v, x, y, epsilon=EPS, beta=BETA, ratio=RATIO,
+                                               tokens=tokens))(variables)
+    assert _rel_err(got["emb"]["embedding"], ref["emb"]) <= TOL
+    for leaf in ("kernel", "bias"):
+        assert _rel_err(got["body"][leaf], ref["body"][leaf]) <= TOL
+    model = make(NNXTied)
+    params = {"body": {"kernel": model.body.kernel[...], "bias": model.body.bias[...]},
+              "emb": model.emb.embedding[...]}
+    ref = _tied_reference(params, x, y, tokens)
+    got = nnx.jit(lambda m: bnnx.bang_grad(m, x, y, epsilon=EPS, beta=BETA, ratio=RATIO, tokens=tokens))(model)
+    assert _rel_err(got["emb"]["embedding"][...], ref["emb"]) <= TOL
+    assert _rel_err(got["body"]["kernel"][...], ref["body"]["kernel"]) <= TOL

@@ -312,6 +312,13 @@ class _LayerRecord(NamedTuple):
     out: jax.ShapeDtypeStruct
     leaf_keys: tuple  # relative key tuples of the layer's parameter leaves, in jax.tree.flatten order
     batch_axis: int = 0  # the output axis that carries the batch (found by _discover, never assumed)
+    layer: tuple = ()  # the layer's path (the record's key adds ('call{c}',) for its calls after the first)
+
+
+def call_key(path, c: int) -> tuple:
+    """The key of call ``c`` of the weighted layer at ``path``: the path itself for the first call (so a layer
+    called once is keyed by its path), ``path + ('call{c}',)`` for the later ones."""
+    return tuple(path) if c == 0 else tuple(path) + (f"call{c}",)
 
 
 class _Tap:
@@ -326,7 +333,8 @@ class _Tap:
         self.layer_types = getattr(adapter, "layer_types", ())
         self.perturbations, self.probes, self.correct, self.groups = perturbations, probes, correct, groups
         self.dropout_masks, self.record_dropout = dropout_masks, record_dropout
-        self.layers: dict[LayerPath, _LayerRecord] = {}
+        self.layers: dict[LayerPath, _LayerRecord] = {}  # keyed by call_key(layer path, call index)
+        self.counts: dict[LayerPath, int] = {}
         self.calls: dict[LayerPath, tuple] = {}  # per-example perturb mode: (layer_fn, p, x, extra) per layer
         self.param_ids: set | None = None  # ids of the differentiated parameter leaves, when factoring layers
         self.masks: dict[LayerPath, jax.Array] = {}
@@ -363,24 +371,33 @@ class _Tap:
             )
 
     def layer(self, path, kind, call, layer_fn, p, x, extra):
-        """A weighted layer's call: ``call()`` runs it as the model would, ``layer_fn(p, x, extra)`` purely."""
+        """A weighted layer's call: ``call()`` runs it as the model would, ``layer_fn(p, x, extra)`` purely.
+
+        Each call of a layer is balanced on its own (docs/semantics.md): the first call is keyed by the layer's
+        path, call c ≥ 1 by ``path + ('call{c}',)``.
+        """
         self._check_context(path, kind)
-        if path in self.layers:
+        c = self.counts.get(path, 0)
+        self.counts[path] = c + 1
+        key = call_key(path, c)
+        if c and self.per_example:
             raise ValueError(
-                f"{self._where(path, kind)} is called more than once in one forward pass; BANG needs one κ per "
-                "layer (shared layers are not supported)"
+                f"{self._where(path, kind)} is called more than once in one forward pass (a shared or tied "
+                "layer, a head applied twice, an unrolled RNN cell). BANG balances each call on its own, with its "
+                "own κ and η, which needs the single-pass route: use bang_grad (bang_jax.nnx.bang_grad for NNX); "
+                "per-example gradients hold only each example's sum over the calls."
             )
         leaf_keys = tuple(self.leaf_key(k) for k, _ in jax.tree_util.tree_flatten_with_path(p)[0])
         if self.mode == "balance":
-            groups = self.groups[path]
-            y = _balanced(layer_fn, tuple(g[0] for g in groups), self.batch_axes[path], p, x, extra,
-                          self.probes[path], self.correct,
+            groups = self.groups[key]
+            y = _balanced(layer_fn, tuple(g[0] for g in groups), self.batch_axes[key], p, x, extra,
+                          self.probes[key], self.correct,
                           tuple(g[1] for g in groups), tuple(g[2] for g in groups))
         else:
             y = call()
         if not hasattr(y, "shape"):
             raise ValueError(f"{self._where(path, kind)} returned {type(y).__name__}, not an array")
-        self.layers[path] = _LayerRecord(kind, jax.ShapeDtypeStruct(y.shape, y.dtype), leaf_keys)
+        self.layers[key] = _LayerRecord(kind, jax.ShapeDtypeStruct(y.shape, y.dtype), leaf_keys, 0, tuple(path))
         if self.mode == "perturb":
             # Only a call made in the model's own trace (not inside remat, cond or an inner jit) can hand its
             # values out; the others keep the stored per-example gradient.
@@ -391,6 +408,18 @@ class _Tap:
                 self.calls[path] = (layer_fn, p, x, extra)
             y = y + self.perturbations[path]
         return y
+
+    def tied_output(self, path, kind, call, layer_fn, p, x, extra):
+        """``Embed.attend``: the embedding used as an output projection, balanced as a call of a weighted layer
+        (its lookup uses keep the ordinary gradient)."""
+        if self.per_example:
+            raise ValueError(
+                f"{self._where(path, kind, 'layer')}: the embedding is shared between the input lookup and the "
+                "output projection (tied embeddings). BANG balances the projection call and leaves the lookup's "
+                "gradient as it is, which needs the single-pass route: use bang_grad (bang_jax.nnx.bang_grad for "
+                "NNX); a per-example gradient holds each example's lookup and projection parts summed."
+            )
+        return self.layer(path, kind, call, layer_fn, p, x, extra)
 
     def dropout(self, path, kind, rate, x, draw):
         """A dropout layer in training mode; ``draw(z)`` applies the framework's own dropout to ``z``."""
@@ -562,7 +591,7 @@ def _owners(adapter, layers) -> dict[tuple, LayerPath]:
     """``{parameter leaf key: layer path}`` for the leaves of weighted layers."""
     owner = {}
     keys = [adapter.leaf_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapter.params)[0]]
-    for path in layers:
+    for path in dict.fromkeys(rec.layer for rec in layers.values()):
         mine = [k for k in keys if k[: len(path)] == tuple(path)]
         if not mine:
             raise ValueError(f"weighted layer {'/'.join(map(str, path))} has no entry in the parameters")
@@ -579,12 +608,12 @@ def _eta_groups(adapter, layers, config: BangConfig):
 
     eps, ratio = flat("epsilon", config.epsilon), flat("ratio", config.ratio)
     groups = {}
-    for path, rec in layers.items():
+    for call, rec in layers.items():
         by_id: dict[tuple[int, int], list] = {}
         for i, rel in enumerate(rec.leaf_keys):
-            key = tuple(path) + tuple(rel)
+            key = tuple(rec.layer) + tuple(rel)
             by_id.setdefault((id(eps[key]), id(ratio[key])), []).append((i, key))
-        groups[path] = tuple(
+        groups[call] = tuple(
             (tuple(i for i, _ in members), jnp.asarray(eps[members[0][1]]), jnp.asarray(ratio[members[0][1]]))
             for members in by_id.values()
         )
@@ -750,7 +779,10 @@ def _run_bang(adapter, inputs, labels, *, config, loss_fn, correct_fn, dropout_m
     for path, rec in layers.items():
         norms[path] = probe_cts[path][0]
         for g, (idx, _, _) in enumerate(groups[path]):
-            etas[path if len(groups[path]) == 1 else tuple(path) + rec.leaf_keys[idx[0]]] = probe_cts[path][1 + g]
+            # η ≥ 1 always; a zero row means the call's output never reached the loss (its backward never ran)
+            row = probe_cts[path][1 + g]
+            etas[path if len(groups[path]) == 1 else tuple(path) + rec.leaf_keys[idx[0]]] = jnp.where(row == 0, 1.0,
+                                                                                                      row)
     return grads, BangAux(loss, outputs, correct, norms, etas, updates)
 
 
@@ -782,11 +814,16 @@ def linen_interceptor(tap: _Tap, layer_types: tuple, *, inside_nnx: bool = False
         path = tap.prefix + tuple(module.path)
         kind = type(module).__name__
         if isinstance(module, nn.Embed) and method == "attend":
-            tap.refuse(
-                f"{tap._where(path, 'nn.Embed.attend', 'layer')}: the embedding is shared between the input "
-                "lookup and the output projection, so its gradient mixes a balanced and an unbalanced use; "
-                "BANG does not balance Embed.attend. Use a separate nn.Dense output layer."
-            )
+            variables = dict(module.variables)
+            p = variables.pop("params", {})
+            clone = module.clone(parent=None)
+
+            def attend_fn(p, x, extra):
+                with tap.inside_layer():
+                    return clone.apply({**extra, "params": p}, x, method="attend")
+
+            return tap.tied_output(path, "nn.Embed.attend", lambda: next_fun(*args, **kwargs), attend_fn, p,
+                                   args[0], variables)
         if method != "__call__":
             return next_fun(*args, **kwargs)
         if isinstance(module, layer_types):

@@ -117,14 +117,20 @@ def _where(self) -> tuple:
 
 
 def _hooked_attend(self, *args, **kwargs):
+    original = _ORIGINAL[type(self)]
     tap = _ACTIVE_TAP.get()
-    if tap is not None and not tap.passthrough:
-        tap.refuse(
-            f"{tap._where(_where(self), 'nnx.Embed.attend', 'layer')}: the embedding is shared between the input "
-            "lookup and the output projection, so its gradient mixes a balanced and an unbalanced use; BANG does "
-            "not balance Embed.attend. Use a separate nnx.Linear output layer."
-        )
-    return _ORIGINAL[type(self)].attend(self, *args, **kwargs)
+    if tap is None or tap.passthrough:
+        return original.attend(self, *args, **kwargs)
+    if not args or _has_array((args[1:], kwargs)):
+        raise ValueError(f"{tap._where(_where(self), 'nnx.Embed.attend')} must be called with a single array input")
+    graphdef, p, others = nnx.split(self, nnx.Param, ...)
+
+    def attend_fn(p, x, others):
+        with tap.inside_layer():
+            return original.attend(nnx.merge(graphdef, p, others), x, *args[1:], **kwargs)
+
+    return tap.tied_output(_where(self), "nnx.Embed.attend", lambda: original.attend(self, *args, **kwargs),
+                           attend_fn, p, args[0], others)
 
 
 def _hooked_call(self, *args, **kwargs):
