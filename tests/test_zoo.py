@@ -510,7 +510,18 @@ def test_refusals_name_the_construct():
             with pytest.raises(ValueError, match=match):
                 fn(model.apply, variables, x, y, **kw)
 
-    refused(Scanned(), "cell/inner \\(Dense\\) runs inside .*nn.scan")
+    variables = init_linen(Scanned(), x[:1])
+    with pytest.raises(ValueError, match="cell/inner \\(Dense\\) runs inside .*nn.scan.*Use bang_grad"):
+        bang_jax.per_example_grads(Scanned().apply, variables, x, y)
+
+    class Vmapped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            heads = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
+                            out_axes=1, axis_size=2)(3, name="heads")
+            return heads(x).mean(axis=1)
+
+    refused(Vmapped(), "heads \\(Dense\\) runs inside a `.*` trace .*vectorising.*whole batch")
 
     class Shared(nn.Module):
         @nn.compact
@@ -710,8 +721,8 @@ def test_nnx_refusals():
             h, _ = nnx.scan(lambda h, cell: (nnx.relu(cell(h)), None), in_axes=(nnx.Carry, 0))(self.stem(x), self.cells)
             return self.head(h)
 
-    with pytest.raises(ValueError, match="runs inside a `scan` trace"):
-        bnnx.bang_grad(Scanned(nnx.Rngs(0)), x, y, epsilon=EPS)
+    with pytest.raises(ValueError, match="runs inside a `scan` trace.*Use bang_grad"):
+        bnnx.per_example_grads(Scanned(nnx.Rngs(0)), x, y)
 
     class Tied(nnx.Module):
         def __init__(self, rngs):
@@ -1027,3 +1038,96 @@ def test_tied_embedding_attend_is_balanced_as_a_call():
     got = nnx.jit(lambda m: bnnx.bang_grad(m, x, y, epsilon=EPS, beta=BETA, ratio=RATIO, tokens=tokens))(model)
     assert _rel_err(got["emb"]["embedding"][...], ref["emb"]) <= TOL
     assert _rel_err(got["body"]["kernel"][...], ref["body"]["kernel"]) <= TOL
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scanned stacks (nn.scan / nnx.scan over stacked weights, with remat inside): slice l of the stack is layer l,
+# balanced with η from its own κ. The reference is the same network unrolled into separate layers.
+
+
+class Unrolled(nn.Module):
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="stem")(x)
+        for i in range(self.depth):
+            h = jnp.tanh(nn.Dense(6, name=f"cell{i}")(h))
+        return nn.Dense(3, name="head")(h)
+
+
+class ScanBody(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(6, name="inner")(h)), None
+
+
+class LinenStack(nn.Module):
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="stem")(x)
+        body = nn.remat(ScanBody) if self.remat else ScanBody
+        h, _ = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(name="cells")(h, None)
+        return nn.Dense(3, name="head")(h)
+
+
+class NNXStack(nnx.Module):
+    def __init__(self, rngs, remat=False):
+        self.remat = remat
+        self.stem = nnx.Linear(4, 6, rngs=rngs)
+        self.cells = nnx.vmap(lambda r: nnx.Linear(6, 6, rngs=r))(rngs.fork(split=3))
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        def step(h, cell):
+            return jnp.tanh(cell(h))
+        if self.remat:
+            step = nnx.remat(step)
+        h = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(self.stem(x), self.cells)
+        return self.head(h)
+
+
+def _unrolled_params(stem, cells, head):
+    """The unrolled network's params from a stack's (kernel [L, ...], bias [L, ...])."""
+    params = {"stem": stem, "head": head}
+    for i in range(cells["kernel"].shape[0]):
+        params[f"cell{i}"] = {"kernel": cells["kernel"][i], "bias": cells["bias"][i]}
+    return params
+
+
+def _check_stack(got_stem, got_cells, got_head, ref):
+    for i in range(got_cells["kernel"].shape[0]):
+        for leaf in ("kernel", "bias"):
+            assert _rel_err(got_cells[leaf][i], ref[(f"cell{i}", leaf)]) <= TOL, (i, leaf)
+    for name, got in (("stem", got_stem), ("head", got_head)):
+        for leaf in ("kernel", "bias"):
+            assert _rel_err(got[leaf], ref[(name, leaf)]) <= TOL, (name, leaf)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_stack_is_balanced_per_slice_linen(remat):
+    x, y = data((4,), n=6, seed=60)
+    variables = init_linen(LinenStack(remat), x[:1])
+    p = variables["params"]
+    unrolled = {"params": _unrolled_params(p["stem"], p["cells"]["inner"], p["head"])}
+    ref, correct = linen_reference(Unrolled().apply, unrolled, x, y)
+    assert 0 < sum(correct) < len(correct)
+    got = jax.jit(lambda v: bang_jax.bang_grad(LinenStack(remat).apply, v, x, y, epsilon=EPS, beta=BETA,
+                                               ratio=RATIO))(variables)
+    _check_stack(got["stem"], got["cells"]["inner"], got["head"], ref)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_stack_is_balanced_per_slice_nnx(remat):
+    x, y = data((4,), n=6, seed=61)
+    model = make(NNXStack, remat=remat)
+
+    def plain(layer):
+        return {"kernel": jnp.asarray(layer.kernel[...]), "bias": jnp.asarray(layer.bias[...])}
+
+    unrolled = {"params": _unrolled_params(plain(model.stem), plain(model.cells), plain(model.head))}
+    ref, _ = linen_reference(Unrolled().apply, unrolled, x, y)
+    got = nnx.jit(lambda m: bnnx.bang_grad(m, x, y, epsilon=EPS, beta=BETA, ratio=RATIO))(model)
+    _check_stack(*({k: v[...] for k, v in got[name].items()} for name in ("stem", "cells", "head")), ref)

@@ -218,6 +218,12 @@ def _check_default_outputs(outputs: Any, labels: Any, n: int) -> None:
 _ALLOWED_TRANSFORMS = frozenset({"jit", "pjit", "checkpoint / remat", "remat", "cond", "switch"})
 
 
+def _is_loop(transform: str) -> bool:
+    """A loop trace: scan (lax/nn/nnx), fori_loop, a while body, or flax's nn.scan pre-trace (``JaxprTrace``).
+    A weighted layer inside one is called once per step, each step balanced on its own."""
+    return any(w in transform for w in ("scan", "fori", "while", "JaxprTrace"))
+
+
 def _current_trace():
     try:  # JAX's trace context (private; without it the check below is skipped)
         from jax._src import core as jax_core
@@ -360,14 +366,22 @@ class _Tap:
 
     def _check_context(self, path, kind):
         bad = [t for t in _transforms_between(self.entry) if t not in _ALLOWED_TRANSFORMS]
-        if bad:
-            name = "scan" if any("scan" in t for t in bad) else bad[0]
+        loops = [t for t in bad if _is_loop(t)]
+        if loops and self.per_example:
             raise ValueError(
-                f"{self._where(path, kind)} runs inside a `{name}` trace, i.e. inside a loop or vectorising "
-                "transformation (nn.scan / nnx.scan / lax.scan / while_loop / vmap; flax's nn.scan also traces "
-                "its body as `JaxprTrace`): its weights are stacked or shared across steps, and BANG balances one "
-                "κ per layer call, so this is not supported. Unroll the loop into separate layers (nn.remat / "
-                "nnx.remat are fine)."
+                f"{self._where(path, kind)} runs inside a `{loops[0]}` trace (a scanned stack such as nn.scan / "
+                "nnx.scan / lax.scan, or a loop): each step is a call of the layer with its own κ and η, which "
+                "needs the single-pass route. Use bang_grad (bang_jax.nnx.bang_grad for NNX), which balances every "
+                "step (every slice of a stacked layer) on its own."
+            )
+        others = [t for t in bad if not _is_loop(t)]
+        if others:
+            raise ValueError(
+                f"{self._where(path, kind)} runs inside a `{others[0]}` trace (a vectorising transformation such "
+                "as vmap / nn.vmap / nnx.vmap applied to the layer in the forward pass): the layer then sees a "
+                "slice of its inputs, not the batch, and BANG cannot take one κ per example. Apply the layer to the "
+                "whole batch; for a stack of layers with stacked weights use nn.scan / nnx.scan (balanced per "
+                "slice); building stacked weights with nnx.vmap at construction time is fine."
             )
 
     def layer(self, path, kind, call, layer_fn, p, x, extra):
