@@ -1,13 +1,17 @@
 """Step time of plain, BANG single-pass and BANG per-example training steps, measured side by side.
 
-    python benchmarks/step_time.py [--repeats 30] [--models lenet,cifar_quick,nnx_cnn]
+    python benchmarks/step_time.py [--repeats 30] [--models lenet,cifar_quick,nnx_cnn,scanned_transformer]
 
 For LeNet (batch 64) and CIFAR-quick (batch 100) it times one full jitted training step (gradient + Caffe SGD
 update) for each gradient method; for ``nnx_cnn``, a CIFAR-quick-sized Flax NNX CNN (batch 100), it times a
 ``jax.jit`` step of ``bang_jax.nnx.bang_grad`` + ``nnx.Optimizer.update`` against the same step with plain
-``nnx.grad``. Methods are interleaved round by round so that machine load affects all alike; it prints medians,
+``nnx.grad``; for ``scanned_transformer``, a 4-block pre-LayerNorm NNX transformer whose blocks are one
+``nnx.vmap``-built stack applied with ``nnx.scan`` (batch 64, 32 tokens, width 64, 4 heads), the same two steps
+(every block of the stack balanced on its own), with ratio 1 and, as ``scanned_transformer_ratio0.5``, ratio 0.5
+(then η needs each example's correctness, which takes a second forward pass: XLA does not merge two scans).
+Methods are interleaved round by round so that machine load affects all alike; it prints medians,
 the ratios to the plain step, and one final JSON line. Compilation is excluded (warm-up), timings wait for the
-device (block_until_ready). Targets: single pass ≤ 1.10× plain (linen and NNX), per-example ≤ 2.5× plain.
+device (block_until_ready). Targets: single pass ≤ 1.10× plain (linen and NNX), ≤ 1.15× for the scanned transformer, per-example ≤ 2.5× plain.
 """
 
 from __future__ import annotations
@@ -75,9 +79,38 @@ class NNXCifarCNN(nnx.Module):
         return self.ip2(self.dropout(self.ip1(h.reshape((x.shape[0], -1)))))
 
 
-def make_nnx_steps(hp):
-    """(state, {method: jitted step(state, x, y) -> state}) for the NNX CNN with SGD + momentum."""
-    model = NNXCifarCNN(nnx.Rngs(0, dropout=1))
+class ScannedBlock(nnx.Module):
+    """Pre-LayerNorm transformer block: self-attention and a GELU MLP, each with a residual connection."""
+
+    def __init__(self, width: int, heads: int, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(width, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=width, decode=False, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, rngs=rngs)
+        self.up = nnx.Linear(width, 2 * width, rngs=rngs)
+        self.down = nnx.Linear(2 * width, width, rngs=rngs)
+
+    def __call__(self, h):
+        h = h + self.attn(self.norm1(h))
+        return h + self.down(nnx.gelu(self.up(self.norm2(h))))
+
+
+class ScannedTransformer(nnx.Module):
+    """A token-sequence classifier whose ``depth`` blocks are one stacked module applied with ``nnx.scan``."""
+
+    def __init__(self, rngs: nnx.Rngs, depth: int = 4, width: int = 64, heads: int = 4, features: int = 16):
+        self.embed = nnx.Linear(features, width, rngs=rngs)
+        self.blocks = nnx.vmap(lambda r: ScannedBlock(width, heads, r))(rngs.fork(split=depth))
+        self.norm = nnx.LayerNorm(width, rngs=rngs)
+        self.head = nnx.Linear(width, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.scan(lambda h, block: block(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(self.embed(x), self.blocks)
+        return self.head(self.norm(h).mean(axis=1))
+
+
+def make_nnx_steps(hp, model_cls=None):
+    """(state, {method: jitted step(state, x, y) -> state}) for an NNX model with SGD + momentum."""
+    model = (model_cls or NNXCifarCNN)(nnx.Rngs(0, dropout=1))
     optimizer = nnx.Optimizer(model, optax.sgd(1e-3, momentum=0.9), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
@@ -110,6 +143,12 @@ def _interleaved(steps, args, repeats):
 
 def time_model(name, repeats):
     rng = np.random.default_rng(0)
+    if name.startswith("scanned_transformer"):
+        x = jnp.asarray(rng.normal(size=(64, 32, 16)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 10, 64), jnp.int32)
+        ratio = 0.5 if name.endswith("ratio0.5") else 1.0
+        state, steps = make_nnx_steps(dict(epsilon=0.8, beta=1.0, ratio=ratio), ScannedTransformer)
+        return _interleaved(steps, (state, x, y), repeats)
     if name == "nnx_cnn":
         x = jnp.asarray(rng.integers(0, 256, (100, 32, 32, 3)), jnp.float32)
         y = jnp.asarray(rng.integers(0, 10, 100), jnp.int32)
@@ -128,7 +167,7 @@ def time_model(name, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--models", default="lenet,cifar_quick,nnx_cnn")
+    parser.add_argument("--models", default="lenet,cifar_quick,nnx_cnn,scanned_transformer,scanned_transformer_ratio0.5")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     summary = {}
@@ -136,7 +175,7 @@ def main():
         t = time_model(name, args.repeats)
         per_example = f"   per-example BANG {1e3 * t['per_example']:8.2f} ms" if "per_example" in t else ""
         print(
-            f"{name:12s} plain {1e3 * t['plain']:8.2f} ms   single-pass BANG {1e3 * t['single_pass']:8.2f} ms"
+            f"{name:30s} plain {1e3 * t['plain']:8.2f} ms   single-pass BANG {1e3 * t['single_pass']:8.2f} ms"
             f"{per_example}   (median of {args.repeats})"
         )
         summary[f"{name}_plain_ms"] = round(1e3 * t["plain"], 3)

@@ -280,12 +280,12 @@ def check_linen(model, x, y, *, kw=None, example_kw=None, loss=None, correct_fn=
 def factor_layers():
     """per_example_grads hands out the layer-factored form only for leaves too large to fingerprint (> 4,096
     entries); lowering that size sends these small models' layers down that path too."""
-    old = bang_jax.balance._FINGERPRINT_MAX_SIZE
-    bang_jax.balance._FINGERPRINT_MAX_SIZE = 0
+    old = bang_jax.per_example._FINGERPRINT_MAX_SIZE
+    bang_jax.per_example._FINGERPRINT_MAX_SIZE = 0
     try:
         yield
     finally:
-        bang_jax.balance._FINGERPRINT_MAX_SIZE = old
+        bang_jax.per_example._FINGERPRINT_MAX_SIZE = old
 
 
 def count_factored(grads) -> int:

@@ -7,10 +7,10 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message="'bang_jax.data' found in sys.modules", category=RuntimeWarning)
 del _warnings
 
-from bang_jax.balance import BangConfig, BangState, PerExampleGrad, bang, eta, mark_per_example, safe_norm
+from bang_jax.balance import BangConfig, BangState, bang, eta, safe_norm
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import Dataset, load_cifar10, load_dataset, load_fashion_mnist, load_mnist
-from bang_jax.gradients import (
+from bang_jax.linen import (
     WEIGHTED_LAYER_TYPES,
     BangAux,
     PerExampleGrads,
@@ -22,6 +22,7 @@ from bang_jax.gradients import (
     sample_dropout_masks,
     weighted_layers,
 )
+from bang_jax.per_example import PerExampleGrad, mark_per_example
 from bang_jax.models import CifarQuick, LeNet, set_mean_image
 from bang_jax.solvers import CIFAR_QUICK_SOLVER, LENET_SOLVER, SolverConfig, caffe_sgd, inv_schedule, multistep_schedule
 

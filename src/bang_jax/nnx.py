@@ -51,17 +51,17 @@ import jax
 from flax import nnx
 
 from bang_jax.balance import BangConfig, as_bang_config
-from bang_jax.gradients import WEIGHTED_LAYER_TYPES as LINEN_WEIGHTED_LAYER_TYPES
-from bang_jax.gradients import (
+from bang_jax.core import (
     PerExampleGrads,
-    _batch_size,
-    _discover,
-    _has_array,
-    _run_bang,
-    _run_per_example,
-    _run_sample_masks,
-    linen_interceptor,
+    batch_size,
+    discover,
+    has_array,
+    run_bang,
+    run_per_example,
+    run_sample_masks,
 )
+from bang_jax.linen import WEIGHTED_LAYER_TYPES as LINEN_WEIGHTED_LAYER_TYPES
+from bang_jax.linen import linen_interceptor
 
 __all__ = [
     "WEIGHTED_LAYER_TYPES",
@@ -121,7 +121,7 @@ def _hooked_attend(self, *args, **kwargs):
     tap = _ACTIVE_TAP.get()
     if tap is None or tap.passthrough:
         return original.attend(self, *args, **kwargs)
-    if not args or _has_array((args[1:], kwargs)):
+    if not args or has_array((args[1:], kwargs)):
         raise ValueError(f"{tap._where(_where(self), 'nnx.Embed.attend')} must be called with a single array input")
     graphdef, p, others = nnx.split(self, nnx.Param, ...)
 
@@ -140,7 +140,7 @@ def _hooked_call(self, *args, **kwargs):
         return original.__call__(self, *args, **kwargs)
     path, kind = _where(self), original.__name__
     if isinstance(self, tap.layer_types):
-        if not args or _has_array((args[1:], kwargs)):
+        if not args or has_array((args[1:], kwargs)):
             raise ValueError(f"{tap._where(path, kind)} must be called with a single array input (other "
                              "arguments must not be arrays)")
         graphdef, p, others = nnx.split(self, nnx.Param, ...)
@@ -277,13 +277,13 @@ def sample_dropout_masks(model, inputs, **call_kwargs) -> dict[tuple, jax.Array]
     ``nnx.MultiHeadAttention`` cannot be covered and raises.
     """
     adapter = _NNX(model, call_kwargs, WEIGHTED_LAYER_TYPES)
-    return _run_sample_masks(adapter, inputs, adapter.kwargs)
+    return run_sample_masks(adapter, inputs, adapter.kwargs)
 
 
 def weighted_layers(model, inputs, *, layer_types=WEIGHTED_LAYER_TYPES, **call_kwargs):
     """``{layer path: output shape}`` of the layers BANG balances in ``model(inputs, **call_kwargs)``."""
     adapter = _NNX(model, call_kwargs, layer_types)
-    layers, _ = _discover(adapter, inputs, adapter.kwargs, n=_batch_size(inputs))
+    layers, _ = discover(adapter, inputs, adapter.kwargs, n=batch_size(inputs))
     return {path: tuple(r.out.shape) for path, r in layers.items()}
 
 
@@ -320,7 +320,7 @@ def per_example_grads(
     """
     _check_masks_path_type(dropout_masks)
     adapter = _NNX(model, call_kwargs, layer_types)
-    return _run_per_example(adapter, inputs, labels, loss_fn=loss_fn, correct_fn=correct_fn,
+    return run_per_example(adapter, inputs, labels, loss_fn=loss_fn, correct_fn=correct_fn,
                             dropout_masks=dropout_masks, batch_kwargs=batch_kwargs, kwargs=adapter.kwargs,
                             factor_layers=factor_layers)
 
@@ -365,7 +365,7 @@ def bang_grad(
     config = as_bang_config(config, epsilon=epsilon, beta=beta, ratio=ratio)
     _check_masks_path_type(dropout_masks)
     adapter = _NNX(model, call_kwargs, layer_types)
-    grads, aux = _run_bang(adapter, inputs, labels, config=config, loss_fn=loss_fn, correct_fn=correct_fn,
+    grads, aux = run_bang(adapter, inputs, labels, config=config, loss_fn=loss_fn, correct_fn=correct_fn,
                            dropout_masks=dropout_masks, kwargs=adapter.kwargs)
     adapter.commit(aux.model_state)
     aux = aux._replace(model_state=aux.model_state[0])
