@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bang_jax import checkpoint as ckpt_lib
@@ -35,7 +34,7 @@ from bang_jax import data as data_lib
 from bang_jax import distributed
 from bang_jax import models as models_lib
 from bang_jax.attacks import hot_cold_direction, line_search_attack
-from bang_jax.evaluate import evaluate_model, predict
+from bang_jax.evaluate import evaluate_run, predict, results_bytes, run_models
 from bang_jax.noise import noise_study, plot_noise_study
 from bang_jax.robustness import plot_curves
 from bang_jax.train import Checkpoint, LogMetrics, Snapshots, init_states, train
@@ -56,7 +55,6 @@ from experiments.config import (
 from experiments.configs import DATASETS
 from experiments.paper_tables import TABLE1, TABLE2
 
-MODEL_CLASSES = models_lib.MODELS
 PAPER_TABLES = {"mnist": TABLE1, "cifar10": TABLE2}
 # What the pipeline writes into a run directory (and what --overwrite clears).
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "table1.md", "table2.md", "noise.json", "noise.png",
@@ -73,6 +71,7 @@ class Run:
     out: Path
     progress: bool = True
     written: list = dataclasses.field(default_factory=list)
+    seconds: dict = dataclasses.field(default_factory=dict)  # per model and attack, for timings.json
     _data: data_lib.Dataset | None = None
     _consts: dict | None = None
 
@@ -82,7 +81,7 @@ class Run:
 
     @property
     def model(self):
-        return MODEL_CLASSES[self.cfg.model]()
+        return models_lib.MODELS[self.cfg.model]()
 
     @property
     def data(self) -> data_lib.Dataset:
@@ -95,11 +94,7 @@ class Run:
     def consts(self) -> dict:
         """The model's non-param variables (CIFAR-quick: the training-set mean image)."""
         if self._consts is None:
-            model = self.model
-            sample = np.zeros((1,) + self.data.train_images.shape[1:], np.float32)
-            variables = model.init(jax.random.PRNGKey(0), sample, train=False)
-            if self.cfg.model == "cifar_quick":
-                variables = models_lib.set_mean_image(variables, data_lib.mean_image(self.data.train_images))
+            _, variables = models_lib.build(self.cfg.model, self.data.train_images)
             self._consts = {k: v for k, v in variables.items() if k != "params"}
         return self._consts
 
@@ -116,17 +111,9 @@ class Run:
         self.write(name, json.dumps(obj, indent=2) + "\n")
 
     def final_variables(self) -> dict[str, dict]:
-        """{model name: variables} from the checkpoint, which must be at the configured last iteration."""
-        info = ckpt_lib.checkpoint_info(self.out)
-        if info is None:
-            raise ConfigError(f"{self.out} has no checkpoint: run the train stage first")
-        if info.get("iteration") != self.cfg.steps:
-            raise ConfigError(f"training in {self.out} stopped at iteration {info.get('iteration')} of "
-                              f"{self.cfg.steps}: finish it with --resume")
-        template, _ = init_states(self.model, self.data.train_images[:1], self.cfg.models, self.cfg.train_config())
-        states = ckpt_lib.load_state(self.out, template)
-        return {m.name: {**self.consts, "params": jax.tree.map(lambda x, i=i: x[i], states.params)}
-                for i, m in enumerate(self.cfg.models)}
+        """{model name: variables} of the finished run (the one reader of a run's final weights)."""
+        _, entries, _ = run_models(self.out, self.data)
+        return {spec["name"]: variables for spec, _, variables in entries}
 
     def pair(self) -> list[str]:
         """The first regular and the first BANG model (the two the figures compare), or []."""
@@ -144,38 +131,21 @@ def stage_train(run: Run, *, resume: bool, overwrite: bool) -> None:
     callbacks = [LogMetrics(cfg.log_every), Checkpoint(cfg.checkpoint_every, resume=resume, overwrite=overwrite)]
     if cfg.noise_every:
         callbacks.append(Snapshots(every=cfg.noise_every))
-    print(f"training {len(cfg.models)} {cfg.model} model(s) together for {cfg.steps} iterations (batch "
-          f"{cfg.batch_size}, {cfg.order} order, {cfg.method}) → {run.out}", file=sys.stderr)
-    train(run.model, run.data, cfg.models, cfg.train_config(), run.out, callbacks, consts=run.consts,
+    print(f"training {len(cfg.models)} {cfg.model} model(s) together for {cfg.train.steps} iterations (batch "
+          f"{cfg.train.batch_size}, {cfg.train.order} order, {cfg.train.method}) → {run.out}", file=sys.stderr)
+    train(run.model, run.data, cfg.models, cfg.train, run.out, callbacks, consts=run.consts,
           progress=run.progress, steps_per_dispatch=cfg.steps_per_dispatch or None)
     run.written += ["metrics.jsonl", "checkpoints/"] + (["snapshots/"] if cfg.noise_every else [])
 
 
-def _final_losses(out: Path, steps: int) -> dict[str, float | None]:
-    losses = {}
-    path = out / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            d = json.loads(line)
-            if d["iteration"] == steps:
-                losses[d["model"]] = d.get("loss")
-    return losses
-
-
 def stage_evaluate(run: Run) -> None:
+    """Accuracy and attacks on the final weights — :func:`bang_jax.evaluate.evaluate_run`, the same evaluation
+    ``python -m bang_jax.evaluate --run-dir`` runs (byte-identical ``results.json`` for the same settings)."""
     cfg = run.cfg
-    variables = run.final_variables()
-    test_x, test_y = run.test_set()
-    losses = _final_losses(run.out, cfg.steps)
-    results = []
-    for m in cfg.models:
-        row = evaluate_model(run.model, variables[m.name], test_x, test_y, attacks=cfg.attacks,
-                             hc1_max_step=cfg.hc1_max_step, pgd_epsilons=cfg.pgd_eps,
-                             square_queries=cfg.square_queries, curves=cfg.curve_eps or None,
-                             progress=run.progress, label=m.name)
-        results.append({"id": m.name, **m.bang.to_json(), "seed": m.seed, "regular": not m.is_bang,
-                        "final_train_loss": losses.get(m.name), "data_source": run.data.source} | row)
-    run.write_json("results.json", results)
+    rows, seconds = evaluate_run(run.out, cfg.eval, run.data, test_limit=cfg.test_limit, progress=run.progress)
+    ckpt_lib.atomic_write(run.out / "results.json", results_bytes(rows))
+    run.written.append("results.json")
+    run.seconds |= seconds
 
 
 def stage_noise(run: Run) -> None:
@@ -184,13 +154,13 @@ def stage_noise(run: Run) -> None:
     if not cfg.noise_every or len(pair) != 2:
         print("noise stage: nothing to do (needs --noise-every > 0 and a regular and a BANG model)", file=sys.stderr)
         return
-    expected = list(range(cfg.noise_every, cfg.steps + 1, cfg.noise_every))
+    expected = list(range(cfg.noise_every, cfg.train.steps + 1, cfg.noise_every))
     have = ckpt_lib.list_snapshots(run.out)
     missing = sorted(set(expected) - set(have))
     if missing:
         raise ConfigError(f"{run.out}/snapshots lacks the snapshots of iterations {missing}: the noise study "
                           "needs them all (finish training with --resume)")
-    template, _ = init_states(run.model, run.data.train_images[:1], cfg.models, cfg.train_config())
+    template, _ = init_states(run.model, run.data.train_images[:1], cfg.models, cfg.train)
     names = [m.name for m in cfg.models]
     snaps = {n: [] for n in pair}
     for it in expected:
@@ -215,7 +185,7 @@ def stage_noise(run: Run) -> None:
 def stage_figures(run: Run) -> None:
     cfg = run.cfg
     pair = run.pair()
-    if len(pair) == 2 and "hc1" in cfg.attacks and cfg.figure_images:
+    if len(pair) == 2 and "hc1" in cfg.eval.attacks and cfg.figure_images:
         variables = run.final_variables()
         test_x, test_y = run.test_set()
         model = run.model
@@ -226,7 +196,7 @@ def stage_figures(run: Run) -> None:
         for name in pair:
             fn = jax.jit(lambda v, variables=variables[name]: model.apply(variables, v))
             d, blank = hot_cold_direction(fn, x, y)
-            adv[name] = line_search_attack(fn, x, y, d, blank=blank, max_step=cfg.hc1_max_step,
+            adv[name] = line_search_attack(fn, x, y, d, blank=blank, max_step=cfg.eval.hc1_max_step,
                                            progress=False).adversarial
         reports.plot_hc1_examples(run.out / "fig1_hc1.png", x, adv,
                                   f"minimal HC1 perturbations: {pair[0]} vs {pair[1]}")
@@ -250,9 +220,9 @@ def stage_report(run: Run) -> str:
         raise ConfigError(f"{path} does not exist: run the evaluate stage first")
     results = json.loads(path.read_text())
     source = results[0].get("data_source", "?") if results else "?"
-    note = (f"{cfg.steps} iterations, {results[0]['test_images'] if results else 0} test images (data: {source}). "
+    note = (f"{cfg.train.steps} iterations, {results[0]['test_images'] if results else 0} test images (data: {source}). "
             "FGS = the paper's protocol (blank when float32 p_true == 1); FGS-exact = the same direction without "
-            f"that underflow. HC1 searched to t ≤ {cfg.hc1_max_step}.")
+            f"that underflow. HC1 searched to t ≤ {cfg.eval.hc1_max_step}.")
     if not json.loads((run.out / "config.json").read_text()).get("comparable_to_paper", True):
         note += f" DATA: {source} — NOT comparable to the paper."
     verdicts = [f"{r['id']}: {r['masking']['verdict']}" for r in results if r.get("masking")]
@@ -351,8 +321,7 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
 
 def _check_per_layer_values(cfg: ExperimentConfig) -> None:
     """Per-layer hyperparameters must name the model's layers (checked on shapes only, before any work)."""
-    shape = {"lenet": (1, 28, 28, 1), "cifar_quick": (1, 32, 32, 3)}[cfg.model]
-    params = jax.eval_shape(lambda: MODEL_CLASSES[cfg.model]().init(jax.random.PRNGKey(0), jnp.zeros(shape)))["params"]
+    params = models_lib.build(cfg.model, abstract=True)[1]["params"]
     for m in cfg.models:
         try:
             m.bang.broadcast(params)
@@ -407,13 +376,13 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
     cfg, out, stages, saved = configure(dataset, args)
     module = DATASETS[dataset]
     if cfg.preset in ("paper", "grid") and "train" in stages:
-        est = len(cfg.models) * cfg.steps * module.STEP_SECONDS_CPU / 60
+        est = len(cfg.models) * cfg.train.steps * module.STEP_SECONDS_CPU / 60
         print(f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
               "(a GPU runs this far faster); attacks and noise come on top", file=sys.stderr)
     run = Run(cfg, out, progress=not args.no_progress)
     _ = run.data  # the data is checked before anything is written
-    if cfg.batch_size > len(run.data.train_images):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
+    if cfg.train.batch_size > len(run.data.train_images):
+        raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the training set "
                           f"({len(run.data.train_images)} images)")
     if args.resume and "train" in stages:
         if saved is None:
@@ -453,7 +422,7 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
         else:
             table = stage_report(run)
         timings[f"{stage}_seconds"] = time.perf_counter() - t0
-    run.write_json("timings.json", timings | {"last_command_seconds": time.perf_counter() - t_start})
+    run.write_json("timings.json", timings | run.seconds | {"last_command_seconds": time.perf_counter() - t_start})
     if table:
         print()
         print(table)

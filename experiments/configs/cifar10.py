@@ -23,7 +23,8 @@ import numpy as np
 
 from bang_jax.balance import BangConfig
 from bang_jax.solvers import CIFAR_QUICK_SOLVER
-from bang_jax.train import ModelSpec
+from bang_jax.evaluate import EvalConfig
+from bang_jax.train import ModelSpec, TrainConfig
 from experiments.config import ExperimentConfig
 from experiments.configs.mnist import grid_models
 from experiments.paper_tables import TABLE2 as PAPER
@@ -42,25 +43,28 @@ STEP_SECONDS_CPU = 0.15  # measured CIFAR-quick step (batch 100) on a 2-core CPU
 def get_config(preset: str = "default") -> ExperimentConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    train = TrainConfig(solver=CIFAR_QUICK_SOLVER, steps=20_000, batch_size=100)
     cfg = ExperimentConfig(
-        dataset="cifar10", model="cifar_quick", preset=preset, models=(TABLE["R0"], TABLE["B0"]),
-        solver=CIFAR_QUICK_SOLVER, steps=20_000, batch_size=100, noise_every=1000,
-        noise_sigmas=tuple(float(s) for s in range(0, 41, 5)), noise_per_class=100, noise_copies=1000,
+        dataset="cifar10", model="cifar_quick", preset=preset, models=(TABLE["R0"], TABLE["B0"]), train=train,
+        noise_every=1000, noise_sigmas=tuple(float(s) for s in range(0, 41, 5)), noise_per_class=100,
+        noise_copies=1000,
     )
     if preset == "default":
-        cfg.steps = 3000
-        cfg.solver = dataclasses.replace(CIFAR_QUICK_SOLVER, stepvalues=(2700, 2850))
+        cfg.train = dataclasses.replace(train, steps=3000,
+                                        solver=dataclasses.replace(CIFAR_QUICK_SOLVER, stepvalues=(2700, 2850)))
         cfg.noise_every, cfg.noise_per_class, cfg.noise_copies = 500, 10, 100
     elif preset == "smoke":
-        cfg.steps, cfg.test_limit, cfg.log_every, cfg.checkpoint_every = 40, 300, 20, 20
-        cfg.solver = dataclasses.replace(CIFAR_QUICK_SOLVER, stepvalues=(36, 38))
+        cfg.train = dataclasses.replace(train, steps=40,
+                                        solver=dataclasses.replace(CIFAR_QUICK_SOLVER, stepvalues=(36, 38)))
+        cfg.test_limit, cfg.log_every, cfg.checkpoint_every = 300, 20, 20
         cfg.noise_every, cfg.noise_sigmas, cfg.noise_per_class, cfg.noise_copies = 20, (0.0, 20.0, 40.0), 1, 10
-        cfg.hc1_max_step, cfg.figure_images = 255, 4
+        cfg.eval, cfg.figure_images = EvalConfig(hc1_max_step=255), 4
     elif preset == "paper":
         cfg.models = tuple(TABLE.values())
     elif preset == "grid":
         betas = np.round(np.arange(0.4, 1.0001, 0.05), 3)
         epsilons = np.round(np.arange(0.80, 0.8601, 0.005), 4)
         cfg.models = (TABLE["R0"],) + grid_models(betas, epsilons, ratio=0.5)
-        cfg.noise_every, cfg.model_batching, cfg.figure_images = 0, "vmap", 0
+        cfg.train = dataclasses.replace(train, model_batching="vmap")
+        cfg.noise_every, cfg.figure_images = 0, 0
     return cfg.validate()

@@ -20,11 +20,14 @@ Presets (``python -m experiments.mnist --preset NAME``):
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from bang_jax.balance import BangConfig
+from bang_jax.evaluate import EvalConfig
 from bang_jax.solvers import LENET_SOLVER
-from bang_jax.train import ModelSpec
+from bang_jax.train import ModelSpec, TrainConfig
 from experiments.config import ExperimentConfig
 from experiments.paper_tables import TABLE1 as PAPER
 
@@ -52,15 +55,17 @@ def grid_models(betas, epsilons, ratio: float) -> tuple[ModelSpec, ...]:
 def get_config(preset: str = "default") -> ExperimentConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    train = TrainConfig(solver=LENET_SOLVER, steps=10_000, batch_size=64)
     cfg = ExperimentConfig(
-        dataset="mnist", model="lenet", preset=preset, models=(TABLE["R0"], TABLE["B1"]), solver=LENET_SOLVER,
-        steps=10_000, batch_size=64, noise_every=1000, noise_sigmas=tuple(float(s) for s in range(0, 101, 10)),
-        noise_per_class=10, noise_copies=100,
+        dataset="mnist", model="lenet", preset=preset, models=(TABLE["R0"], TABLE["B1"]), train=train,
+        noise_every=1000, noise_sigmas=tuple(float(s) for s in range(0, 101, 10)), noise_per_class=10,
+        noise_copies=100,
     )
     if preset == "smoke":
-        cfg.steps, cfg.test_limit, cfg.log_every, cfg.checkpoint_every = 60, 500, 20, 30
+        cfg.train = dataclasses.replace(train, steps=60)
+        cfg.test_limit, cfg.log_every, cfg.checkpoint_every = 500, 20, 30
         cfg.noise_every, cfg.noise_sigmas, cfg.noise_per_class, cfg.noise_copies = 30, (0.0, 50.0, 100.0), 2, 10
-        cfg.hc1_max_step, cfg.figure_images = 255, 4
+        cfg.eval, cfg.figure_images = EvalConfig(hc1_max_step=255), 4
     elif preset == "paper":
         cfg.models = tuple(TABLE.values())
         cfg.noise_every, cfg.noise_per_class, cfg.noise_copies = 500, 100, 1000
@@ -68,5 +73,6 @@ def get_config(preset: str = "default") -> ExperimentConfig:
         betas = np.round(np.arange(1.0, 1.6001, 0.05), 3)
         epsilons = np.round(np.arange(0.78, 0.8401, 0.005), 4)
         cfg.models = (TABLE["R0"],) + grid_models(betas, epsilons, ratio=1.0)
-        cfg.noise_every, cfg.model_batching, cfg.figure_images = 0, "vmap", 0
+        cfg.train = dataclasses.replace(train, model_batching="vmap")
+        cfg.noise_every, cfg.figure_images = 0, 0
     return cfg.validate()

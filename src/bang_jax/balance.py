@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bang_jax.per_example import PerExampleGrad, mark_per_example, per_example_fingerprint
+from bang_jax.per_example import PerExampleGrad, per_example_fingerprint
 
 __all__ = [
     "BangConfig",

@@ -12,11 +12,10 @@ import hashlib
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bang_jax.models import CifarQuick, LeNet, set_mean_image
+from bang_jax.models import build, set_mean_image
 
 __all__ = ["RELEASED_WEIGHTS", "check_caffe_weights", "load_caffe_weights"]
 
@@ -93,9 +92,7 @@ def load_caffe_weights(path: str | os.PathLike, *, mean_image=None, dataset: str
     missing = [name for name in _LAYERS[kind] if len(blobs.get(name, [])) != 2]
     if missing:
         raise ValueError(f"{path} lacks weights and bias for layer(s) {missing} of the {kind} model")
-    model = CifarQuick() if kind == "cifar_quick" else LeNet()
-    shape = (1, 32, 32, 3) if kind == "cifar_quick" else (1, 28, 28, 1)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+    model, variables = build(kind)
     params = {}
     for name in _LAYERS[kind]:
         w, b = blobs[name]

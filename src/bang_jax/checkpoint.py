@@ -10,6 +10,11 @@ Layout inside a work directory::
     checkpoints/state.msgpack   all models' TrainState (flax msgpack), stacked on a leading model axis
     checkpoints/state.json      what made it: iteration, the models (name, seed, BANG config), the train config
     snapshots/iter_NNNNNN.msgpack   all models' params at a chosen iteration (for the noise study)
+    config.json                 the run's settings (experiments' ExperimentConfig.to_json, version RUN_CONFIG_VERSION)
+
+:func:`read_run_config` reads ``config.json`` and upgrades a run directory of an earlier version;
+:func:`setting_differences` is the one comparison of a saved description with a requested one (used on resume, on
+later stages and for a checkpoint's ``state.json``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,11 @@ __all__ = [
     "load_params",
     "load_snapshot",
     "load_state",
+    "RUN_CONFIG_VERSION",
+    "read_run_config",
     "refuse_symlinked_dirs",
+    "setting_differences",
+    "upgrade_run_config",
     "save_snapshot",
     "save_state",
     "snapshot_path",
@@ -45,6 +54,65 @@ STATE = Path("checkpoints") / "state.msgpack"
 STATE_INFO = Path("checkpoints") / "state.json"
 SNAPSHOTS = Path("snapshots")
 _SNAPSHOT_RE = re.compile(r"^iter_(\d{6,})\.msgpack$")
+RUN_CONFIG = Path("config.json")
+# 1: every setting at the top level (up to 2026-11); 2: training settings under "train", evaluation under "eval".
+RUN_CONFIG_VERSION = 2
+_V1_TRAIN = ("steps", "batch_size", "order", "data_seed", "method", "model_batching", "solver")
+_V1_EVAL = {"attacks": "attacks", "hc1_max_step": "hc1_max_step", "pgd_eps": "pgd_budgets",
+            "square_queries": "square_queries", "curve_eps": "curve_budgets"}
+
+
+def upgrade_run_config(d: dict, where: str = "config.json") -> dict:
+    """A run description of any known version, in the current layout (version :data:`RUN_CONFIG_VERSION`)."""
+    d = dict(d)
+    version = d.get("version", 1)
+    if version == RUN_CONFIG_VERSION:
+        return d
+    if version != 1:
+        raise CheckpointError(f"{where} is a version {version} run description; this bang-jax reads versions 1 to "
+                              f"{RUN_CONFIG_VERSION} (upgrade bang-jax to use this run directory)")
+    d["train"] = {k: d.pop(k) for k in _V1_TRAIN if k in d}
+    d["eval"] = {new: d.pop(old) for old, new in _V1_EVAL.items() if old in d}
+    d["version"] = RUN_CONFIG_VERSION
+    return d
+
+
+def read_run_config(workdir: str | os.PathLike) -> dict:
+    """``config.json`` of a run directory, upgraded to the current layout; :class:`CheckpointError` if it is
+    missing or unreadable."""
+    path = Path(workdir) / RUN_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{workdir} has no config.json: not a run directory of python -m experiments.*")
+    try:
+        return upgrade_run_config(json.loads(path.read_text()), str(path))
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"{path} cannot be read as a run description ({err})") from None
+
+
+def _flat_settings(d: Any, prefix: str = "") -> dict:
+    """``{"train.solver.base_lr": value, …}``: nested settings as dotted keys (lists and scalars are leaves)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat_settings(v, key) if isinstance(v, dict) and k != "models" else {key: v})
+    return out
+
+
+def setting_differences(saved: dict, now: dict, *, may_change=frozenset()) -> list[str]:
+    """The settings (dotted keys) whose values differ between two run descriptions, as ``"key: old → new"``.
+
+    ``may_change`` names keys (``"train.steps"``) or whole sections (``"eval"``) that are allowed to differ. Both
+    descriptions are compared in their JSON form, so tuples and lists compare equal.
+    """
+    a, b = _flat_settings(json.loads(json.dumps(saved))), _flat_settings(json.loads(json.dumps(now)))
+
+    def allowed(key):
+        return any(key == m or key.startswith(m + ".") for m in may_change)
+
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if not allowed(k) and a.get(k) != b.get(k)]
 
 
 def _bang_config_state(cfg: BangConfig) -> dict:

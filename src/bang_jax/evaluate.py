@@ -9,11 +9,14 @@ Attacks the correctly classified test images (the first ``--limit`` of the test 
 protocol (blank when float32 p_true == 1), FGS with the exact gradient, and HC1, each with the minimal-step line
 search of docs/semantics.md (FGS up to t = 255, HC1 up to ``--hc1-max-step``, default 1020), and prints a Table-1 style row.
 More attacks (``--attacks``, comma-separated): ``pgd`` — L∞ PGD (margin and cross-entropy losses) at the budgets
-of ``--pgd-eps``; ``pgd_min`` — the smallest budget at which PGD on the margin succeeds, per image (bisection up
-to ``--pgd-min-max-eps``), reported like the paper's minimal perturbations; ``square`` — the gradient-free
-Square attack at the budgets of ``--square-eps`` with ``--square-queries`` queries per image.
-``--curves`` adds robust accuracy vs ε (``--curve-eps``) for FGS, FGS-exact, PGD-CE, PGD-margin and Square, and
-the gradient-masking report (:mod:`bang_jax.robustness`); ``--plot`` draws the curves.
+of ``--pgd-budgets`` (alias ``--pgd-eps``); ``pgd_min`` — the smallest budget at which PGD on the margin succeeds,
+per image (bisection up to ``--pgd-min-max-budget``), reported like the paper's minimal perturbations; ``square``
+— the gradient-free Square attack at the budgets of ``--square-budgets`` with ``--square-queries`` queries per
+image. ``--curves`` adds robust accuracy vs budget (``--curve-budgets``) for FGS, FGS-exact, PGD-CE, PGD-margin and
+Square, and the gradient-masking report (:mod:`bang_jax.robustness`); ``--plot`` draws the curves. The
+evaluation flags are :class:`EvalConfig`'s fields; with ``--run-dir`` the run's recorded settings are their
+defaults, and ``--json`` then writes exactly what the experiments' ``evaluate`` stage writes as
+``results.json`` (one evaluation path for a run directory).
 Rates are percent of attacked images, L∞ in pixels, PASS over successes, blanks as counts; robust accuracy is
 percent of all evaluated images. Every argument is checked before data is loaded; a user error prints one line
 and exits with status 2 (``--debug`` shows the traceback). The header and the JSON name the data source.
@@ -22,6 +25,7 @@ and exits with status 2 (``--debug`` shows the traceback). The header and the JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -29,10 +33,12 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bang_jax import settings
 from bang_jax.attacks import (
     fgs_direction,
     hot_cold_direction,
@@ -41,10 +47,11 @@ from bang_jax.attacks import (
     pgd_attack,
     square_attack,
 )
+from bang_jax.balance import BangConfig
 from bang_jax.caffe import check_caffe_weights, load_caffe_weights
-from bang_jax.checkpoint import CheckpointError, atomic_write, load_params
+from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, read_run_config
 from bang_jax.data import DataError, load_dataset, mean_image
-from bang_jax.models import MODELS, CifarQuick, LeNet, set_mean_image, warn_if_unit_range
+from bang_jax.models import CifarQuick, LeNet, build, warn_if_unit_range
 from bang_jax.metrics import pass_scores
 from bang_jax.robustness import (
     ATTACKS as CURVE_ATTACKS,
@@ -55,7 +62,7 @@ from bang_jax.robustness import (
     validate_curve_args,
 )
 
-__all__ = ["ATTACKS", "evaluate_accuracy", "evaluate_model", "main", "predict"]
+__all__ = ["ATTACKS", "EvalConfig", "evaluate_accuracy", "evaluate_model", "evaluate_run", "main", "predict"]
 
 ATTACKS = ("fgs", "hc1", "pgd", "pgd_min", "square")
 
@@ -102,66 +109,131 @@ def _summary(prefix, result, x, with_pass=True):
     return out
 
 
-def _budgets(values, name):
-    eps = tuple(float(e) for e in values)
-    if not all(np.isfinite(e) and e >= 0 for e in eps):
+def _budgets(values, name, *, allow_empty=False) -> tuple[float, ...]:
+    try:
+        budgets = tuple(float(e) for e in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers of pixels, got {values!r}") from None
+    if not all(np.isfinite(e) and e >= 0 for e in budgets):
         raise ValueError(f"{name} must be finite non-negative numbers of pixels, got {list(values)}")
-    return eps
+    if not budgets and not allow_empty:
+        raise ValueError(f"{name} is empty: give at least one budget (pixels)")
+    return budgets
 
 
-def _validate(attacks, *, pgd_epsilons, square_epsilons, square_queries, pgd_steps, pgd_min_max_epsilon, curves,
-              curve_attacks):
-    """All argument checks of :func:`evaluate_model`, done before any attack runs."""
-    attacks = tuple(attacks)
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown:
-        raise ValueError(f"unknown attack(s) {unknown}: choose from {', '.join(ATTACKS)}")
-    pgd_epsilons = _budgets(pgd_epsilons, "pgd_epsilons")
-    square_epsilons = pgd_epsilons if square_epsilons is None else _budgets(square_epsilons, "square_epsilons")
-    if int(square_queries) != square_queries or square_queries < 1:
-        raise ValueError(f"square_queries must be a positive integer, got {square_queries}")
-    if int(pgd_steps) != pgd_steps or pgd_steps < 1:
-        raise ValueError(f"pgd_steps must be a positive integer, got {pgd_steps}")
-    if not (np.isfinite(pgd_min_max_epsilon) and pgd_min_max_epsilon > 0):
-        raise ValueError(f"pgd_min_max_epsilon must be a positive number of pixels, got {pgd_min_max_epsilon}")
-    if curves is True:
-        curves = DEFAULT_EPSILONS
-    if curves is not None and curves is not False:
-        curves, curve_attacks = validate_curve_args(curves, curve_attacks, square_queries=square_queries,
-                                                    pgd_steps=pgd_steps)
-    else:
-        curves = None
-    return attacks, pgd_epsilons, square_epsilons, curves, tuple(curve_attacks)
+def _positive_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
-def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), hc1_max_step=1020,
-                   pgd_epsilons=(16.0, 32.0, 64.0), pgd_steps=40, pgd_min_max_epsilon=64.0, square_epsilons=None,
-                   square_queries=1000, curves=None, curve_attacks=CURVE_ATTACKS, seed=0, progress=True, label=""):
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Every setting of a robustness evaluation: the one definition, validated once (on creation).
+
+    Budgets are L∞ perturbation sizes in pixels (0..255 images); they are called *budgets* (``--eval.pgd-budgets``)
+    so as not to be confused with BANG's exponent ε.
+
+    Attributes:
+      attacks: of :data:`ATTACKS`: ``fgs`` (paper protocol and exact gradient), ``hc1``, ``pgd`` (L∞ PGD on the
+        logit margin and on the cross-entropy at each of ``pgd_budgets``), ``pgd_min`` (the smallest budget up to
+        ``pgd_min_max_budget`` at which PGD on the margin succeeds), ``square`` (gradient-free, at each of
+        ``square_budgets``).
+      hc1_max_step: the largest step (pixels) of HC1's line search (the paper: 1020).
+      pgd_budgets: the budgets of ``pgd`` (and of ``square`` when ``square_budgets`` is None).
+      pgd_steps: PGD iterations (``pgd``, ``pgd_min``, the curves).
+      pgd_min_max_budget: the largest budget ``pgd_min`` tries.
+      square_budgets: the budgets of ``square`` (None: ``pgd_budgets``).
+      square_queries: Square's queries per image and budget.
+      curve_budgets: budgets of the robust-accuracy curves and the gradient-masking report (empty: none).
+      curve_attacks: the attacks of the curves (:data:`bang_jax.robustness.ATTACKS`).
+      seed: the attacks' randomness (PGD's random start, Square), recorded with the results.
+    """
+
+    attacks: tuple[str, ...] = ("fgs", "hc1")
+    hc1_max_step: int = 1020
+    pgd_budgets: tuple[float, ...] = (16.0, 32.0, 64.0)
+    pgd_steps: int = 40
+    pgd_min_max_budget: float = 64.0
+    square_budgets: tuple[float, ...] | None = None
+    square_queries: int = 1000
+    curve_budgets: tuple[float, ...] = ()
+    curve_attacks: tuple[str, ...] = CURVE_ATTACKS
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        attacks = tuple(self.attacks)
+        unknown = [a for a in attacks if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"attacks: unknown attack(s) {', '.join(map(str, unknown))}; choose from "
+                             f"{', '.join(ATTACKS)}")
+        if len(set(attacks)) != len(attacks):
+            raise ValueError(f"attacks: an attack is listed twice: {list(attacks)}")
+        set_("attacks", attacks)
+        set_("hc1_max_step", _positive_int("hc1_max_step", self.hc1_max_step))
+        set_("pgd_steps", _positive_int("pgd_steps", self.pgd_steps))
+        set_("square_queries", _positive_int("square_queries", self.square_queries))
+        set_("pgd_budgets", _budgets(self.pgd_budgets, "pgd_budgets", allow_empty="pgd" not in attacks
+                                     and not ("square" in attacks and self.square_budgets is None)))
+        if self.square_budgets is not None:
+            set_("square_budgets", _budgets(self.square_budgets, "square_budgets",
+                                            allow_empty="square" not in attacks))
+        if not (isinstance(self.pgd_min_max_budget, (int, float, np.floating)) and
+                np.isfinite(self.pgd_min_max_budget) and self.pgd_min_max_budget > 0):
+            raise ValueError(f"pgd_min_max_budget must be a positive number of pixels, got {self.pgd_min_max_budget!r}")
+        set_("pgd_min_max_budget", float(self.pgd_min_max_budget))
+        set_("curve_budgets", _budgets(self.curve_budgets, "curve_budgets", allow_empty=True))
+        set_("curve_attacks", tuple(self.curve_attacks))
+        if self.curve_budgets:
+            validate_curve_args(self.curve_budgets, self.curve_attacks, square_queries=self.square_queries,
+                                pgd_steps=self.pgd_steps)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def square_budgets_or_pgd(self) -> tuple[float, ...]:
+        return self.pgd_budgets if self.square_budgets is None else self.square_budgets
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, d: dict) -> EvalConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown evaluation setting(s) {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# The keyword names of earlier releases, still accepted by evaluate_model.
+_LEGACY_NAMES = {"pgd_epsilons": "pgd_budgets", "square_epsilons": "square_budgets",
+                 "pgd_min_max_epsilon": "pgd_min_max_budget"}
+
+
+def evaluate_model(model, variables, images, labels, config: EvalConfig | None = None, *, progress=True, label="",
+                   **settings):
     """Accuracy and attack statistics (a JSON-able dict) of ``model`` on ``images`` (pixels) with integer ``labels``.
 
-    ``attacks`` (validated, with every other argument, before anything runs): ``"fgs"`` (paper protocol and
-    exact gradient), ``"hc1"``, ``"pgd"`` (L∞ PGD on the logit margin and on the cross-entropy at each budget in
-    ``pgd_epsilons``, giving ``pgd_margin_rate_eps16`` …), ``"pgd_min"`` (per image, the smallest budget up to
-    ``pgd_min_max_epsilon`` at which PGD on the margin succeeds: ``pgd_min_rate``, ``pgd_min_linf_mean`` …, as the
-    paper reports its minimal perturbations) and ``"square"`` (the gradient-free Square attack at each budget in
-    ``square_epsilons``, default ``pgd_epsilons``: ``square_rate_eps16``, ``square_queries_mean_eps16`` over
-    successes). Rates are % of attacked (correctly classified) images.
-
-    ``curves``: a sequence of budgets ε (pixels), or True for :data:`bang_jax.robustness.DEFAULT_EPSILONS`, adds
-    ``row["curves"]`` (:func:`bang_jax.robustness.robustness_curves` over ``curve_attacks``; robust accuracy is %
+    ``config`` (an :class:`EvalConfig`, validated before anything runs) says which attacks run and how; instead of
+    it, its fields may be given as keywords (``attacks=("fgs", "pgd"), pgd_budgets=(8.0,)``; the older names
+    ``pgd_epsilons``, ``square_epsilons``, ``pgd_min_max_epsilon`` and ``curves=`` (budgets, or True for
+    :data:`bang_jax.robustness.DEFAULT_EPSILONS`) are accepted too). Rates are % of attacked (correctly
+    classified) images: ``fgs_rate``, ``pgd_margin_rate_eps16``, ``square_rate_eps16``, ``pgd_min_rate`` …;
+    with curve budgets ``row["curves"]`` (:func:`bang_jax.robustness.robustness_curves`; robust accuracy is %
     of all evaluated images) and ``row["masking"]`` (:func:`bang_jax.robustness.masking_report`, with a
     ``verdict``). ``label`` (e.g. the model's name) prefixes the progress bars.
     """
-    attacks, pgd_epsilons, square_epsilons, curves, curve_attacks = _validate(
-        attacks, pgd_epsilons=pgd_epsilons, square_epsilons=square_epsilons, square_queries=square_queries,
-        pgd_steps=pgd_steps, pgd_min_max_epsilon=pgd_min_max_epsilon, curves=curves, curve_attacks=curve_attacks)
+    config = _eval_config(config, settings)
     logits_fn = jax.jit(lambda x: model.apply(variables, x))
     pred = np.argmax(predict(model, variables, images), axis=1)
     correct = pred == np.asarray(labels)
     x = np.asarray(images, np.float32)[correct]
     y = np.asarray(labels, np.int32)[correct]
     row = {"accuracy": float(100 * correct.mean()), "test_images": int(len(labels)), "attacked": int(correct.sum())}
-    for attack in attacks:
+    seed = config.seed
+    for attack in config.attacks:
         t0 = time.perf_counter()
         if attack == "fgs":
             d, blank = fgs_direction(logits_fn, x, y)
@@ -173,45 +245,57 @@ def evaluate_model(model, variables, images, labels, *, attacks=("fgs", "hc1"), 
                                                 progress=progress and f"{label} FGS (exact)".strip()), x
             )
         elif attack == "pgd":
-            for eps in pgd_epsilons:
+            for eps in config.pgd_budgets:
                 for loss in ("margin", "ce"):
-                    res = pgd_attack(logits_fn, x, y, epsilon=float(eps), steps=pgd_steps, loss=loss, seed=seed)
+                    res = pgd_attack(logits_fn, x, y, epsilon=float(eps), steps=config.pgd_steps, loss=loss,
+                                     seed=seed)
                     row[f"pgd_{loss}_rate_eps{eps:g}"] = res.rate
         elif attack == "pgd_min":
-            res = minimal_pgd_attack(logits_fn, x, y, max_epsilon=pgd_min_max_epsilon, steps=pgd_steps, seed=seed)
+            res = minimal_pgd_attack(logits_fn, x, y, max_epsilon=config.pgd_min_max_budget, steps=config.pgd_steps,
+                                     seed=seed)
             row |= _summary("pgd_min", res, x)
         elif attack == "square":
-            row["square_queries"] = int(square_queries)
-            for eps in square_epsilons:
-                res = square_attack(logits_fn, x, y, epsilon=float(eps), queries=square_queries, seed=seed)
+            row["square_queries"] = config.square_queries
+            for eps in config.square_budgets_or_pgd:
+                res = square_attack(logits_fn, x, y, epsilon=float(eps), queries=config.square_queries, seed=seed)
                 row[f"square_rate_eps{eps:g}"] = res.rate
                 row[f"square_queries_mean_eps{eps:g}"] = (float(res.queries[res.success].mean())
                                                          if res.success.any() else None)
         elif attack == "hc1":
             d, blank = hot_cold_direction(logits_fn, x, y)
-            res = line_search_attack(logits_fn, x, y, d, blank=blank, max_step=hc1_max_step,
+            res = line_search_attack(logits_fn, x, y, d, blank=blank, max_step=config.hc1_max_step,
                                      progress=progress and f"{label} HC1".strip())
             row |= _summary("hc1", res, x)
         row[f"{attack}_seconds"] = time.perf_counter() - t0
-    if curves is not None:
+    if config.curve_budgets:
         t0 = time.perf_counter()
-        row["curves"] = robustness_curves(logits_fn, images, labels, curves, attacks=curve_attacks,
-                                          pgd_steps=pgd_steps, square_queries=square_queries, seed=seed,
-                                          progress=progress)
+        budgets, curve_attacks = validate_curve_args(config.curve_budgets, config.curve_attacks)
+        row["curves"] = robustness_curves(logits_fn, images, labels, budgets, attacks=curve_attacks,
+                                          pgd_steps=config.pgd_steps, square_queries=config.square_queries,
+                                          seed=seed, progress=progress)
         row["masking"] = masking_report(logits_fn, images, labels, curves=row["curves"])
         row["curves_seconds"] = time.perf_counter() - t0
     return row
 
 
-def _parse_floats(text, flag="value"):
-    try:
-        values = tuple(float(e) for e in text.split(",") if e.strip())
-    except ValueError:
-        raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}") from None
-    bad = [v for v in values if not (0 <= v < float("inf"))]
-    if bad:
-        raise ValueError(f"{flag} expects finite non-negative numbers of pixels, got {list(bad)}")
-    return values
+def _eval_config(config: EvalConfig | None, settings: dict) -> EvalConfig:
+    """``config``, or an :class:`EvalConfig` from keyword settings (older names accepted)."""
+    if config is not None and settings:
+        raise TypeError("give evaluate_model either config= or keyword settings, not both")
+    if config is not None:
+        if not isinstance(config, EvalConfig):
+            raise TypeError(f"config must be a bang_jax.evaluate.EvalConfig, got {type(config).__name__}")
+        return config
+    fields = {_LEGACY_NAMES.get(k, k): v for k, v in settings.items()}
+    if "curves" in fields:
+        curves = fields.pop("curves")
+        fields["curve_budgets"] = (DEFAULT_EPSILONS if curves is True else
+                                   () if curves is None or curves is False else tuple(curves))
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"evaluate_model() got unknown setting(s) {unknown}; the settings are {sorted(known)}")
+    return EvalConfig(**fields)
 
 
 def _fmt(v, pct=False):
@@ -245,35 +329,92 @@ def _positive(flag: str, value, allow_none=False):
         raise UsageError(f"{flag} must be a positive integer, got {value}")
 
 
-def _run_dir_models(run_dir: Path, names: list[str] | None, ds):
-    """[(label, model, variables)] of the models trained in an experiments run directory."""
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise UsageError(f"--run-dir {run_dir} has no config.json: not a run directory of python -m experiments.*")
-    config = json.loads(config_path.read_text())
-    all_names, params, info = load_params(run_dir)
-    if info.get("iteration") != config.get("steps"):
-        print(f"note: {run_dir} stopped training at iteration {info.get('iteration')} of {config.get('steps')}; "
-              "evaluating the weights of its last checkpoint", file=sys.stderr)
-    unknown = [n for n in names or [] if n not in all_names]
+def _final_losses(run_dir: Path, steps: int) -> dict[str, float | None]:
+    losses = {}
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            d = json.loads(line)
+            if d["iteration"] == steps:
+                losses[d["model"]] = d.get("loss")
+    return losses
+
+
+def run_models(run_dir, data, *, models=None, allow_unfinished=False):
+    """``(run description, [(model spec dict, module, variables)], iteration)`` of the models trained in a run
+    directory of ``python -m experiments.*`` — the one reader of a run's final weights.
+
+    ``models`` (names) picks some; ``data`` is the run's :class:`bang_jax.data.Dataset` (CIFAR-quick takes its
+    training images' mean). A checkpoint short of the run's last iteration is an error unless
+    ``allow_unfinished``; weights with NaN or infinite entries are an error naming the model.
+    """
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    names, params, info = load_params(run_dir)
+    unknown = [n for n in models or [] if n not in names]
     if unknown:
-        raise UsageError(f"--models: {', '.join(unknown)} not in {run_dir} (it has {', '.join(all_names)})")
-    model = MODELS[config["model"]]()
-    sample = np.zeros((1,) + ds.train_images.shape[1:], np.float32)
-    variables = model.init(jax.random.PRNGKey(0), sample, train=False)
-    if config["model"] == "cifar_quick":
-        variables = set_mean_image(variables, mean_image(ds.train_images))
+        raise ValueError(f"models {', '.join(unknown)} not in {run_dir} (it has {', '.join(names)})")
+    steps = config["train"]["steps"]
+    if info.get("iteration") != steps:
+        message = f"training in {run_dir} stopped at iteration {info.get('iteration')} of {steps}"
+        if not allow_unfinished:
+            raise CheckpointError(message + ": finish it with --resume")
+        print(f"note: {message}; evaluating the weights of its last checkpoint", file=sys.stderr)
+    module, variables = build(config["model"], data.train_images)
     consts = {k: v for k, v in variables.items() if k != "params"}
+    specs = {m["name"]: m for m in config["models"]}
     out = []
-    for i, name in enumerate(all_names):
-        if names and name not in names:
+    for i, name in enumerate(names):
+        if models and name not in models:
             continue
         p = jax.tree.map(lambda x, i=i: np.asarray(x[i]), params)
-        bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(p)[0] if not np.isfinite(v).all()]
+        bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(p)[0]
+               if not np.isfinite(v).all()]
         if bad:
-            raise UsageError(f"model {name} in {run_dir} has NaN or infinite weights in {', '.join(bad)}")
-        out.append((name, model, {**consts, "params": p}))
-    return config["dataset"], out, info.get("iteration")
+            raise ValueError(f"model {name} in {run_dir} has NaN or infinite weights in {', '.join(bad)}")
+        out.append((specs.get(name, {"name": name}), module, {**consts, "params": p}))
+    return config, out, info.get("iteration")
+
+
+def evaluate_run(run_dir, config: EvalConfig, data, *, models=None, test_limit=None, allow_unfinished=False,
+                 progress=True) -> tuple[list[dict], dict[str, float]]:
+    """Evaluates the models of a run directory: ``(results rows, seconds per attack)`` — the one evaluation of a
+    run, used by the ``evaluate`` stage of the experiments and by ``python -m bang_jax.evaluate --run-dir``.
+
+    Each row is the model's id, BANG hyperparameters, seed, whether it is regular, its final training loss, the
+    data source and iteration, then :func:`evaluate_model`'s statistics (timings are returned apart, so that the
+    same settings give the same rows). Evaluated on the first ``test_limit`` test images (None: all).
+    """
+    run_dir = Path(run_dir)
+    run_config, entries, iteration = run_models(run_dir, data, models=models, allow_unfinished=allow_unfinished)
+    n = len(data.test_images) if test_limit is None else min(test_limit, len(data.test_images))
+    x, y = data.test_images[:n], data.test_labels[:n]
+    losses = _final_losses(run_dir, run_config["train"]["steps"])
+    rows, seconds = [], {}
+    for spec, module, variables in entries:
+        name = spec["name"]
+        row = evaluate_model(module, variables, x, y, config, progress=progress, label=name)
+        for key in [k for k in row if k.endswith("_seconds")]:
+            seconds[f"{name}_{key}"] = row.pop(key)
+        bang = {k: spec[k] for k in ("epsilon", "beta", "ratio") if k in spec}
+        rows.append({"id": name, **bang, "seed": spec.get("seed"), "regular": BangConfig(**bang).is_regular,
+                     "final_train_loss": losses.get(name), "data_source": data.source, "iteration": iteration,
+                     "eval": config.to_json()} | row)
+    return rows, seconds
+
+
+def results_bytes(rows: list[dict]) -> bytes:
+    """The bytes of a ``results.json`` (what both doors to a run directory write)."""
+    return (json.dumps(rows, indent=2) + "\n").encode()
+
+
+# The evaluate command's flags come from EvalConfig's fields; these spellings of earlier releases stay.
+EVAL_FLAG_ALIASES = {"pgd_budgets": ("--pgd-eps",), "square_budgets": ("--square-eps",),
+                     "pgd_min_max_budget": ("--pgd-min-max-eps",), "curve_budgets": ("--curve-eps",)}
+
+
+def _eval_flags():
+    return settings.flag_fields(EvalConfig, aliases=EVAL_FLAG_ALIASES)
 
 
 def main(argv=None):
@@ -285,59 +426,51 @@ def main(argv=None):
     what.add_argument("--run-dir", help="a run directory of python -m experiments.mnist|cifar10")
     p.add_argument("--models", help="with --run-dir: comma-separated model names (default: all)")
     p.add_argument("--dataset", choices=["mnist", "cifar10"], help="needed with --caffe-weights")
-    p.add_argument("--attacks", default="fgs,hc1",
-                   help=f"comma-separated: {', '.join(ATTACKS)}; empty: none (default: %(default)s)")
-    p.add_argument("--pgd-eps", default="16,32,64", help="L∞ budgets (pixels) of the pgd attack")
-    p.add_argument("--pgd-steps", type=int, default=40, help="PGD steps (pgd, pgd_min, curves)")
-    p.add_argument("--pgd-min-max-eps", type=float, default=64.0, help="largest budget of pgd_min (pixels)")
-    p.add_argument("--square-eps", help="L∞ budgets (pixels) of the square attack (default: --pgd-eps)")
-    p.add_argument("--square-queries", type=int, default=1000, help="Square queries per image and budget")
     p.add_argument("--curves", action="store_true",
-                   help="robust accuracy vs ε curves and the gradient-masking report")
-    p.add_argument("--curve-eps", default=",".join(f"{e:g}" for e in DEFAULT_EPSILONS),
-                   help="budgets (pixels) of the curves (default: %(default)s)")
-    p.add_argument("--curve-attacks", default=",".join(CURVE_ATTACKS), help="attacks of the curves")
+                   help="robust accuracy vs budget curves and the gradient-masking report (budgets: "
+                        "--curve-budgets, default " + ",".join(f"{e:g}" for e in DEFAULT_EPSILONS) + ")")
     p.add_argument("--plot", help="write the curves as a PNG (needs --curves)")
-    p.add_argument("--seed", type=int, default=0, help="seed of PGD's random start and Square")
-    p.add_argument("--limit", type=int, help="use the first N test images")
-    p.add_argument("--hc1-max-step", type=int, default=1020)
-    p.add_argument("--data-dir", help="dataset directory (default: $BANG_DATA_DIR)")
-    p.add_argument("--json", help="write the results as one JSON object to this file")
+    p.add_argument("--limit", type=int, help="use the first N test images (--run-dir: default the run's own)")
+    p.add_argument("--data-dir", help="dataset directory (default: $BANG_DATA_DIR; --run-dir: the run's own)")
+    p.add_argument("--json", help="write the results as JSON to this file (--run-dir: exactly the run's "
+                                  "results.json layout)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    settings.add_flags(p, _eval_flags(), "evaluation settings (bang_jax.evaluate.EvalConfig; with --run-dir the "
+                                         "run's recorded settings are the defaults)")
     args = p.parse_args(argv)
     try:
         return _main(args)
-    except (UsageError, DataError, CheckpointError) as err:
+    except (UsageError, DataError, CheckpointError, ValueError) as err:  # ValueError: the library's checks
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except ValueError as err:  # the library's argument and file checks (weights, attack options)
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+
+def _config_from_args(args, base: EvalConfig) -> EvalConfig:
+    given = settings.given_flags(args, _eval_flags())
+    if ("curve_budgets",) in given and not args.curves:
+        raise UsageError("--curve-budgets (--curve-eps) needs --curves")
+    if args.curves and not given.get(("curve_budgets",), base.curve_budgets):
+        given[("curve_budgets",)] = DEFAULT_EPSILONS
+    if not args.curves:
+        given[("curve_budgets",)] = ()
+    try:
+        return settings.apply_flags(base, given, error=UsageError)
+    except UsageError as err:
+        flags = {f.path: f.flag for f in _eval_flags()}
+        text = str(err)
+        for path, flag in flags.items():
+            text = text.replace(f"{path[0]} ", f"{flag} ", 1) if text.startswith(path[0]) else text
+        raise UsageError(text) from None
 
 
 def _main(args):
     # Every argument is checked before any data is loaded or any attack runs.
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    try:
-        options = dict(
-            pgd_epsilons=_parse_floats(args.pgd_eps, "--pgd-eps"), pgd_steps=args.pgd_steps,
-            pgd_min_max_epsilon=args.pgd_min_max_eps, square_queries=args.square_queries,
-            square_epsilons=None if args.square_eps is None else _parse_floats(args.square_eps, "--square-eps"),
-            curves=_parse_floats(args.curve_eps, "--curve-eps") if args.curves else None,
-            curve_attacks=tuple(a.strip() for a in args.curve_attacks.split(",") if a.strip()),
-        )
-        _validate(attacks, **options)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     if args.plot and not args.curves:
         raise UsageError("--plot needs --curves")
     _positive("--limit", args.limit, allow_none=True)
-    _positive("--hc1-max-step", args.hc1_max_step)
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
     if args.caffe_weights:
@@ -347,17 +480,20 @@ def _main(args):
             raise UsageError("--models goes with --run-dir")
         if not Path(args.caffe_weights).is_file():
             raise UsageError(f"--caffe-weights {args.caffe_weights} does not exist")
+        config = _config_from_args(args, EvalConfig())
         dataset = args.dataset
         check_caffe_weights(args.caffe_weights, dataset)  # the right model for the dataset, before loading data
+        limit = args.limit
     else:
         run_dir = Path(args.run_dir)
-        if not (run_dir / "config.json").is_file():
-            raise UsageError(f"--run-dir {run_dir} has no config.json: not a run directory of python -m experiments.*")
-        run_config = json.loads((run_dir / "config.json").read_text())
+        run_config = read_run_config(run_dir)
+        config = _config_from_args(args, EvalConfig.from_json(run_config.get("eval", {})))
         dataset = run_config["dataset"]
         if args.dataset and args.dataset != dataset:
             raise UsageError(f"--dataset {args.dataset} does not match the run's dataset {dataset}")
         names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+        if args.models is not None and not names:
+            raise UsageError("--models is empty; name the models or leave the flag out")
         trained = load_params(run_dir)[0]
         unknown = [n for n in names or [] if n not in trained]
         if unknown:
@@ -365,42 +501,40 @@ def _main(args):
         if args.data_dir is None and not os.environ.get("BANG_DATA_DIR") and run_config.get("data_dir"):
             args.data_dir = run_config["data_dir"]  # the data the run was made with, not a fallback
             print(f"data: using the run's data directory {args.data_dir}", file=sys.stderr)
+        limit = run_config.get("test_limit") if args.limit is None else args.limit
     ds = load_dataset(dataset, args.data_dir)
     if args.run_dir and run_config.get("data_source") and ds.source != run_config["data_source"]:
         print(f"note: the run was trained on {run_config['data_source']}; evaluating on {ds.source}", file=sys.stderr)
+    n = len(ds.test_images) if limit is None else min(limit, len(ds.test_images))
     if args.caffe_weights:
         mean = mean_image(ds.train_images) if dataset == "cifar10" else None
         model, variables = load_caffe_weights(args.caffe_weights, mean_image=mean, dataset=dataset)
-        entries, source, iteration = [(Path(args.caffe_weights).stem, model, variables)], str(args.caffe_weights), None
+        label, source = Path(args.caffe_weights).stem, str(args.caffe_weights)
+        print(f"{source}: 1 model on {n} {dataset} test images; data: {ds.source}"
+              + ("" if ds.comparable_to_paper else " (NOT comparable to the paper)"), file=sys.stderr)
+        row = evaluate_model(model, variables, ds.test_images[:n], ds.test_labels[:n], config,
+                             progress=not args.no_progress, label=label)
+        row = {"weights": source, "model": label, "dataset": dataset, "data_source": ds.source} | row
+        rows, result = [row], row
     else:
-        names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
-        _, entries, iteration = _run_dir_models(Path(args.run_dir), names, ds)
-        source = str(args.run_dir)
-    n = len(ds.test_images) if args.limit is None else min(args.limit, len(ds.test_images))
-    print(f"{source}: {len(entries)} model(s) on {n} {dataset} test images; data: {ds.source}"
-          + ("" if ds.comparable_to_paper else " (NOT comparable to the paper)"), file=sys.stderr)
-    rows = {}
-    for label, model, variables in entries:
-        row = evaluate_model(
-            model, variables, ds.test_images[:n], ds.test_labels[:n], attacks=attacks,
-            hc1_max_step=args.hc1_max_step, progress=not args.no_progress, seed=args.seed, label=label, **options,
-        )
-        meta = {"weights": source, "model": label, "dataset": dataset, "data_source": ds.source}
-        if iteration is not None:
-            meta["iteration"] = iteration
-        rows[label] = row = meta | row
-        _print_row(args, label, n, dataset, row)
+        print(f"{run_dir}: models {', '.join(names or trained)} on {n} {dataset} test images; data: {ds.source}"
+              + ("" if ds.comparable_to_paper else " (NOT comparable to the paper)"), file=sys.stderr)
+        rows, _ = evaluate_run(run_dir, config, ds, models=names, test_limit=limit, allow_unfinished=True,
+                               progress=not args.no_progress)
+        result = rows
+    for row in rows:
+        _print_row(config, row.get("id", row.get("model")), n, dataset, row)
     if args.plot:
-        curves = {label: r["curves"] for label, r in rows.items() if "curves" in r}
+        curves = {r.get("id", r.get("model")): r["curves"] for r in rows if "curves" in r}
         print(f"wrote {plot_curves(curves, args.plot)}", file=sys.stderr)
-    result = next(iter(rows.values())) if args.caffe_weights else rows
     if args.json:
-        atomic_write(args.json, (json.dumps(result, indent=2) + "\n").encode())
+        atomic_write(args.json, results_bytes(result) if args.run_dir else
+                     (json.dumps(result, indent=2) + "\n").encode())
         print(f"wrote {args.json}", file=sys.stderr)
     return result
 
 
-def _print_row(args, label, n, dataset, row):
+def _print_row(config: EvalConfig, label, n, dataset, row):
     print(f"\n{label} on {n} {dataset} test images ({row['attacked']} attacked; data: {row['data_source']})")
     print("accuracy | FGS rate  PASS    L∞ (blank) | FGS-exact rate  L∞ (blank) | HC1 rate  PASS    L∞")
     print(
@@ -413,14 +547,14 @@ def _print_row(args, label, n, dataset, row):
     )
     pgd = {k: v for k, v in row.items() if k.startswith("pgd_") and "_rate_" in k}
     if pgd:
-        print(f"PGD ({args.pgd_steps} steps) success: " + ", ".join(f"{k[4:]} {v:.2f}%" for k, v in pgd.items()))
+        print(f"PGD ({config.pgd_steps} steps) success: " + ", ".join(f"{k[4:]} {v:.2f}%" for k, v in pgd.items()))
     if "pgd_min_rate" in row:
         print(f"PGD-margin minimal budget: success {_fmt(row['pgd_min_rate'], True)} within "
-              f"{args.pgd_min_max_eps:g}, L∞ {_fmt(row['pgd_min_linf_mean'])}±{_fmt(row['pgd_min_linf_std'])}, "
+              f"{config.pgd_min_max_budget:g}, L∞ {_fmt(row['pgd_min_linf_mean'])}±{_fmt(row['pgd_min_linf_std'])}, "
               f"PASS {_fmt(row['pgd_min_pass_mean'])}")
     square = {k: v for k, v in row.items() if k.startswith("square_rate_")}
     if square:
-        print(f"Square ({args.square_queries} queries) success: "
+        print(f"Square ({config.square_queries} queries) success: "
               + ", ".join(f"{k[12:]} {v:.2f}%" for k, v in square.items()))
     if "curves" in row:
         c = row["curves"]

@@ -26,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["CifarQuick", "LeNet", "caffe_avg_pool", "caffe_max_pool", "set_mean_image"]
+from bang_jax.data import mean_image
+
+__all__ = ["INPUT_SHAPES", "MODELS", "CifarQuick", "LeNet", "build", "caffe_avg_pool", "caffe_max_pool",
+           "set_mean_image"]
 
 
 def _ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -163,5 +166,33 @@ def set_mean_image(variables: dict, mean_image) -> dict:
     return {**variables, "constants": {**variables["constants"], "mean_image": mean_image}}
 
 
-# The bundled models by the names the experiments' configs use.
+# The bundled models by the names the experiments' configs use, and the image shape each takes.
 MODELS = {"lenet": LeNet, "cifar_quick": CifarQuick}
+INPUT_SHAPES = {"lenet": (28, 28, 1), "cifar_quick": (32, 32, 3)}
+
+
+def build(name: str, train_images=None, *, abstract: bool = False) -> tuple[nn.Module, dict]:
+    """``(module, variables)`` of a bundled model: the one place the paper's models are built.
+
+    Args:
+      name: ``'lenet'`` or ``'cifar_quick'`` (:data:`MODELS`).
+      train_images: the training images (pixels); :class:`CifarQuick` then holds their mean image, which it
+        subtracts. Without them its mean image is zero (enough for shapes, not for predictions).
+      abstract: shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves, nothing computed).
+
+    The parameters are the model's Caffe-style initialisation with key 0; training draws its own per model.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; the bundled models are {', '.join(MODELS)}")
+    module = MODELS[name]()
+    sample = jnp.zeros((1,) + INPUT_SHAPES[name], jnp.float32)
+
+    def init():
+        return module.init(jax.random.PRNGKey(0), sample, train=False)
+
+    if abstract:
+        return module, jax.eval_shape(init)
+    variables = init()
+    if name == "cifar_quick" and train_images is not None:
+        variables = set_mean_image(variables, mean_image(train_images))
+    return module, variables

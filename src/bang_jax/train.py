@@ -57,6 +57,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "check_models",
     "init_states",
     "make_train_step",
     "train",
@@ -121,6 +122,18 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_models(config: TrainConfig, models) -> None:
+    """The rules tying a run's models to its train config (``ValueError``): unique names; BANG hyperparameters
+    need a BANG gradient method. :func:`train` applies them; the experiments call this before any work."""
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    if config.method == "plain" and any(m.is_bang for m in models):
+        bad = [m.name for m in models if m.is_bang]
+        raise ValueError(f"method 'plain' ignores BANG hyperparameters, but {', '.join(bad)} have them; use "
+                         "'single_pass' or 'per_example'")
 
 
 class TrainState(NamedTuple):
@@ -510,14 +523,7 @@ def _run_info(ctx: LoopContext) -> dict:
 
 def _differences(saved: dict, now: dict) -> list[str]:
     """Settings that differ between a checkpoint's description and this run (``steps`` may change)."""
-    now = json.loads(json.dumps(now))
-    out = []
-    if saved.get("models") != now["models"]:
-        out.append(f"models {saved.get('models')} != {now['models']}")
-    a = {k: v for k, v in (saved.get("config") or {}).items() if k != "steps"}
-    b = {k: v for k, v in now["config"].items() if k != "steps"}
-    out += [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return out
+    return ckpt_lib.setting_differences(saved, now, may_change={"iteration", "config.steps"})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -589,15 +595,9 @@ def train(
         raise ValueError("no model to train: models is empty")
     if not all(isinstance(m, ModelSpec) for m in models):
         raise TypeError("models must be bang_jax.train.ModelSpec objects")
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if config.method == "plain" and any(m.is_bang for m in models):
-        bad = [m.name for m in models if m.is_bang]
-        raise ValueError(f"method 'plain' ignores BANG hyperparameters, but {', '.join(bad)} have them; use "
-                         "'single_pass' or 'per_example'")
+    check_models(config, models)
     callbacks = sorted(callbacks, key=lambda c: c.order)
     if workdir is None and any(c.needs_workdir for c in callbacks):
         raise ValueError("Checkpoint and Snapshots callbacks need a workdir")
@@ -632,7 +632,7 @@ def train(
     t0 = time.perf_counter()
     it = ctx.start
     end = config.steps
-    bar = _progress(total=end, initial=it, enabled=progress and ctx.writer, desc=f"train {'+'.join(names)}")
+    bar = _progress(total=end, initial=it, enabled=progress and ctx.writer, desc=f"train {'+'.join(m.name for m in models)}")
     ctx.bar = bar
     while it < end and not ctx.stop:
         nexts = [c.next_due(it, ctx) for c in callbacks] + [end, it + max(50, steps_per_dispatch)]
