@@ -251,13 +251,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: dict[tuple[str, ...], Any]) -> ExperimentConfig:
-    flags = {f.path: f.flag for f in flag_fields()}
-    for path, value in overrides.items():  # one at a time, so that an error names its flag
-        try:
-            cfg = settings.apply_flags(cfg, {path: value})
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{flags.get(path, path)}: {str(err).split(': ', 1)[-1]}") from None
-    return cfg
+    return settings.apply_flags(cfg, overrides, flag_fields(), error=ConfigError)
 
 
 def differences(saved: dict, now: ExperimentConfig, *, allowed=frozenset()) -> list[str]:

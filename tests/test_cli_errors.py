@@ -33,13 +33,15 @@ def test_evaluate_cli_rejects_bad_arguments_before_any_work(tmp_path, data_dir, 
     base = ["-m", "bang_jax.evaluate", "--no-progress"]
     lenet = [*base, "--caffe-weights", str(weights), "--dataset", "mnist"]
     cases = [
-        ([*lenet, "--attacks", "fgs,cw"], "unknown attack(s) ['cw']"),
+        ([*lenet, "--attacks", "fgs,cw"], "--attacks: attacks: unknown attack(s) cw"),
         ([*lenet, "--limit", "-5"], "--limit must be a positive integer, got -5"),
         ([*lenet, "--limit", "0"], "--limit must be a positive integer, got 0"),
-        ([*lenet, "--hc1-max-step", "-3"], "--hc1-max-step must be a positive integer"),
+        ([*lenet, "--hc1-max-step", "-3"], "--hc1-max-step: hc1_max_step must be a positive integer"),
         ([*lenet, "--json", str(tmp_path / "missing" / "out.json")], "does not exist"),
         ([*lenet, "--json", str(tmp_path)], "is a directory"),
-        ([*lenet, "--pgd-eps", "16,x", "--attacks", "pgd"], "comma-separated numbers"),
+        ([*lenet, "--pgd-eps", "16,x", "--attacks", "pgd"], "--pgd-budgets must be a float, got 'x'"),
+        ([*lenet, "--pgd-eps", "", "--attacks", "pgd"], "pgd_budgets is empty"),
+        ([*lenet, "--curve-eps", "0,8"], "needs --curves"),
         ([*lenet, "--plot", str(tmp_path / "p.png")], "--plot needs --curves"),
         ([*base, "--caffe-weights", str(tmp_path / "none.h5"), "--dataset", "mnist"], "does not exist"),
         ([*base, "--caffe-weights", str(weights)], "needs --dataset"),
@@ -63,6 +65,6 @@ def test_evaluate_cli_evaluates_a_run_trained_here(tmp_path, tiny_run):
     res = _cli("-m", "bang_jax.evaluate", "--run-dir", str(tiny_run), "--models", "B1", "--attacks", "fgs",
                "--limit", "60", "--no-progress", "--json", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
-    data = json.loads(out.read_text())
-    assert list(data) == ["B1"] and data["B1"]["iteration"] == 6 and data["B1"]["test_images"] == 60
-    assert data["B1"]["data_source"] and "data:" in res.stderr and "fgs_rate" in data["B1"]
+    rows = json.loads(out.read_text())  # the layout of the run's results.json: a list of rows
+    assert [r["id"] for r in rows] == ["B1"] and rows[0]["iteration"] == 6 and rows[0]["test_images"] == 60
+    assert rows[0]["data_source"] and "data:" in res.stderr and "fgs_rate" in rows[0]

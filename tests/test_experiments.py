@@ -28,7 +28,8 @@ def test_mnist_smoke_preset_end_to_end(tmp_path):
     assert names >= {"config.json", "metrics.jsonl", "results.json", "checkpoints", "snapshots", "table1.md",
                      "noise.json", "noise.png", "fig1_hc1.png", "timings.json"}
     config = json.loads((out / "config.json").read_text())
-    assert config["steps"] == 60 and config["order"] == "sequential" and config["data_source"]
+    assert config["version"] == 2 and config["data_source"]
+    assert config["train"]["steps"] == 60 and config["train"]["order"] == "sequential"
     assert [m["name"] for m in config["models"]] == ["R0", "B1"] and [m["seed"] for m in config["models"]] == [0, 3]
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -65,16 +66,16 @@ def test_finished_run_is_reevaluated_by_stages_without_retraining_and_guarded(tm
     assert (out / "checkpoints" / "state.msgpack").read_bytes() == checkpoint
     assert [r["id"] for r in results] == ["R0", "L"]
     assert all("hc1_rate" in r and "fgs_rate" not in r for r in results)
-    assert json.loads((out / "config.json").read_text())["attacks"] == ["hc1"]
+    assert json.loads((out / "config.json").read_text())["eval"]["attacks"] == ["hc1"]
 
     before = _tree_bytes(out)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cases = [
         ([], "already holds a run"),  # rerun without --resume
-        (["--resume", "--batch-size", "32"], "batch_size: 64 → 32"),
+        (["--resume", "--batch-size", "32"], "train.batch_size: 64 → 32"),
         (["--resume", "--models", "R0,B1"], "models"),
         (["--stages", "evaluate", "--attacks", "fgs,cw"], "unknown attack(s) cw"),
-        (["--stages", "evaluate", "--steps", "0"], "--steps must be a positive integer"),
+        (["--stages", "evaluate", "--steps", "0"], "--train.steps (--steps): steps must be a positive integer"),
         (["--stages", "evaluate,bogus"], "unknown stage(s) bogus"),
         (["--stages", "evaluate", "--noise-every", "-7"], "--noise-every must be a non-negative integer"),
         (["--resume", "--models", ""], "--models is empty"),
@@ -146,5 +147,5 @@ def test_grid_preset_trains_vmapped_models_and_plots(tmp_path):
     models = "R0,a:1.0:0.78,b:1.0:0.84,c:1.6:0.78,d:1.6:0.84,e:1.3:0.81"
     results = mnist.main(["--preset", "grid", "--models", models, "--steps", "10", "--test-limit", "100",
                           "--attacks", "fgs", "--out", str(out), "--no-progress"])
-    assert len(results) == 6 and json.loads((out / "config.json").read_text())["model_batching"] == "vmap"
+    assert len(results) == 6 and json.loads((out / "config.json").read_text())["train"]["model_batching"] == "vmap"
     assert (out / "grid.png").stat().st_size > 20_000

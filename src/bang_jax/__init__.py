@@ -1,12 +1,5 @@
 """bang-jax: Batch Adjusted Network Gradients (Rozsa, Günther, Boult, WACV 2018) for JAX/Flax."""
 
-import warnings as _warnings
-
-# `python -m bang_jax.data download ...` runs data.py as a script after this package has imported it; that is
-# intended (the script part only calls bang_jax.download), so runpy's warning about it would only be noise.
-_warnings.filterwarnings("ignore", message="'bang_jax.data' found in sys.modules", category=RuntimeWarning)
-del _warnings
-
 from bang_jax.balance import BangConfig, BangState, bang, eta, safe_norm
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import Dataset, load_cifar10, load_dataset, load_fashion_mnist, load_mnist

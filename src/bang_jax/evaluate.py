@@ -456,14 +456,7 @@ def _config_from_args(args, base: EvalConfig) -> EvalConfig:
         given[("curve_budgets",)] = DEFAULT_EPSILONS
     if not args.curves:
         given[("curve_budgets",)] = ()
-    try:
-        return settings.apply_flags(base, given, error=UsageError)
-    except UsageError as err:
-        flags = {f.path: f.flag for f in _eval_flags()}
-        text = str(err)
-        for path, flag in flags.items():
-            text = text.replace(f"{path[0]} ", f"{flag} ", 1) if text.startswith(path[0]) else text
-        raise UsageError(text) from None
+    return settings.apply_flags(base, given, _eval_flags(), error=UsageError)
 
 
 def _main(args):

@@ -125,22 +125,21 @@ def given_flags(args: argparse.Namespace, fields: list[FlagField]) -> dict[tuple
     return {f.path: getattr(args, f.dest) for f in fields if getattr(args, f.dest, None) is not None}
 
 
-def apply_flags(obj, values: dict[tuple[str, ...], Any], *, error=ValueError):
-    """``obj`` (a dataclass) with the ``{field path: value}`` overrides applied, nested dataclasses rebuilt (and so
-    validated); a rejected value raises ``error`` naming the flag."""
-    top = {}
-    nested: dict[str, dict] = {}
+def apply_flags(obj, values: dict[tuple[str, ...], Any], fields: list[FlagField] | None = None, *,
+                error=ValueError):
+    """``obj`` (a dataclass) with the ``{field path: value}`` overrides applied one by one, nested dataclasses
+    rebuilt (and so validated). A rejected value raises ``error`` naming its flag (with its aliases) when
+    ``fields`` are given."""
+    names = {f.path: f.flag + (f" ({', '.join(f.aliases)})" if f.aliases else "") for f in fields or ()}
     for path, value in values.items():
-        if len(path) == 1:
-            top[path[0]] = value
-        else:
-            nested.setdefault(path[0], {})[path[1:]] = value
-    for name, sub in nested.items():
-        top[name] = apply_flags(getattr(obj, name), sub, error=error)
-    try:
-        return dataclasses.replace(obj, **top)
-    except (ValueError, TypeError) as err:
-        if isinstance(err, error):
-            raise
-        flag = "--" + ".".join(sorted(top)[:1]).replace("_", "-") if len(top) == 1 else "settings"
-        raise error(f"{flag}: {err}") from None
+        try:
+            obj = _replace(obj, path, value)
+        except (ValueError, TypeError) as err:
+            raise error(f"{names.get(path, '.'.join(path))}: {err}") from None
+    return obj
+
+
+def _replace(obj, path: tuple[str, ...], value):
+    if len(path) == 1:
+        return dataclasses.replace(obj, **{path[0]: value})
+    return dataclasses.replace(obj, **{path[0]: _replace(getattr(obj, path[0]), path[1:], value)})

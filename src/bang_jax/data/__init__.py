@@ -393,9 +393,3 @@ def batch_indices(num_examples: int, batch_size: int, start: int, count: int, *,
         sel = epochs == e
         out[sel] = perm[pos[sel] % num_examples]
     return out.astype(np.int32)
-
-
-if __name__ == "__main__":  # python -m bang_jax.data download mnist|fashion_mnist|cifar10 [--dir DIR]
-    from bang_jax.download import main as _download_main
-
-    raise SystemExit(_download_main())
