@@ -62,7 +62,8 @@ from bang_jax.robustness import (
     validate_curve_args,
 )
 
-__all__ = ["ATTACKS", "EvalConfig", "evaluate_accuracy", "evaluate_model", "evaluate_run", "main", "predict"]
+__all__ = ["ATTACKS", "EvalConfig", "evaluate_accuracy", "evaluate_model", "evaluate_run", "main", "predict",
+           "results_bytes", "run_models"]
 
 ATTACKS = ("fgs", "hc1", "pgd", "pgd_min", "square")
 
