@@ -78,7 +78,9 @@ def main():
     (_, _), t_pass_hc1 = timed(pass_scores, hc1.adversarial[hc1.success], x[hc1.success])
     print(f"ours: FGS search {t_fgs:.1f} s ({fgs.rate:.2f}%), HC1 search {t_hc1:.1f} s ({hc1.rate:.2f}%), "
           f"PASS {t_pass_fgs + t_pass_hc1:.1f} s ({fgs.success.sum() + hc1.success.sum()} pairs)")
-    print(f"ours: FGS + HC1 = {t_fgs + t_hc1:.1f} s; FGS + HC1 + PASS = {t_fgs + t_hc1 + t_pass_fgs + t_pass_hc1:.1f} s")
+    print(
+        f"ours: FGS + HC1 = {t_fgs + t_hc1:.1f} s; FGS + HC1 + PASS = {t_fgs + t_hc1 + t_pass_fgs + t_pass_hc1:.1f} s"
+    )
     pgd_summary = {}
     if args.pgd:
         xp, yp = x[: args.pgd], y[: args.pgd]
@@ -101,20 +103,27 @@ def main():
     exact, t_ours_small = timed(ours_fgs, logits_fn, xs, ys, True)
     agree = float(np.mean(fb_step == exact.step))
     ratio = t_fb / t_ours_small
-    print(f"Foolbox FGSM over ε = 1..255 on {n} images: {t_fb:.1f} s; ours (exact FGS search) on the same images: "
-          f"{t_ours_small:.2f} s → {ratio:.1f}× faster; same minimal step on {100 * agree:.1f}% of images")
-    print(json.dumps({
-        "images": int(len(x)),
-        "fgs_seconds": round(t_fgs, 2),
-        "hc1_seconds": round(t_hc1, 2),
-        "pass_seconds": round(t_pass_fgs + t_pass_hc1, 2),
-        "fgs_plus_hc1_seconds": round(t_fgs + t_hc1, 2),
-        "foolbox_images": n,
-        "foolbox_fgs_seconds": round(t_fb, 2),
-        "ours_fgs_seconds_same_images": round(t_ours_small, 3),
-        "foolbox_over_ours": round(ratio, 1),
-        "same_minimal_step_share": round(agree, 4),
-    } | pgd_summary))
+    print(
+        f"Foolbox FGSM over ε = 1..255 on {n} images: {t_fb:.1f} s; ours (exact FGS search) on the same images: "
+        f"{t_ours_small:.2f} s → {ratio:.1f}× faster; same minimal step on {100 * agree:.1f}% of images"
+    )
+    print(
+        json.dumps(
+            {
+                "images": int(len(x)),
+                "fgs_seconds": round(t_fgs, 2),
+                "hc1_seconds": round(t_hc1, 2),
+                "pass_seconds": round(t_pass_fgs + t_pass_hc1, 2),
+                "fgs_plus_hc1_seconds": round(t_fgs + t_hc1, 2),
+                "foolbox_images": n,
+                "foolbox_fgs_seconds": round(t_fb, 2),
+                "ours_fgs_seconds_same_images": round(t_ours_small, 3),
+                "foolbox_over_ours": round(ratio, 1),
+                "same_minimal_step_share": round(agree, 4),
+            }
+            | pgd_summary
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ update) for each gradient method; for ``nnx_cnn``, a CIFAR-quick-sized Flax NNX 
 (then η needs each example's correctness, which takes a second forward pass: XLA does not merge two scans).
 Methods are interleaved round by round so that machine load affects all alike; it prints medians,
 the ratios to the plain step, and one final JSON line. Compilation is excluded (warm-up), timings wait for the
-device (block_until_ready). Targets: single pass ≤ 1.10× plain (linen and NNX), ≤ 1.15× for the scanned transformer, per-example ≤ 2.5× plain.
+device (block_until_ready). Targets: single pass ≤ 1.10× plain (linen and NNX), ≤ 1.15× for the scanned
+transformer, per-example ≤ 2.5× plain.
 """
 
 from __future__ import annotations
@@ -53,8 +54,15 @@ def make_steps(model, solver, hp):
         return finish(params, opt_state, g)
 
     def per_example(params, opt_state, consts, x, y, key):
-        pe = per_example_grads(model.apply, {**consts, "params": params}, x, y, rngs={"dropout": key}, train=True,
-                               factor_layers=getattr(model, "untied_weighted_layers", False))
+        pe = per_example_grads(
+            model.apply,
+            {**consts, "params": params},
+            x,
+            y,
+            rngs={"dropout": key},
+            train=True,
+            factor_layers=getattr(model, "untied_weighted_layers", False),
+        )
         g, _ = bang(**hp).update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
         return finish(params, opt_state, g)
 
@@ -167,7 +175,9 @@ def time_model(name, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--models", default="lenet,cifar_quick,nnx_cnn,scanned_transformer,scanned_transformer_ratio0.5")
+    parser.add_argument(
+        "--models", default="lenet,cifar_quick,nnx_cnn,scanned_transformer,scanned_transformer_ratio0.5"
+    )
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     summary = {}

@@ -38,7 +38,6 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.host_devices}")
     import jax  # noqa: PLC0415  (after XLA_FLAGS)
-    import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
     from bang_jax import BangConfig  # noqa: PLC0415

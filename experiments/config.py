@@ -29,8 +29,7 @@ from typing import Any
 
 import yaml
 
-from bang_jax import checkpoint as ckpt_lib
-from bang_jax import settings
+from bang_jax import checkpoint as ckpt_lib, settings
 from bang_jax.balance import BangConfig
 from bang_jax.evaluate import EvalConfig
 from bang_jax.solvers import SolverConfig

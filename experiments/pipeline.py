@@ -29,10 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bang_jax import checkpoint as ckpt_lib
-from bang_jax import data as data_lib
-from bang_jax import distributed
-from bang_jax import models as models_lib
+from bang_jax import checkpoint as ckpt_lib, data as data_lib, distributed, models as models_lib
 from bang_jax.attacks import hot_cold_direction, line_search_attack
 from bang_jax.evaluate import evaluate_run, predict, results_bytes, run_models
 from bang_jax.noise import noise_study, plot_noise_study
@@ -220,17 +217,20 @@ def stage_report(run: Run) -> str:
         raise ConfigError(f"{path} does not exist: run the evaluate stage first")
     results = json.loads(path.read_text())
     source = results[0].get("data_source", "?") if results else "?"
-    note = (f"{cfg.train.steps} iterations, {results[0]['test_images'] if results else 0} test images (data: {source}). "
-            "FGS = the paper's protocol (blank when float32 p_true == 1); FGS-exact = the same direction without "
-            f"that underflow. HC1 searched to t ≤ {cfg.eval.hc1_max_step}.")
+    note = (
+        f"{cfg.train.steps} iterations, {results[0]['test_images'] if results else 0} test images (data: {source}). "
+        "FGS = the paper's protocol (blank when float32 p_true == 1); FGS-exact = the same direction without "
+        f"that underflow. HC1 searched to t ≤ {cfg.eval.hc1_max_step}."
+    )
     if not json.loads((run.out / "config.json").read_text()).get("comparable_to_paper", True):
         note += f" DATA: {source} — NOT comparable to the paper."
     verdicts = [f"{r['id']}: {r['masking']['verdict']}" for r in results if r.get("masking")]
     if verdicts:
         note += " Gradient masking — " + " | ".join(verdicts)
     module = run.module
-    table = reports.write_table(run.out / module.TABLE_FILE, f"{module.TITLE} ({cfg.preset} preset)", results,
-                                PAPER_TABLES[cfg.dataset], note)
+    table = reports.write_table(
+        run.out / module.TABLE_FILE, f"{module.TITLE} ({cfg.preset} preset)", results, PAPER_TABLES[cfg.dataset], note
+    )
     run.written.append(module.TABLE_FILE)
     return table
 
@@ -241,15 +241,24 @@ def stage_report(run: Run) -> str:
 
 def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
     module = DATASETS[dataset]
-    p = argparse.ArgumentParser(prog=f"python -m experiments.{dataset}", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m experiments.{dataset}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", choices=module.PRESETS, help="what to run (default: default)")
     p.add_argument("--out", help=f"run directory (default: runs/{dataset}-<preset>)")
-    p.add_argument("--models", help="comma-separated: table rows (R0,B1), NAME(beta=…, epsilon=…, ratio=…) with "
-                                    "numbers or {layer: number} mappings, or NAME:BETA:EPSILON[:RATIO]")
+    p.add_argument(
+        "--models",
+        help="comma-separated: table rows (R0,B1), NAME(beta=…, epsilon=…, ratio=…) with "
+        "numbers or {layer: number} mappings, or NAME:BETA:EPSILON[:RATIO]",
+    )
     p.add_argument("--seed-offset", type=int, default=0, help="added to every model's init/dropout seed")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help="comma-separated stages to run, of " + ",".join(STAGES) + " (default: all)")
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated stages to run, of " + ",".join(STAGES) + " (default: all)",
+    )
     p.add_argument("--resume", action="store_true", help="continue training from the run directory's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -266,8 +275,9 @@ def _stages(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown or not names:
-        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'}; "
-                          f"choose from {','.join(STAGES)}")
+        raise ConfigError(
+            f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(STAGES)}"
+        )
     return [s for s in STAGES if s in names]
 
 
@@ -294,8 +304,9 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
         if args.models:
             cfg = dataclasses.replace(cfg, models=parse_models(args.models, module.TABLE, args.seed_offset))
         elif args.seed_offset:
-            cfg = dataclasses.replace(cfg, models=tuple(dataclasses.replace(m, seed=m.seed + args.seed_offset)
-                                                        for m in cfg.models))
+            cfg = dataclasses.replace(
+                cfg, models=tuple(dataclasses.replace(m, seed=m.seed + args.seed_offset) for m in cfg.models)
+            )
     except ValueError as err:
         raise ConfigError(f"--seed-offset/--models: {err}") from None
     cfg = apply_overrides(cfg, overrides_from_args(args))
@@ -305,17 +316,22 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
         return cfg, out, stages, saved  # process 0 checks the run directory (and may be writing it already)
     if saved is not None and not args.overwrite:
         if "train" in stages and not args.resume:
-            raise ConfigError(f"{out} already holds a run ('{saved.get('preset')}' preset): add --resume to continue "
-                              "it, --stages evaluate,report (…) to redo later stages, or --overwrite to replace it")
+            raise ConfigError(
+                f"{out} already holds a run ('{saved.get('preset')}' preset): add --resume to continue "
+                "it, --stages evaluate,report (…) to redo later stages, or --overwrite to replace it"
+            )
         diffs = differences(saved, cfg, allowed=MAY_CHANGE if "train" in stages else EVALUATION_ONLY)
         if diffs:
-            raise ConfigError(f"{out} was made with other settings; these cannot change on "
-                              f"{'resume' if 'train' in stages else 'later stages'}: " + "; ".join(diffs))
+            raise ConfigError(
+                f"{out} was made with other settings; these cannot change on "
+                f"{'resume' if 'train' in stages else 'later stages'}: " + "; ".join(diffs)
+            )
     if saved is None and "train" not in stages:
         raise ConfigError(f"{out} holds no run (no config.json): include the train stage")
     if saved is None and out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"--out {out} is a non-empty directory that holds no run of ours; choose another --out "
-                          "or add --overwrite")
+        raise ConfigError(
+            f"--out {out} is a non-empty directory that holds no run of ours; choose another --out or add --overwrite"
+        )
     return cfg, out, stages, saved
 
 
@@ -339,8 +355,9 @@ def _lock(out: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise ConfigError(f"another command is working in {out} (it holds {out / '.lock'}); wait for it or use "
-                          "another --out") from None
+        raise ConfigError(
+            f"another command is working in {out} (it holds {out / '.lock'}); wait for it or use another --out"
+        ) from None
     return handle
 
 
@@ -377,13 +394,17 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
     module = DATASETS[dataset]
     if cfg.preset in ("paper", "grid") and "train" in stages:
         est = len(cfg.models) * cfg.train.steps * module.STEP_SECONDS_CPU / 60
-        print(f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
-              "(a GPU runs this far faster); attacks and noise come on top", file=sys.stderr)
+        print(
+            f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
+            "(a GPU runs this far faster); attacks and noise come on top",
+            file=sys.stderr,
+        )
     run = Run(cfg, out, progress=not args.no_progress)
     _ = run.data  # the data is checked before anything is written
     if cfg.train.batch_size > len(run.data.train_images):
-        raise ConfigError(f"--batch-size {cfg.train.batch_size} is larger than the training set "
-                          f"({len(run.data.train_images)} images)")
+        raise ConfigError(
+            f"--batch-size {cfg.train.batch_size} is larger than the training set ({len(run.data.train_images)} images)"
+        )
     if args.resume and "train" in stages:
         if saved is None:
             print(f"note: --resume: {out} holds no run yet; starting a new one", file=sys.stderr)

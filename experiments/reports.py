@@ -47,7 +47,11 @@ def write_table(path: Path, title: str, results: list[dict], paper: dict[str, di
         lines.append(f"| {r['id']} | {beta} | {eps} | {ratio} | ours | "
                      + " | ".join(_cell(r, k, kind) for k, _, kind in COLUMNS) + " |")
         if r["id"] in paper:
-            lines.append(f"| {r['id']} | | | | paper | " + " | ".join(_cell(paper[r["id"]], k, kind) for k, _, kind in COLUMNS) + " |")
+            lines.append(
+                f"| {r['id']} | | | | paper | "
+                + " | ".join(_cell(paper[r["id"]], k, kind) for k, _, kind in COLUMNS)
+                + " |"
+            )
     if note:
         lines += ["", note]
     text = "\n".join(lines) + "\n"
@@ -104,8 +108,9 @@ def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray],
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if mappable is not None:
-        fig.colorbar(mappable, ax=axes[2::2, :].ravel().tolist(), shrink=0.8,
-                     label="perturbation (pixels; channel mean)")
+        fig.colorbar(
+            mappable, ax=axes[2::2, :].ravel().tolist(), shrink=0.8, label="perturbation (pixels; channel mean)"
+        )
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fig

@@ -57,7 +57,9 @@ def test_blank_direction_is_reported():
 
 def test_paper_fgs_blank_rule_and_exact_form():
     w = np.ones((2, 2, 1), np.float32)
-    fn = lambda x: jnp.stack([200.0 - jnp.sum(x.reshape(x.shape[0], -1), 1) * 0.0 + 0 * x.sum() , jnp.sum(x.reshape(x.shape[0], -1) * w.reshape(1, -1), 1) * 0.01], 1)  # noqa: E731
+    def fn(x):
+        return jnp.stack([200.0 - jnp.sum(x.reshape(x.shape[0], -1), 1) * 0.0 + 0 * x.sum(),
+                          jnp.sum(x.reshape(x.shape[0], -1) * w.reshape(1, -1), 1) * 0.01], 1)
     x = np.full((1, 2, 2, 1), 10.0, np.float32)  # margin ≈ 200: float32 p_true == 1
     d_paper, blank_paper = fgs_direction(fn, x, np.array([0]))
     d_exact, blank_exact = fgs_direction(fn, x, np.array([0]), exact=True)
@@ -112,6 +114,7 @@ def test_ssim_interior_equals_scikit_image_exactly():
 
 def test_pass_of_translated_image_is_near_one_while_ssim_is_not():
     yy, xx = np.mgrid[0:40, 0:40]
+
     def blobs(dx):
         centres = ((10, 12), (25, 20), (15, 30), (30, 8))
         out = sum(255 * np.exp(-((xx - cx - dx) ** 2 + (yy - cy) ** 2) / 12.0) for cx, cy in centres)
@@ -133,15 +136,46 @@ def test_evaluate_cli_on_released_weights(data_dir, tmp_path):
     if not weights.is_file():
         pytest.skip("released weights not available")
     out = tmp_path / "row.json"
-    row = evaluate.main(["--caffe-weights", str(weights), "--dataset", "mnist", "--limit", "40",
-                         "--data-dir", str(data_dir), "--json", str(out), "--no-progress"])
+    row = evaluate.main(
+        [
+            "--caffe-weights",
+            str(weights),
+            "--dataset",
+            "mnist",
+            "--limit",
+            "40",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     saved = json.loads(out.read_text())
-    keys = {"accuracy", "attacked", "fgs_rate", "fgs_pass_mean", "fgs_linf_mean", "fgs_linf_std", "fgs_blank",
-            "fgs_exact_rate", "fgs_exact_linf_mean", "fgs_exact_blank", "hc1_rate", "hc1_pass_mean",
-            "hc1_linf_mean", "hc1_linf_std"}
+    keys = {
+        "accuracy",
+        "attacked",
+        "fgs_rate",
+        "fgs_pass_mean",
+        "fgs_linf_mean",
+        "fgs_linf_std",
+        "fgs_blank",
+        "fgs_exact_rate",
+        "fgs_exact_linf_mean",
+        "fgs_exact_blank",
+        "hc1_rate",
+        "hc1_pass_mean",
+        "hc1_linf_mean",
+        "hc1_linf_std",
+    }
     assert keys <= set(saved) and saved["accuracy"] == row["accuracy"] == 97.5  # 39 of the first 40
     # B1: the paper's FGS is blank on almost every image; the exact-gradient FGS is not
-    assert saved["attacked"] == 39 and saved["fgs_blank"] >= 35 and saved["fgs_exact_blank"] == 0 and saved["fgs_exact_rate"] > 90
+    assert (
+        saved["attacked"] == 39
+        and saved["fgs_blank"] >= 35
+        and saved["fgs_exact_blank"] == 0
+        and saved["fgs_exact_rate"] > 90
+    )
 
 
 @pytest.mark.parametrize("kind", ["fgs", "hc1"])
@@ -251,6 +285,7 @@ def test_pgd_and_fgsm_agree_with_foolbox_on_released_r0(data_dir):
                 z = model(inputs)
                 onehot = ep.onehot_like(z, labels)
                 return (ep.max(z - onehot * 1e9, axis=-1) - (z * onehot).sum(axis=-1)).sum()
+
             return loss_fn
 
     def foolbox_success(attack):

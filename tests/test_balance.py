@@ -59,7 +59,10 @@ def test_safe_norm_does_not_underflow():
 def _per_example_tree(n, seed=0):
     rng = np.random.default_rng(seed)
     grads = {
-        "a": {"kernel": jnp.asarray(rng.normal(size=(n, 3, 2)), jnp.float32), "bias": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32)},
+        "a": {
+            "kernel": jnp.asarray(rng.normal(size=(n, 3, 2)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32),
+        },
         "b": {"kernel": jnp.asarray(rng.normal(size=(n, 2, 4)), jnp.float32)},
     }
     na = jnp.asarray(rng.uniform(0.1, 3.0, n), jnp.float32)
@@ -75,7 +78,9 @@ def test_bang_matches_python_loop_with_per_layer_hyperparameters():
     eps = {"a": 0.8, "b": 0.5}
     beta = {"a": 1.3, "b": 0.7}
     tx = bang(epsilon=eps, beta=beta, ratio=0.5)
-    out, _ = jax.jit(lambda g, k, c: tx.update(mark_per_example(g), tx.init(None), kappa_norms=k, correct=c))(grads, norms, correct)
+    out, _ = jax.jit(lambda g, k, c: tx.update(mark_per_example(g), tx.init(None), kappa_norms=k, correct=c))(
+        grads, norms, correct
+    )
     for layer in ("a", "b"):
         w = eta_reference(list(np.asarray(norms[layer]["kernel"])), list(np.asarray(correct)), eps[layer], 0.5)
         for leaf in grads[layer]:
@@ -215,8 +220,11 @@ def test_bang_after_an_elementwise_transformation_fails_eagerly_and_under_jit(be
         jax.block_until_ready(step(grads, norms, correct))
     # First in the chain, the same transformation is fine.
     ok = optax.chain(bang(epsilon=0.8), before)
-    jax.block_until_ready(jax.jit(lambda g, k, c: ok.update(g, ok.init(params), params, kappa_norms=k, correct=c)[0])(
-        grads, norms, correct))
+    jax.block_until_ready(
+        jax.jit(lambda g, k, c: ok.update(g, ok.init(params), params, kappa_norms=k, correct=c)[0])(
+            grads, norms, correct
+        )
+    )
 
 
 def test_per_example_gradients_cannot_reach_apply_updates_or_multisteps():
@@ -240,8 +248,10 @@ def test_bang_inside_masked_and_multi_transform():
     ref, _ = bang(epsilon=0.8).update(grads, None, params, kappa_norms=norms, correct=correct)
     labels = {"a": "bang", "b": "other"}
     tx = optax.multi_transform(
-        {"bang": optax.chain(bang(epsilon=0.8), optax.scale(-1.0)),
-         "other": optax.chain(bang(epsilon=0.0), optax.scale(-2.0))},
+        {
+            "bang": optax.chain(bang(epsilon=0.8), optax.scale(-1.0)),
+            "other": optax.chain(bang(epsilon=0.0), optax.scale(-2.0)),
+        },
         labels,
     )
     out, _ = tx.update(grads, tx.init(params), params, kappa_norms=norms, correct=correct)
@@ -260,8 +270,10 @@ def test_bang_inside_masked_and_multi_transform():
 def test_fingerprints_sit_on_small_leaves_and_still_catch_a_transformation_before_bang():
     """Large per-example leaves carry no fingerprint (XLA may then fuse them away); the smallest always does."""
     rng = np.random.default_rng(8)
-    grads = {"big": jnp.asarray(rng.normal(size=(3, 5000)), jnp.float32),
-             "bigger": jnp.asarray(rng.normal(size=(3, 9000)), jnp.float32)}
+    grads = {
+        "big": jnp.asarray(rng.normal(size=(3, 5000)), jnp.float32),
+        "bigger": jnp.asarray(rng.normal(size=(3, 9000)), jnp.float32),
+    }
     marked = mark_per_example(grads)
     assert marked["big"].fingerprint.shape == (3,) and marked["bigger"].fingerprint is None
     norms = {"big": jnp.ones(3), "bigger": jnp.ones(3)}

@@ -118,7 +118,9 @@ def test_tfds_source_with_mock(tmp_path, monkeypatch):
 
 def test_real_mnist_and_cifar(mnist, cifar10):
     assert mnist.train_images.shape == (60000, 28, 28, 1) and mnist.test_images.shape == (10000, 28, 28, 1)
-    np.testing.assert_array_equal(np.bincount(mnist.test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    np.testing.assert_array_equal(
+        np.bincount(mnist.test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    )
     np.testing.assert_allclose(mnist.train_images.mean(), 33.318421449829934)
     cifar = cifar10
     assert cifar.train_images.shape == (50000, 32, 32, 3)
@@ -159,8 +161,12 @@ def test_a_flipped_byte_inside_a_gzip_stream_names_the_file(tmp_path):
     payload = gzip.compress(bytes(range(256)) * 400)
     broken = bytearray(payload)
     broken[len(broken) // 2] ^= 0xFF
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (d / f"{name}.gz").write_bytes(bytes(broken))
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
         load_dataset("mnist", tmp_path)

@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +144,7 @@ def _multi(tmp_path, workdir, stop, resume, outfile):
                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     assert "process 1 of 2 devices 4" in outs[1][0]
 
@@ -165,7 +164,8 @@ def test_two_processes_equal_one_and_resume(tmp_path):
 
 def test_explicit_sharding_equals_unsharded():
     """Under ``jax.set_mesh`` with JAX's Explicit axes (the NNX MiniGPT way): a batch sharded over 'data', kernels
-    over 'model', a layer output pinned with ``out_sharding``. Both NNX paths, both linen paths give what the unsharded (replicated) batch gives (per_example_grads gathers a sharded batch first); per-example
+    over 'model', a layer output pinned with ``out_sharding``. Both NNX paths and both linen paths give what the
+    unsharded (replicated) batch gives (per_example_grads gathers a sharded batch first); per-example
     gradients of a model that pins its batch axis' sharding are refused with a pointer to bang_grad (a one-example
     forward cannot honour that pin)."""
     script = """

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bang_jax import data as data_lib
-from bang_jax import download as dl
+from bang_jax import data as data_lib, download as dl
 
 ROOT = Path(__file__).resolve().parents[1]
 

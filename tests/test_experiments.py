@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from flax import serialization
 
 from experiments import cifar10, mnist
@@ -136,7 +135,8 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     step_at_kill = int(_final_params(killed)["step"][0])
     assert 10 <= step_at_kill < 120, "the run should have been killed mid-training"
     subprocess.run(_cmd(killed, "--resume"), check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
-    assert (killed / "checkpoints" / "state.msgpack").read_bytes() == (full / "checkpoints" / "state.msgpack").read_bytes()
+    state = Path("checkpoints") / "state.msgpack"
+    assert (killed / state).read_bytes() == (full / state).read_bytes()
     a = json.loads((full / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
@@ -145,7 +145,22 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
 def test_grid_preset_trains_vmapped_models_and_plots(tmp_path):
     out = tmp_path / "grid"
     models = "R0,a:1.0:0.78,b:1.0:0.84,c:1.6:0.78,d:1.6:0.84,e:1.3:0.81"
-    results = mnist.main(["--preset", "grid", "--models", models, "--steps", "10", "--test-limit", "100",
-                          "--attacks", "fgs", "--out", str(out), "--no-progress"])
+    results = mnist.main(
+        [
+            "--preset",
+            "grid",
+            "--models",
+            models,
+            "--steps",
+            "10",
+            "--test-limit",
+            "100",
+            "--attacks",
+            "fgs",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert len(results) == 6 and json.loads((out / "config.json").read_text())["train"]["model_batching"] == "vmap"
     assert (out / "grid.png").stat().st_size > 20_000

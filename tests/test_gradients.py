@@ -49,7 +49,10 @@ def loop_reference(params, xs, ys, epsilon, beta, ratio):
     out = {}
     for layer, norms in (("conv", k1), ("fc", k2)):
         m = max(norms)
-        etas = [1.0 if nn_ == 0 else (m / nn_) ** ((epsilon if c else epsilon * ratio) * (1 - nn_ / m)) for nn_, c in zip(norms, correct)]
+        etas = [
+            1.0 if nn_ == 0 else (m / nn_) ** ((epsilon if c else epsilon * ratio) * (1 - nn_ / m))
+            for nn_, c in zip(norms, correct)
+        ]
         out[layer] = {
             leaf: beta * sum(etas[i] * np.asarray(grads[i][layer][leaf], np.float64) for i in range(n)) / n
             for leaf in ("kernel", "bias")
@@ -110,7 +113,11 @@ def test_single_pass_equals_per_example_on_paper_models(model_cls, shape, dropou
     variables = model.init(jax.random.PRNGKey(2), x[:1])
     if model_cls is CifarQuick:  # larger init so that the gradients are not dominated by rounding
         variables = {**variables, "params": jax.tree.map(lambda p: p * 30.0, variables["params"])}
-    masks = sample_dropout_masks(model.apply, variables, x, rngs={"dropout": jax.random.PRNGKey(3)}, train=True) if dropout else None
+    masks = (
+        sample_dropout_masks(model.apply, variables, x, rngs={"dropout": jax.random.PRNGKey(3)}, train=True)
+        if dropout
+        else None
+    )
     kw = dict(train=dropout, dropout_masks=masks)
     pe = jax.jit(lambda v: per_example_grads(model.apply, v, x, y, **kw))(variables)
     tx = bang(epsilon=0.815, beta=1.2, ratio=ratio)
@@ -118,8 +125,17 @@ def test_single_pass_equals_per_example_on_paper_models(model_cls, shape, dropou
     single = jax.jit(lambda v: bang_grad(model.apply, v, x, y, epsilon=0.815, beta=1.2, ratio=ratio, **kw))(variables)
     assert rel_err(single, ref) < 1e-5
     if dropout:  # masks drawn by sample_dropout_masks are exactly Flax's own
-        with_rngs = bang_grad(model.apply, variables, x, y, epsilon=0.815, beta=1.2, ratio=ratio,
-                              rngs={"dropout": jax.random.PRNGKey(3)}, train=True)
+        with_rngs = bang_grad(
+            model.apply,
+            variables,
+            x,
+            y,
+            epsilon=0.815,
+            beta=1.2,
+            ratio=ratio,
+            rngs={"dropout": jax.random.PRNGKey(3)},
+            train=True,
+        )
         assert rel_err(with_rngs, single) < 1e-6
 
 
@@ -133,8 +149,12 @@ def test_layer_factored_per_example_grads_equal_vmap_of_grad_on_lenet():
     variables = model.init(jax.random.PRNGKey(4), x[:1])
     pe = jax.jit(lambda v: per_example_grads(model.apply, v, x, y, factor_layers=True))(variables)
     factored = {k: {leaf: g.factored for leaf, g in d.items()} for k, d in pe.grads.items()}
-    assert factored == {"conv1": {"kernel": False, "bias": False}, "conv2": {"kernel": True, "bias": False},
-                        "ip1": {"kernel": True, "bias": False}, "ip2": {"kernel": True, "bias": False}}
+    assert factored == {
+        "conv1": {"kernel": False, "bias": False},
+        "conv2": {"kernel": True, "bias": False},
+        "ip1": {"kernel": True, "bias": False},
+        "ip2": {"kernel": True, "bias": False},
+    }
     assert "layer-factored" in repr(pe.grads["ip1"]["kernel"])
 
     def loss1(params, x1, y1):
@@ -146,14 +166,18 @@ def test_layer_factored_per_example_grads_equal_vmap_of_grad_on_lenet():
     assert rel_err(values, ref) < 1e-5
     tx = bang(epsilon=0.815, beta=1.2, ratio=0.5)
     got = jax.jit(lambda g, k, c: tx.update(g, BangState(), kappa_norms=k, correct=c)[0])(
-        pe.grads, pe.kappa_norms, pe.correct)
+        pe.grads, pe.kappa_norms, pe.correct
+    )
     want, _ = tx.update(bang_jax.mark_per_example(ref), BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
     assert rel_err(got, want) < 1e-5
     # a transformation placed before bang() is still caught (on the stored leaves' fingerprints)
     with pytest.raises(ValueError, match="changed after they were computed"):
-        optax.chain(optax.scale(0.5), bang(epsilon=0.8)).update(pe.grads, optax.chain(
-            optax.scale(0.5), bang(epsilon=0.8)).init(variables["params"]), kappa_norms=pe.kappa_norms,
-            correct=pe.correct)
+        optax.chain(optax.scale(0.5), bang(epsilon=0.8)).update(
+            pe.grads,
+            optax.chain(optax.scale(0.5), bang(epsilon=0.8)).init(variables["params"]),
+            kappa_norms=pe.kappa_norms,
+            correct=pe.correct,
+        )
 
 
 def test_saturated_softmax_regime_in_float64():
@@ -167,6 +191,7 @@ def test_saturated_softmax_regime_in_float64():
         variables = {"params": params}
         logits = model.apply(variables, x)
         y = jnp.argmax(logits, axis=1).astype(jnp.int32).at[0].set(((jnp.argmax(logits[0]) + 1) % 3).astype(jnp.int32))
+
         @jax.jit
         def paths(variables):
             pe = per_example_grads(model.apply, variables, x, y)
@@ -240,8 +265,9 @@ def test_params_outside_weighted_layers_get_plain_gradient():
 def test_per_layer_and_per_leaf_config_agree_on_both_paths(tiny):
     """bang_grad takes every per-layer / per-leaf value that bang() takes (one BangConfig for both)."""
     model, variables, x, y = tiny
-    cfg = bang_jax.BangConfig(epsilon={"conv": 0.5, "fc": {"kernel": 0.9, "bias": 0.2}},
-                              beta={"conv": 1.2, "fc": 0.7}, ratio=0.5)
+    cfg = bang_jax.BangConfig(
+        epsilon={"conv": 0.5, "fc": {"kernel": 0.9, "bias": 0.2}}, beta={"conv": 1.2, "fc": 0.7}, ratio=0.5
+    )
     pe = per_example_grads(model.apply, variables, x, y)
     tx = bang(config=cfg)
     via_tx, _ = tx.update(pe.grads, tx.init(variables["params"]), kappa_norms=pe.kappa_norms, correct=pe.correct)
@@ -253,8 +279,15 @@ def test_per_layer_and_per_leaf_config_agree_on_both_paths(tiny):
     traced = jax.jit(lambda c: bang_grad(model.apply, variables, x, y, config=c))(full)
     assert rel_err(traced, via_tx) < 1e-5
     # And each layer's values are the one-layer configs' values.
-    only_fc = bang_grad(model.apply, variables, x, y, epsilon={"conv": 0.0, "fc": {"kernel": 0.9, "bias": 0.2}},
-                        beta={"conv": 1.0, "fc": 0.7}, ratio=0.5)
+    only_fc = bang_grad(
+        model.apply,
+        variables,
+        x,
+        y,
+        epsilon={"conv": 0.0, "fc": {"kernel": 0.9, "bias": 0.2}},
+        beta={"conv": 1.0, "fc": 0.7},
+        ratio=0.5,
+    )
     assert rel_err(only_fc["fc"], via_tx["fc"]) < 1e-5
     assert rel_err(only_fc["conv"], plain_grad(model.apply, variables, x, y)["conv"]) < 1e-5
 
@@ -326,8 +359,9 @@ def test_factor_layers_keeps_the_stored_form_for_transformed_or_frozen_parameter
         y = jnp.asarray(rng.integers(0, 3, 6), jnp.int32)
         variables = model.init(jax.random.PRNGKey(0), x[:1])
         pe = per_example_grads(model.apply, variables, x, y, factor_layers=True)
-        assert not any(g.factored for g in jax.tree.leaves(
-            pe.grads, is_leaf=lambda g: isinstance(g, bang_jax.PerExampleGrad)))
+        assert not any(
+            g.factored for g in jax.tree.leaves(pe.grads, is_leaf=lambda g: isinstance(g, bang_jax.PerExampleGrad))
+        )
 
         def loss1(params, x1, y1):
             return -jax.nn.log_softmax(model.apply({"params": params}, x1[None])[0])[y1]
@@ -335,6 +369,5 @@ def test_factor_layers_keeps_the_stored_form_for_transformed_or_frozen_parameter
         ref = jax.vmap(jax.grad(loss1), in_axes=(None, 0, 0))(variables["params"], x, y)
         tx = bang(epsilon=0.8)
         got, _ = tx.update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
-        want, _ = tx.update(bang_jax.mark_per_example(ref), BangState(), kappa_norms=pe.kappa_norms,
-                            correct=pe.correct)
+        want, _ = tx.update(bang_jax.mark_per_example(ref), BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
         assert rel_err(got, want) < 1e-5

@@ -14,8 +14,7 @@ from bang_jax.attacks import (
     square_attack,
     square_fraction,
 )
-from bang_jax.robustness import main as robustness_main
-from bang_jax.robustness import masking_report, plot_curves, robustness_curves
+from bang_jax.robustness import main as robustness_main, masking_report, plot_curves, robustness_curves
 
 
 def linear_model(scale=1.0, quantise=None):
@@ -200,14 +199,16 @@ def test_masking_report_verdicts():
     assert sum(plain["margin_histogram"]["counts"]) == 16
 
     saturated = linear_model(scale=10.0)  # logit margins 20 … 400: float32 p_true == 1 (above ~16.6)
-    rep = masking_report(saturated, x, y, curves=robustness_curves(saturated, x, y, eps, attacks=("fgs", "pgd_margin", "square"),
-                                                                   **kw))
+    rep = masking_report(
+        saturated, x, y, curves=robustness_curves(saturated, x, y, eps, attacks=("fgs", "pgd_margin", "square"), **kw)
+    )
     assert rep["ce_loss_zero_share"] == 100.0 and rep["margin_saturated_share"] == 100.0
     assert rep["verdict"].startswith("cross-entropy masking")
 
     shattered = linear_model(quantise=8.0)  # zero input gradient everywhere: only Square can move
-    rep = masking_report(shattered, x, y, curves=robustness_curves(shattered, x, y, eps,
-                                                                   attacks=("pgd_margin", "square"), **kw))
+    rep = masking_report(
+        shattered, x, y, curves=robustness_curves(shattered, x, y, eps, attacks=("pgd_margin", "square"), **kw)
+    )
     assert rep["ce_grad_zero_share"] == 100.0
     assert rep["verdict"].startswith("gradient masking"), rep["verdict"]
     row = rep["gap"]["rows"][-1]
@@ -241,8 +242,18 @@ def test_evaluate_model_square_pgd_min_and_curves_are_json():
     variables = model.init(jax.random.PRNGKey(0), x[:1])
     y = np.array(jnp.argmax(model.apply(variables, x), axis=1))
     y[0] = (y[0] + 1) % 3  # one clean error
-    row = evaluate_model(model, variables, x, y, attacks=("square", "pgd_min"), pgd_epsilons=(8.0,),
-                         square_queries=40, pgd_steps=5, curves=(0, 8, 64), progress=False)
+    row = evaluate_model(
+        model,
+        variables,
+        x,
+        y,
+        attacks=("square", "pgd_min"),
+        pgd_epsilons=(8.0,),
+        square_queries=40,
+        pgd_steps=5,
+        curves=(0, 8, 64),
+        progress=False,
+    )
     json.dumps(row)
     assert row["attacked"] == 11 and {"square_rate_eps8", "pgd_min_rate", "pgd_min_linf_mean"} <= set(row)
     assert row["curves"]["epsilons"] == [0.0, 8.0, 64.0]

@@ -4,9 +4,8 @@ import json
 
 import jax
 import numpy as np
-import pytest
-
 import optax
+import pytest
 
 from bang_jax import BangConfig, bang, caffe_sgd, per_example_grads
 from bang_jax.checkpoint import CheckpointError

@@ -22,8 +22,8 @@ import dataclasses
 import numpy as np
 
 from bang_jax.balance import BangConfig
-from bang_jax.solvers import CIFAR_QUICK_SOLVER
 from bang_jax.evaluate import EvalConfig
+from bang_jax.solvers import CIFAR_QUICK_SOLVER
 from bang_jax.train import ModelSpec, TrainConfig
 from experiments.config import ExperimentConfig
 from experiments.configs.mnist import grid_models

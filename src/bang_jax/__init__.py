@@ -1,5 +1,6 @@
 """bang-jax: Batch Adjusted Network Gradients (Rozsa, Günther, Boult, WACV 2018) for JAX/Flax."""
 
+from bang_jax import nnx  # noqa: E402  (bang_jax.nnx: the same API for Flax NNX models)
 from bang_jax.balance import BangConfig, BangState, bang, eta, safe_norm
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import Dataset, load_cifar10, load_dataset, load_fashion_mnist, load_mnist
@@ -15,11 +16,9 @@ from bang_jax.linen import (
     sample_dropout_masks,
     weighted_layers,
 )
-from bang_jax.per_example import PerExampleGrad, mark_per_example
 from bang_jax.models import CifarQuick, LeNet, set_mean_image
+from bang_jax.per_example import PerExampleGrad, mark_per_example
 from bang_jax.solvers import CIFAR_QUICK_SOLVER, LENET_SOLVER, SolverConfig, caffe_sgd, inv_schedule, multistep_schedule
-
-from bang_jax import nnx  # noqa: E402  (bang_jax.nnx: the same API for Flax NNX models)
 
 __version__ = "0.1.0"
 

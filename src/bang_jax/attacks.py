@@ -282,13 +282,16 @@ def line_search_attack(
 
 
 def fixed_step_attack(logits_fn: LogitsFn, images, labels, directions, step: float, *, blank=None) -> AttackResult:
-    """One step of size ``step`` (pixels, along d = g / max|g|): x' = clip(round(x + step·d)); success if misclassified."""
+    """One step of size ``step`` (pixels, along d = g / max|g|): x' = clip(round(x + step·d)); success if
+    misclassified."""
     x = np.asarray(images, np.float32)
     d = _normalise(np.asarray(directions, np.float32))
     adv = np.clip(np.round(x + step * d), 0, 255).astype(np.float32)
     pred = np.argmax(np.asarray(jax.jit(logits_fn)(jnp.asarray(adv))), axis=-1)
     n = x.shape[0]
-    blank_all = (np.zeros(n, bool) if blank is None else np.asarray(blank, bool)) | np.all(d.reshape(n, -1) == 0, axis=1)
+    blank_all = (np.zeros(n, bool) if blank is None else np.asarray(blank, bool)) | np.all(
+        d.reshape(n, -1) == 0, axis=1
+    )
     success = (pred != np.asarray(labels)) & ~blank_all
     adv = np.where(success.reshape((-1,) + (1,) * (x.ndim - 1)), adv, x)
     delta = (adv - x).reshape(n, -1)
@@ -418,8 +421,16 @@ def pgd_attack(
             state = run_steps(k, cpu, state, x0, y, eps, size)
             done += k
         adv[sl] = np.asarray(state[1])
-    pred = np.concatenate([np.asarray(jnp.argmax(logits_fn(jnp.asarray(adv[i : i + batch_size])), axis=-1))
-                           for i in range(0, n, batch_size)]) if n else np.zeros(0, np.int32)
+    pred = (
+        np.concatenate(
+            [
+                np.asarray(jnp.argmax(logits_fn(jnp.asarray(adv[i : i + batch_size])), axis=-1))
+                for i in range(0, n, batch_size)
+            ]
+        )
+        if n
+        else np.zeros(0, np.int32)
+    )
     success = pred != y_all
     delta = (adv - x_all).reshape(n, -1)
     return AttackResult(
@@ -468,7 +479,9 @@ def minimal_pgd_attack(
     res = pgd_attack(logits_fn, x, y, epsilon=max_epsilon, seed=seed, **kw)
     clean_wrong = np.zeros(n, bool)
     for i in range(0, n, batch_size):
-        clean_wrong[i : i + batch_size] = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x[i : i + batch_size])), -1)) != y[i : i + batch_size]
+        clean_wrong[i : i + batch_size] = (
+            np.asarray(jnp.argmax(logits_fn(jnp.asarray(x[i : i + batch_size])), -1)) != y[i : i + batch_size]
+        )
     success = res.success | clean_wrong
     adv = np.where(clean_wrong.reshape((-1,) + (1,) * (x.ndim - 1)), x, res.adversarial)
     hi = np.where(clean_wrong, 0.0, res.linf).astype(np.float32)
@@ -665,8 +678,19 @@ def square_attack(
             p = 1 << max(3, int(np.ceil(np.log2(act.size))))  # pad to a power of two: few recompilations
             pad = np.pad(act, (0, p - act.size), mode="edge")
             i_stop = min(i + max(chunk, 1), iterations)
-            xb, lb, db, ub = run(seed, jnp.asarray(pad, jnp.int32), x_all[pad], y_all[pad], x_best[pad],
-                                 loss_best[pad], done[pad], used[pad], *scalars, jnp.int32(i), jnp.int32(i_stop))
+            xb, lb, db, ub = run(
+                seed,
+                jnp.asarray(pad, jnp.int32),
+                x_all[pad],
+                y_all[pad],
+                x_best[pad],
+                loss_best[pad],
+                done[pad],
+                used[pad],
+                *scalars,
+                jnp.int32(i),
+                jnp.int32(i_stop),
+            )
             k = act.size
             x_best[act], loss_best[act] = np.asarray(xb)[:k], np.asarray(lb)[:k]
             done[act], used[act] = np.asarray(db)[:k], np.asarray(ub)[:k]

@@ -189,7 +189,7 @@ class BangConfig:
         leaves = lambda v: [np.asarray(x) for x in jax.tree.leaves(v)]  # noqa: E731
         return all(np.all(x == 0) for x in leaves(self.epsilon)) and all(np.all(x == 1) for x in leaves(self.beta))
 
-    def broadcast(self, params: Any, dtype=jnp.float32) -> "BangConfig":
+    def broadcast(self, params: Any, dtype=jnp.float32) -> BangConfig:
         """This config with every field a full tree of ``dtype`` scalars in ``params``' structure (one per leaf)."""
         return BangConfig._unchecked(
             **{f: jax.tree.map(lambda v: jnp.asarray(v, dtype), broadcast_to_params(f, getattr(self, f), params))
@@ -206,7 +206,7 @@ class BangConfig:
         return {f: plain(getattr(self, f)) for f in _FIELDS}
 
     @classmethod
-    def _unchecked(cls, **fields) -> "BangConfig":
+    def _unchecked(cls, **fields) -> BangConfig:
         obj = object.__new__(cls)
         for f in _FIELDS:
             object.__setattr__(obj, f, fields[f])
@@ -221,7 +221,7 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-def as_bang_config(config: "BangConfig | None" = None, **fields) -> BangConfig:
+def as_bang_config(config: BangConfig | None = None, **fields) -> BangConfig:
     """``config`` itself, or a :class:`BangConfig` built from ``epsilon=``, ``beta=``, ``ratio=`` (not both)."""
     given = {k: v for k, v in fields.items() if v is not None}
     if config is None:

@@ -1,6 +1,7 @@
 """Loading the BANG authors' released Caffe weights (HDF5 ``.caffemodel.h5``) into the Flax models.
 
-The files (see ``docs/data.md`` for where the authors publish them) hold ``data/<layer>/0`` (weights) and ``data/<layer>/1``
+The files (see ``docs/data.md`` for where the authors publish them) hold ``data/<layer>/0`` (weights) and
+``data/<layer>/1``
 (bias). Convolution weights are (out, in, kh, kw) → Flax HWIO; inner-product weights (out, in) → (in, out)
 with the input flattened in (C, H, W) order, which is how :class:`~bang_jax.models.LeNet` and
 :class:`~bang_jax.models.CifarQuick` flatten, so no permutation is needed.
@@ -24,7 +25,10 @@ RELEASED_WEIGHTS = {
     "lenet.caffemodel.h5": ("90a639d81e70fa18a6e63a3accbe47895c843fa0d80f70aa4696da72e91f844d", "LeNet R0"),
     "lenet_bang.caffemodel.h5": ("dafb21e500eb0932af9df3e06f50064ecd6cec9bf008b30eb0f0271fe4cd3422", "LeNet B1"),
     "cifar10.caffemodel.h5": ("6a7f0ed0c357381093a853a50912c4520b55cf5d15e343cf9b0e812ed6ea658b", "CIFAR-quick R0"),
-    "cifar10_bang.caffemodel.h5": ("b606d6cbcbdb3fccba4a7c71bc1cbea34721999915ad709202412c63ecdd41db", "CIFAR-quick B0"),
+    "cifar10_bang.caffemodel.h5": (
+        "b606d6cbcbdb3fccba4a7c71bc1cbea34721999915ad709202412c63ecdd41db",
+        "CIFAR-quick B0",
+    ),
 }
 
 _LAYERS = {"lenet": ("conv1", "conv2", "ip1", "ip2"), "cifar_quick": ("conv1", "conv2", "conv3", "ip1", "ip2")}
@@ -58,8 +62,10 @@ def check_caffe_weights(path: str | os.PathLike, dataset: str | None = None, *, 
         if want is None:
             raise ValueError(f"unknown dataset {dataset!r} (mnist, fashion_mnist or cifar10)")
         if kind != want:
-            raise ValueError(f"{path} holds {'CIFAR-quick' if kind == 'cifar_quick' else 'LeNet'} weights, which do "
-                             f"not fit {dataset} (its model is {'CIFAR-quick' if want == 'cifar_quick' else 'LeNet'})")
+            raise ValueError(
+                f"{path} holds {'CIFAR-quick' if kind == 'cifar_quick' else 'LeNet'} weights, which do "
+                f"not fit {dataset} (its model is {'CIFAR-quick' if want == 'cifar_quick' else 'LeNet'})"
+            )
     return kind
 
 

@@ -120,7 +120,9 @@ def _bang_config_state(cfg: BangConfig) -> dict:
 
 
 def _bang_config_restore(target: BangConfig, state: dict) -> BangConfig:
-    fields = {f: serialization.from_state_dict(getattr(target, f), state[f], name=f) for f in ("epsilon", "beta", "ratio")}
+    fields = {
+        f: serialization.from_state_dict(getattr(target, f), state[f], name=f) for f in ("epsilon", "beta", "ratio")
+    }
     return BangConfig._unchecked(**fields)
 
 

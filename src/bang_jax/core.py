@@ -40,7 +40,7 @@ class Adapter(Protocol):
     layer_types: tuple  # the weighted layer types
     no_layers_hint: str  # the end of the "no weighted layer" message
 
-    def run(self, params: Any, state: Any, inputs: Any, kwargs: dict, tap: "Tap") -> tuple[Any, Any]:
+    def run(self, params: Any, state: Any, inputs: Any, kwargs: dict, tap: Tap) -> tuple[Any, Any]:
         """One forward pass with ``tap`` active: ``(outputs, updated state)``."""
 
     def leaf_key(self, path: tuple) -> tuple:
@@ -463,7 +463,9 @@ def _split_kwargs(kwargs: dict, n: int, batch_kwargs) -> tuple[dict, dict]:
 
 
 def _resized(tree, n: int, n2: int):
-    """``tree``'s array leaves with axis 0 of length ``n`` as ShapeDtypeStructs of length ``n2`` (others as they are)."""
+    """``tree``'s array leaves with axis 0 of length ``n`` as ShapeDtypeStructs of length ``n2`` (others as they
+    are)."""
+
     def one(a):
         if hasattr(a, "shape") and hasattr(a, "dtype") and len(a.shape) >= 1 and a.shape[0] == n:
             shape = (n2,) + tuple(a.shape[1:])
@@ -475,6 +477,7 @@ def _resized(tree, n: int, n2: int):
                 pass
             return jax.ShapeDtypeStruct(shape, a.dtype)
         return a
+
     return jax.tree.map(one, tree)
 
 
@@ -486,18 +489,24 @@ def _batch_axis(path, rec: LayerRecord, shape2: tuple, n: int, n2: int) -> int:
     follows = [a for a in changed if shape1[a] == n and shape2[a] == n2]
     if len(shape1) == len(shape2) and len(follows) == 1 and changed == follows:
         return follows[0]
-    remedy = ("BANG needs each weighted layer's output to carry the batch on exactly one axis, to take one κ_i per "
-              "example. Keep the batch on its own axis through the layer (e.g. reshape [N·T, D] back to [N, T, D] "
-              "before the layer), or leave this layer type out of layer_types= so that its parameters get the "
-              "ordinary gradient.")
+    remedy = (
+        "BANG needs each weighted layer's output to carry the batch on exactly one axis, to take one κ_i per "
+        "example. Keep the batch on its own axis through the layer (e.g. reshape [N·T, D] back to [N, T, D] "
+        "before the layer), or leave this layer type out of layer_types= so that its parameters get the "
+        "ordinary gradient."
+    )
     if len(shape1) != len(shape2) or any(shape1[a] != shape2[a] for a in changed if a not in follows):
-        found = (f"its output has shape {shape1} at batch {n} and {shape2} at batch {n2}: the batch is merged "
-                 "with other axes or changes the output's rank")
+        found = (
+            f"its output has shape {shape1} at batch {n} and {shape2} at batch {n2}: the batch is merged "
+            "with other axes or changes the output's rank"
+        )
     elif not changed:
         found = f"its output {shape1} does not depend on the batch size (traced at batch {n} and {n2})"
     else:
-        found = (f"its output {shape1} has {len(follows)} axes ({', '.join(map(str, follows))}) whose length follows "
-                 f"the batch size (traced at batch {n} and {n2}), so which one is the batch is ambiguous")
+        found = (
+            f"its output {shape1} has {len(follows)} axes ({', '.join(map(str, follows))}) whose length follows "
+            f"the batch size (traced at batch {n} and {n2}), so which one is the batch is ambiguous"
+        )
     raise ValueError(f"{where}: {found}. {remedy}")
 
 
@@ -517,8 +526,9 @@ def discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=Non
         found[key] = tap.layers
         return outputs
 
-    out_shapes = jax.eval_shape(functools.partial(shapes, key=1, dropout_masks=dropout_masks),
-                                adapter.params, adapter.state, inputs, {})
+    out_shapes = jax.eval_shape(
+        functools.partial(shapes, key=1, dropout_masks=dropout_masks), adapter.params, adapter.state, inputs, {}
+    )
     layers = found[1]
     if not layers:
         raise ValueError(f"the model has no weighted layer BANG can balance: {adapter.no_layers_hint}")
@@ -530,8 +540,13 @@ def discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=Non
         choices.append(_split_kwargs(kwargs, n, batch_kwargs)[0])
     for attempt, batched_kw in enumerate(choices):
         try:
-            jax.eval_shape(functools.partial(shapes, key=2, shapes_only=True), adapter.params, adapter.state,
-                           _resized(inputs, n, n2), _resized(batched_kw, n, n2))
+            jax.eval_shape(
+                functools.partial(shapes, key=2, shapes_only=True),
+                adapter.params,
+                adapter.state,
+                _resized(inputs, n, n2),
+                _resized(batched_kw, n, n2),
+            )
             break
         except Exception as e:
             err = e
@@ -551,8 +566,10 @@ def discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=Non
             f"{n} and {n2} ({sorted('/'.join(map(str, p)) for p in set(second) ^ set(layers))}); BANG needs the "
             "same layers whatever the batch size"
         )
-    layers = {path: rec._replace(batch_axis=_batch_axis(path, rec, tuple(second[path].out.shape), n, n2))
-              for path, rec in layers.items()}
+    layers = {
+        path: rec._replace(batch_axis=_batch_axis(path, rec, tuple(second[path].out.shape), n, n2))
+        for path, rec in layers.items()
+    }
     return layers, out_shapes
 
 
@@ -571,6 +588,7 @@ def _owners(adapter, layers) -> dict[tuple, LayerPath]:
 
 def _eta_groups(adapter, layers, config: BangConfig):
     """Per layer: ((leaf indices, ε, ratio), ...) grouping leaves that share the same ε and ratio objects."""
+
     def flat(name, value):
         tree = broadcast_to_params(name, value, adapter.params)
         return {adapter.leaf_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -602,10 +620,12 @@ def mean_loss(loss_fn, outputs, labels, n):
 
 def _replicated(*trees):
     """``trees`` with every explicitly sharded array gathered (replicated); arrays without a sharding type as given."""
+
     def one(a):
         if a is not None and hasattr(a, "shape") and per_example._explicitly_sharded(a):
             return jax.sharding.reshard(a, jax.sharding.PartitionSpec())
         return a
+
     return jax.tree.map(one, trees)
 
 
@@ -622,12 +642,14 @@ def _one_example_shape(rec: LayerRecord) -> tuple:
     return tuple(shape)
 
 
-def run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_masks, batch_kwargs, kwargs,
-                     factor_layers=False):
+def run_per_example(
+    adapter, inputs, labels, *, loss_fn, correct_fn, dropout_masks, batch_kwargs, kwargs, factor_layers=False
+):
     n = batch_size(inputs)
     check_labels(labels, n, loss_fn is None)
-    layers, out_shapes = discover(adapter, inputs, kwargs, n=n, per_example=True, dropout_masks=dropout_masks,
-                                   batch_kwargs=batch_kwargs)
+    layers, out_shapes = discover(
+        adapter, inputs, kwargs, n=n, per_example=True, dropout_masks=dropout_masks, batch_kwargs=batch_kwargs
+    )
     if loss_fn is None:
         check_default_outputs(out_shapes, labels, n)
     loss_fn, correct_fn = loss_fns(loss_fn, correct_fn)
@@ -648,8 +670,10 @@ def run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_mas
                 tap.param_ids = {id(leaf) for leaf in jax.tree.leaves(params)}
             outputs, updates = adapter.run(params, state, x1, kw1, tap)
             layer_fns.update({path: call[0] for path, call in tap.calls.items()})
-            calls = ({path: call[1] for path, call in tap.calls.items()},
-                     {path: call[2:] for path, call in tap.calls.items()})
+            calls = (
+                {path: call[1] for path, call in tap.calls.items()},
+                {path: call[2:] for path, call in tap.calls.items()},
+            )
             for path, o in jax.tree_util.tree_flatten_with_path(outputs)[0]:
                 if np.ndim(o) == 0 or np.shape(o)[0] != 1:
                     raise ValueError(
@@ -660,12 +684,15 @@ def run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_mas
                     )
             losses = loss_fn(outputs, y1)
             if np.shape(losses) != (1,):
-                raise ValueError(f"loss_fn must return one loss per example ([N]); for one example it returned "
-                                 f"shape {np.shape(losses)}")
+                raise ValueError(
+                    f"loss_fn must return one loss per example ([N]); for one example it returned "
+                    f"shape {np.shape(losses)}"
+                )
             return losses[0], (outputs, updates, calls)
 
         (loss, (outputs, updates, calls)), (g, kappa) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
-            adapter.params, zero_perts)
+            adapter.params, zero_perts
+        )
         norms = {p: _kappa_norms(kappa[p], layers[p].batch_axis)[0] for p in layers}
         return g, norms, jax.tree.map(lambda a: a[0], outputs), loss, updates, calls, kappa
 
@@ -676,8 +703,8 @@ def run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_mas
     inputs, labels, batched_kw, dropout_masks = _replicated(inputs, labels, batched_kw, dropout_masks)
     try:
         grads, norms, outputs, losses, updates, (layer_params, layer_inputs), kappa = jax.vmap(
-            one, in_axes=(0, 0, 0, state_axes, 0), out_axes=out_axes)(
-                inputs, labels, batched_kw, state_b, dropout_masks)
+            one, in_axes=(0, 0, 0, state_axes, 0), out_axes=out_axes
+        )(inputs, labels, batched_kw, state_b, dropout_masks)
     except Exception as err:
         if not _is_sharding_error(err):
             raise
@@ -692,7 +719,8 @@ def run_per_example(adapter, inputs, labels, *, loss_fn, correct_fn, dropout_mas
     marked = _mark_grads(adapter, layers, grads, layer_fns, layer_params, layer_inputs, kappa)
     zeros = jnp.zeros((n,), jnp.float32)
     kappa_norms = jax.tree_util.tree_map_with_path(
-        lambda path, _: norms.get(owner.get(adapter.leaf_key(path)), zeros), adapter.params)
+        lambda path, _: norms.get(owner.get(adapter.leaf_key(path)), zeros), adapter.params
+    )
     correct = correct_fn(outputs, labels)
     return PerExampleGrads(marked, kappa_norms, correct, jnp.mean(losses), outputs)
 
@@ -731,25 +759,34 @@ def run_bang(adapter, inputs, labels, *, config, loss_fn, correct_fn, dropout_ma
     # "Correct" comes from the training forward pass; under jit XLA merges this pass with the one below (not
     # across a scan, so a scanned model would run its forward twice). η only reads it where ratio ≠ 1: with every
     # ratio statically 1 the extra pass is skipped and "correct" comes from the balanced pass's own outputs.
-    needs_correct = not all(balance._is_concrete(g[2]) and bool(np.all(np.asarray(g[2]) == 1.0))
-                            for call in groups.values() for g in call)
+    needs_correct = not all(
+        balance._is_concrete(g[2]) and bool(np.all(np.asarray(g[2]) == 1.0)) for call in groups.values() for g in call
+    )
     if needs_correct:
-        outputs0, _ = adapter.run(adapter.params, adapter.state, inputs, kwargs,
-                                  Tap("plain", adapter=adapter, dropout_masks=dropout_masks))
+        outputs0, _ = adapter.run(
+            adapter.params, adapter.state, inputs, kwargs, Tap("plain", adapter=adapter, dropout_masks=dropout_masks)
+        )
         correct = jax.lax.stop_gradient(correct_fn(outputs0, labels))
     else:
         correct = jnp.ones((n,), bool)  # unread: η_i uses ε whether or not example i is correct
     probes = {p: jnp.zeros((1 + len(groups[p]), n), jnp.float32) for p in layers}
 
     def loss_of(params, probes):
-        tap = Tap("balance", adapter=adapter, probes=probes, correct=correct, groups=groups,
-                   batch_axes={path: rec.batch_axis for path, rec in layers.items()},
-                   dropout_masks=dropout_masks)
+        tap = Tap(
+            "balance",
+            adapter=adapter,
+            probes=probes,
+            correct=correct,
+            groups=groups,
+            batch_axes={path: rec.batch_axis for path, rec in layers.items()},
+            dropout_masks=dropout_masks,
+        )
         outputs, updates = adapter.run(params, adapter.state, inputs, kwargs, tap)
         return mean_loss(loss_fn, outputs, labels, n), (outputs, updates)
 
     (loss, (outputs, updates)), (grads, probe_cts) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
-        adapter.params, probes)
+        adapter.params, probes
+    )
     grads = apply_beta(grads, config.beta)
     if not needs_correct:
         correct = jax.lax.stop_gradient(correct_fn(outputs, labels))
@@ -759,8 +796,9 @@ def run_bang(adapter, inputs, labels, *, config, loss_fn, correct_fn, dropout_ma
         for g, (idx, _, _) in enumerate(groups[path]):
             # η ≥ 1 always; a zero row means the call's output never reached the loss (its backward never ran)
             row = probe_cts[path][1 + g]
-            etas[path if len(groups[path]) == 1 else tuple(path) + rec.leaf_keys[idx[0]]] = jnp.where(row == 0, 1.0,
-                                                                                                      row)
+            etas[path if len(groups[path]) == 1 else tuple(path) + rec.leaf_keys[idx[0]]] = jnp.where(
+                row == 0, 1.0, row
+            )
     return grads, BangAux(loss, outputs, correct, norms, etas, updates)
 
 

@@ -278,7 +278,9 @@ def download(name: str, directory: str | os.PathLike | None = None, *, urls: Seq
                 except DownloadError as err:
                     tmp.unlink(missing_ok=True)
                     archive.unlink(missing_ok=True)
-                    raise DownloadError(f"{archive_name}: {err}; the archive was removed, run again to refetch it")
+                    raise DownloadError(
+                        f"{archive_name}: {err}; the archive was removed, run again to refetch it"
+                    ) from None
             os.replace(tmp, out)
     archive.unlink()
     return target

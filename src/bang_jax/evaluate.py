@@ -7,7 +7,8 @@
 
 Attacks the correctly classified test images (the first ``--limit`` of the test set) with FGS in the paper's
 protocol (blank when float32 p_true == 1), FGS with the exact gradient, and HC1, each with the minimal-step line
-search of docs/semantics.md (FGS up to t = 255, HC1 up to ``--hc1-max-step``, default 1020), and prints a Table-1 style row.
+search of docs/semantics.md (FGS up to t = 255, HC1 up to ``--hc1-max-step``, default 1020), and prints a
+Table-1 style row.
 More attacks (``--attacks``, comma-separated): ``pgd`` — L∞ PGD (margin and cross-entropy losses) at the budgets
 of ``--pgd-budgets`` (alias ``--pgd-eps``); ``pgd_min`` — the smallest budget at which PGD on the margin succeeds,
 per image (bisection up to ``--pgd-min-max-budget``), reported like the paper's minimal perturbations; ``square``
@@ -51,8 +52,8 @@ from bang_jax.balance import BangConfig
 from bang_jax.caffe import check_caffe_weights, load_caffe_weights
 from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, read_run_config
 from bang_jax.data import DataError, load_dataset, mean_image
-from bang_jax.models import CifarQuick, LeNet, build, warn_if_unit_range
 from bang_jax.metrics import pass_scores
+from bang_jax.models import CifarQuick, LeNet, build, warn_if_unit_range
 from bang_jax.robustness import (
     ATTACKS as CURVE_ATTACKS,
     DEFAULT_EPSILONS,
@@ -62,8 +63,17 @@ from bang_jax.robustness import (
     validate_curve_args,
 )
 
-__all__ = ["ATTACKS", "EvalConfig", "evaluate_accuracy", "evaluate_model", "evaluate_run", "main", "predict",
-           "results_bytes", "run_models"]
+__all__ = [
+    "ATTACKS",
+    "EvalConfig",
+    "evaluate_accuracy",
+    "evaluate_model",
+    "evaluate_run",
+    "main",
+    "predict",
+    "results_bytes",
+    "run_models",
+]
 
 ATTACKS = ("fgs", "hc1", "pgd", "pgd_min", "square")
 
@@ -167,28 +177,38 @@ class EvalConfig:
         attacks = tuple(self.attacks)
         unknown = [a for a in attacks if a not in ATTACKS]
         if unknown:
-            raise ValueError(f"attacks: unknown attack(s) {', '.join(map(str, unknown))}; choose from "
-                             f"{', '.join(ATTACKS)}")
+            raise ValueError(
+                f"attacks: unknown attack(s) {', '.join(map(str, unknown))}; choose from {', '.join(ATTACKS)}"
+            )
         if len(set(attacks)) != len(attacks):
             raise ValueError(f"attacks: an attack is listed twice: {list(attacks)}")
         set_("attacks", attacks)
         set_("hc1_max_step", _positive_int("hc1_max_step", self.hc1_max_step))
         set_("pgd_steps", _positive_int("pgd_steps", self.pgd_steps))
         set_("square_queries", _positive_int("square_queries", self.square_queries))
-        set_("pgd_budgets", _budgets(self.pgd_budgets, "pgd_budgets", allow_empty="pgd" not in attacks
-                                     and not ("square" in attacks and self.square_budgets is None)))
+        set_(
+            "pgd_budgets",
+            _budgets(
+                self.pgd_budgets,
+                "pgd_budgets",
+                allow_empty="pgd" not in attacks and not ("square" in attacks and self.square_budgets is None),
+            ),
+        )
         if self.square_budgets is not None:
-            set_("square_budgets", _budgets(self.square_budgets, "square_budgets",
-                                            allow_empty="square" not in attacks))
-        if not (isinstance(self.pgd_min_max_budget, (int, float, np.floating)) and
-                np.isfinite(self.pgd_min_max_budget) and self.pgd_min_max_budget > 0):
+            set_("square_budgets", _budgets(self.square_budgets, "square_budgets", allow_empty="square" not in attacks))
+        if not (
+            isinstance(self.pgd_min_max_budget, (int, float, np.floating))
+            and np.isfinite(self.pgd_min_max_budget)
+            and self.pgd_min_max_budget > 0
+        ):
             raise ValueError(f"pgd_min_max_budget must be a positive number of pixels, got {self.pgd_min_max_budget!r}")
         set_("pgd_min_max_budget", float(self.pgd_min_max_budget))
         set_("curve_budgets", _budgets(self.curve_budgets, "curve_budgets", allow_empty=True))
         set_("curve_attacks", tuple(self.curve_attacks))
         if self.curve_budgets:
-            validate_curve_args(self.curve_budgets, self.curve_attacks, square_queries=self.square_queries,
-                                pgd_steps=self.pgd_steps)
+            validate_curve_args(
+                self.curve_budgets, self.curve_attacks, square_queries=self.square_queries, pgd_steps=self.pgd_steps
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -209,12 +229,16 @@ class EvalConfig:
 
 
 # The keyword names of earlier releases, still accepted by evaluate_model.
-_LEGACY_NAMES = {"pgd_epsilons": "pgd_budgets", "square_epsilons": "square_budgets",
-                 "pgd_min_max_epsilon": "pgd_min_max_budget"}
+_LEGACY_NAMES = {
+    "pgd_epsilons": "pgd_budgets",
+    "square_epsilons": "square_budgets",
+    "pgd_min_max_epsilon": "pgd_min_max_budget",
+}
 
 
-def evaluate_model(model, variables, images, labels, config: EvalConfig | None = None, *, progress=True, label="",
-                   **settings):
+def evaluate_model(
+    model, variables, images, labels, config: EvalConfig | None = None, *, progress=True, label="", **settings
+):
     """Accuracy and attack statistics (a JSON-able dict) of ``model`` on ``images`` (pixels) with integer ``labels``.
 
     ``config`` (an :class:`EvalConfig`, validated before anything runs) says which attacks run and how; instead of
@@ -238,42 +262,72 @@ def evaluate_model(model, variables, images, labels, config: EvalConfig | None =
         t0 = time.perf_counter()
         if attack == "fgs":
             d, blank = fgs_direction(logits_fn, x, y)
-            row |= _summary("fgs", line_search_attack(logits_fn, x, y, d, blank=blank, max_step=255,
-                                                      progress=progress and f"{label} FGS (paper rule)".strip()), x)
+            row |= _summary(
+                "fgs",
+                line_search_attack(
+                    logits_fn,
+                    x,
+                    y,
+                    d,
+                    blank=blank,
+                    max_step=255,
+                    progress=progress and f"{label} FGS (paper rule)".strip(),
+                ),
+                x,
+            )
             d, blank = fgs_direction(logits_fn, x, y, exact=True)
             row |= _summary(
-                "fgs_exact", line_search_attack(logits_fn, x, y, d, blank=blank, max_step=255,
-                                                progress=progress and f"{label} FGS (exact)".strip()), x
+                "fgs_exact",
+                line_search_attack(
+                    logits_fn, x, y, d, blank=blank, max_step=255, progress=progress and f"{label} FGS (exact)".strip()
+                ),
+                x,
             )
         elif attack == "pgd":
             for eps in config.pgd_budgets:
                 for loss in ("margin", "ce"):
-                    res = pgd_attack(logits_fn, x, y, epsilon=float(eps), steps=config.pgd_steps, loss=loss,
-                                     seed=seed)
+                    res = pgd_attack(logits_fn, x, y, epsilon=float(eps), steps=config.pgd_steps, loss=loss, seed=seed)
                     row[f"pgd_{loss}_rate_eps{eps:g}"] = res.rate
         elif attack == "pgd_min":
-            res = minimal_pgd_attack(logits_fn, x, y, max_epsilon=config.pgd_min_max_budget, steps=config.pgd_steps,
-                                     seed=seed)
+            res = minimal_pgd_attack(
+                logits_fn, x, y, max_epsilon=config.pgd_min_max_budget, steps=config.pgd_steps, seed=seed
+            )
             row |= _summary("pgd_min", res, x)
         elif attack == "square":
             row["square_queries"] = config.square_queries
             for eps in config.square_budgets_or_pgd:
                 res = square_attack(logits_fn, x, y, epsilon=float(eps), queries=config.square_queries, seed=seed)
                 row[f"square_rate_eps{eps:g}"] = res.rate
-                row[f"square_queries_mean_eps{eps:g}"] = (float(res.queries[res.success].mean())
-                                                         if res.success.any() else None)
+                row[f"square_queries_mean_eps{eps:g}"] = (
+                    float(res.queries[res.success].mean()) if res.success.any() else None
+                )
         elif attack == "hc1":
             d, blank = hot_cold_direction(logits_fn, x, y)
-            res = line_search_attack(logits_fn, x, y, d, blank=blank, max_step=config.hc1_max_step,
-                                     progress=progress and f"{label} HC1".strip())
+            res = line_search_attack(
+                logits_fn,
+                x,
+                y,
+                d,
+                blank=blank,
+                max_step=config.hc1_max_step,
+                progress=progress and f"{label} HC1".strip(),
+            )
             row |= _summary("hc1", res, x)
         row[f"{attack}_seconds"] = time.perf_counter() - t0
     if config.curve_budgets:
         t0 = time.perf_counter()
         budgets, curve_attacks = validate_curve_args(config.curve_budgets, config.curve_attacks)
-        row["curves"] = robustness_curves(logits_fn, images, labels, budgets, attacks=curve_attacks,
-                                          pgd_steps=config.pgd_steps, square_queries=config.square_queries,
-                                          seed=seed, progress=progress)
+        row["curves"] = robustness_curves(
+            logits_fn,
+            images,
+            labels,
+            budgets,
+            attacks=curve_attacks,
+            pgd_steps=config.pgd_steps,
+            square_queries=config.square_queries,
+            seed=seed,
+            progress=progress,
+        )
         row["masking"] = masking_report(logits_fn, images, labels, curves=row["curves"])
         row["curves_seconds"] = time.perf_counter() - t0
     return row
@@ -290,8 +344,9 @@ def _eval_config(config: EvalConfig | None, settings: dict) -> EvalConfig:
     fields = {_LEGACY_NAMES.get(k, k): v for k, v in settings.items()}
     if "curves" in fields:
         curves = fields.pop("curves")
-        fields["curve_budgets"] = (DEFAULT_EPSILONS if curves is True else
-                                   () if curves is None or curves is False else tuple(curves))
+        fields["curve_budgets"] = (
+            DEFAULT_EPSILONS if curves is True else () if curves is None or curves is False else tuple(curves)
+        )
     known = {f.name for f in dataclasses.fields(EvalConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -369,16 +424,18 @@ def run_models(run_dir, data, *, models=None, allow_unfinished=False):
         if models and name not in models:
             continue
         p = jax.tree.map(lambda x, i=i: np.asarray(x[i]), params)
-        bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(p)[0]
-               if not np.isfinite(v).all()]
+        bad = [
+            jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(p)[0] if not np.isfinite(v).all()
+        ]
         if bad:
             raise ValueError(f"model {name} in {run_dir} has NaN or infinite weights in {', '.join(bad)}")
         out.append((specs.get(name, {"name": name}), module, {**consts, "params": p}))
     return config, out, info.get("iteration")
 
 
-def evaluate_run(run_dir, config: EvalConfig, data, *, models=None, test_limit=None, allow_unfinished=False,
-                 progress=True) -> tuple[list[dict], dict[str, float]]:
+def evaluate_run(
+    run_dir, config: EvalConfig, data, *, models=None, test_limit=None, allow_unfinished=False, progress=True
+) -> tuple[list[dict], dict[str, float]]:
     """Evaluates the models of a run directory: ``(results rows, seconds per attack)`` — the one evaluation of a
     run, used by the ``evaluate`` stage of the experiments and by ``python -m bang_jax.evaluate --run-dir``.
 
@@ -398,9 +455,19 @@ def evaluate_run(run_dir, config: EvalConfig, data, *, models=None, test_limit=N
         for key in [k for k in row if k.endswith("_seconds")]:
             seconds[f"{name}_{key}"] = row.pop(key)
         bang = {k: spec[k] for k in ("epsilon", "beta", "ratio") if k in spec}
-        rows.append({"id": name, **bang, "seed": spec.get("seed"), "regular": BangConfig(**bang).is_regular,
-                     "final_train_loss": losses.get(name), "data_source": data.source, "iteration": iteration,
-                     "eval": config.to_json()} | row)
+        rows.append(
+            {
+                "id": name,
+                **bang,
+                "seed": spec.get("seed"),
+                "regular": BangConfig(**bang).is_regular,
+                "final_train_loss": losses.get(name),
+                "data_source": data.source,
+                "iteration": iteration,
+                "eval": config.to_json(),
+            }
+            | row
+        )
     return rows, seconds
 
 
@@ -410,8 +477,12 @@ def results_bytes(rows: list[dict]) -> bytes:
 
 
 # The evaluate command's flags come from EvalConfig's fields; these spellings of earlier releases stay.
-EVAL_FLAG_ALIASES = {"pgd_budgets": ("--pgd-eps",), "square_budgets": ("--square-eps",),
-                     "pgd_min_max_budget": ("--pgd-min-max-eps",), "curve_budgets": ("--curve-eps",)}
+EVAL_FLAG_ALIASES = {
+    "pgd_budgets": ("--pgd-eps",),
+    "square_budgets": ("--square-eps",),
+    "pgd_min_max_budget": ("--pgd-min-max-eps",),
+    "curve_budgets": ("--curve-eps",),
+}
 
 
 def _eval_flags():
@@ -420,25 +491,34 @@ def _eval_flags():
 
 def main(argv=None):
     """``python -m bang_jax.evaluate``: user errors print one line and exit with status 2 (``--debug``: traceback)."""
-    p = argparse.ArgumentParser(prog="python -m bang_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bang_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--caffe-weights", help="a .caffemodel.h5 file of the authors (LeNet or CIFAR-10 quick)")
     what.add_argument("--run-dir", help="a run directory of python -m experiments.mnist|cifar10")
     p.add_argument("--models", help="with --run-dir: comma-separated model names (default: all)")
     p.add_argument("--dataset", choices=["mnist", "cifar10"], help="needed with --caffe-weights")
-    p.add_argument("--curves", action="store_true",
-                   help="robust accuracy vs budget curves and the gradient-masking report (budgets: "
-                        "--curve-budgets, default " + ",".join(f"{e:g}" for e in DEFAULT_EPSILONS) + ")")
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="robust accuracy vs budget curves and the gradient-masking report (budgets: "
+        "--curve-budgets, default " + ",".join(f"{e:g}" for e in DEFAULT_EPSILONS) + ")",
+    )
     p.add_argument("--plot", help="write the curves as a PNG (needs --curves)")
     p.add_argument("--limit", type=int, help="use the first N test images (--run-dir: default the run's own)")
     p.add_argument("--data-dir", help="dataset directory (default: $BANG_DATA_DIR; --run-dir: the run's own)")
-    p.add_argument("--json", help="write the results as JSON to this file (--run-dir: exactly the run's "
-                                  "results.json layout)")
+    p.add_argument(
+        "--json", help="write the results as JSON to this file (--run-dir: exactly the run's results.json layout)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    settings.add_flags(p, _eval_flags(), "evaluation settings (bang_jax.evaluate.EvalConfig; with --run-dir the "
-                                         "run's recorded settings are the defaults)")
+    settings.add_flags(
+        p,
+        _eval_flags(),
+        "evaluation settings (bang_jax.evaluate.EvalConfig; with --run-dir the "
+        "run's recorded settings are the defaults)",
+    )
     args = p.parse_args(argv)
     try:
         return _main(args)
@@ -504,17 +584,25 @@ def _main(args):
         mean = mean_image(ds.train_images) if dataset == "cifar10" else None
         model, variables = load_caffe_weights(args.caffe_weights, mean_image=mean, dataset=dataset)
         label, source = Path(args.caffe_weights).stem, str(args.caffe_weights)
-        print(f"{source}: 1 model on {n} {dataset} test images; data: {ds.source}"
-              + ("" if ds.comparable_to_paper else " (NOT comparable to the paper)"), file=sys.stderr)
-        row = evaluate_model(model, variables, ds.test_images[:n], ds.test_labels[:n], config,
-                             progress=not args.no_progress, label=label)
+        print(
+            f"{source}: 1 model on {n} {dataset} test images; data: {ds.source}"
+            + ("" if ds.comparable_to_paper else " (NOT comparable to the paper)"),
+            file=sys.stderr,
+        )
+        row = evaluate_model(
+            model, variables, ds.test_images[:n], ds.test_labels[:n], config, progress=not args.no_progress, label=label
+        )
         row = {"weights": source, "model": label, "dataset": dataset, "data_source": ds.source} | row
         rows, result = [row], row
     else:
-        print(f"{run_dir}: models {', '.join(names or trained)} on {n} {dataset} test images; data: {ds.source}"
-              + ("" if ds.comparable_to_paper else " (NOT comparable to the paper)"), file=sys.stderr)
-        rows, _ = evaluate_run(run_dir, config, ds, models=names, test_limit=limit, allow_unfinished=True,
-                               progress=not args.no_progress)
+        print(
+            f"{run_dir}: models {', '.join(names or trained)} on {n} {dataset} test images; data: {ds.source}"
+            + ("" if ds.comparable_to_paper else " (NOT comparable to the paper)"),
+            file=sys.stderr,
+        )
+        rows, _ = evaluate_run(
+            run_dir, config, ds, models=names, test_limit=limit, allow_unfinished=True, progress=not args.no_progress
+        )
         result = rows
     for row in rows:
         _print_row(config, row.get("id", row.get("model")), n, dataset, row)
@@ -522,8 +610,9 @@ def _main(args):
         curves = {r.get("id", r.get("model")): r["curves"] for r in rows if "curves" in r}
         print(f"wrote {plot_curves(curves, args.plot)}", file=sys.stderr)
     if args.json:
-        atomic_write(args.json, results_bytes(result) if args.run_dir else
-                     (json.dumps(result, indent=2) + "\n").encode())
+        atomic_write(
+            args.json, results_bytes(result) if args.run_dir else (json.dumps(result, indent=2) + "\n").encode()
+        )
         print(f"wrote {args.json}", file=sys.stderr)
     return result
 
@@ -535,7 +624,8 @@ def _print_row(config: EvalConfig, label, n, dataset, row):
         f"{_fmt(row['accuracy'], True)} | "
         f"{_fmt(row.get('fgs_rate'), True)} {_fmt(row.get('fgs_pass_mean'))} {_fmt(row.get('fgs_linf_mean'))}"
         f"±{_fmt(row.get('fgs_linf_std'))} ({row.get('fgs_blank', '-')}) | "
-        f"{_fmt(row.get('fgs_exact_rate'), True)} {_fmt(row.get('fgs_exact_linf_mean'))} ({row.get('fgs_exact_blank', '-')}) | "
+        f"{_fmt(row.get('fgs_exact_rate'), True)} {_fmt(row.get('fgs_exact_linf_mean'))} "
+        f"({row.get('fgs_exact_blank', '-')}) | "
         f"{_fmt(row.get('hc1_rate'), True)} {_fmt(row.get('hc1_pass_mean'))} {_fmt(row.get('hc1_linf_mean'))}"
         f"±{_fmt(row.get('hc1_linf_std'))}"
     )
@@ -543,21 +633,27 @@ def _print_row(config: EvalConfig, label, n, dataset, row):
     if pgd:
         print(f"PGD ({config.pgd_steps} steps) success: " + ", ".join(f"{k[4:]} {v:.2f}%" for k, v in pgd.items()))
     if "pgd_min_rate" in row:
-        print(f"PGD-margin minimal budget: success {_fmt(row['pgd_min_rate'], True)} within "
-              f"{config.pgd_min_max_budget:g}, L∞ {_fmt(row['pgd_min_linf_mean'])}±{_fmt(row['pgd_min_linf_std'])}, "
-              f"PASS {_fmt(row['pgd_min_pass_mean'])}")
+        print(
+            f"PGD-margin minimal budget: success {_fmt(row['pgd_min_rate'], True)} within "
+            f"{config.pgd_min_max_budget:g}, L∞ {_fmt(row['pgd_min_linf_mean'])}±{_fmt(row['pgd_min_linf_std'])}, "
+            f"PASS {_fmt(row['pgd_min_pass_mean'])}"
+        )
     square = {k: v for k, v in row.items() if k.startswith("square_rate_")}
     if square:
-        print(f"Square ({config.square_queries} queries) success: "
-              + ", ".join(f"{k[12:]} {v:.2f}%" for k, v in square.items()))
+        print(
+            f"Square ({config.square_queries} queries) success: "
+            + ", ".join(f"{k[12:]} {v:.2f}%" for k, v in square.items())
+        )
     if "curves" in row:
         c = row["curves"]
         print("robust accuracy (% of all images) | ε = " + " ".join(f"{e:>5g}" for e in c["epsilons"]))
         for name, data in list(c["attacks"].items()) + [("best", c["best"])]:
             print(f"  {name:<32} | " + " ".join(f"{a:5.1f}" for a in data["robust_accuracy"]))
         m = row["masking"]
-        print(f"masking: CE loss == 0 (float32) on {_fmt(m['ce_loss_zero_share'])}%, CE input gradient all zero on "
-              f"{_fmt(m['ce_grad_zero_share'])}%, median logit margin {_fmt(m['margin_median'])}")
+        print(
+            f"masking: CE loss == 0 (float32) on {_fmt(m['ce_loss_zero_share'])}%, CE input gradient all zero on "
+            f"{_fmt(m['ce_grad_zero_share'])}%, median logit margin {_fmt(m['margin_median'])}"
+        )
         print(f"verdict: {m['verdict']}")
 
 

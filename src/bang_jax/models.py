@@ -16,7 +16,6 @@ as in Caffe, so the authors' weights load without permuting ``ip1``.
 from __future__ import annotations
 
 import math
-
 import warnings
 from typing import Any
 
@@ -39,7 +38,12 @@ def _ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
 
 
 def _pool_padding(x: jax.Array, window: int, stride: int):
-    return [(0, 0), _ceil_pool_padding(x.shape[1], window, stride), _ceil_pool_padding(x.shape[2], window, stride), (0, 0)]
+    return [
+        (0, 0),
+        _ceil_pool_padding(x.shape[1], window, stride),
+        _ceil_pool_padding(x.shape[2], window, stride),
+        (0, 0),
+    ]
 
 
 def caffe_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
@@ -81,8 +85,11 @@ def warn_if_unit_range(images, name: str = "the bundled models") -> None:
     """
     x = np.asarray(images)
     if x.size and np.issubdtype(x.dtype, np.floating) and 0.0 < float(x.max()) <= 1.0 and float(x.min()) >= 0.0:
-        warnings.warn(f"{name} take pixel units 0..255, but these images lie in 0..1; multiply them by 255",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{name} take pixel units 0..255, but these images lie in 0..1; multiply them by 255",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 _xavier = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # Caffe "xavier": U(±sqrt(3/fan_in))

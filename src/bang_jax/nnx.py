@@ -60,8 +60,7 @@ from bang_jax.core import (
     run_per_example,
     run_sample_masks,
 )
-from bang_jax.linen import WEIGHTED_LAYER_TYPES as LINEN_WEIGHTED_LAYER_TYPES
-from bang_jax.linen import linen_interceptor
+from bang_jax.linen import WEIGHTED_LAYER_TYPES as LINEN_WEIGHTED_LAYER_TYPES, linen_interceptor
 
 __all__ = [
     "WEIGHTED_LAYER_TYPES",

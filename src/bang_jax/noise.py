@@ -41,7 +41,8 @@ def select_noise_images(predictions: Sequence[np.ndarray], labels, *, per_class:
 def _make_counter(apply_fn):
     @jax.jit
     def count(variables, images, key, sigma):
-        """images [B, ...], key → number of flips per image [B] for one batch of copies [K, B, ...] (K from key shape)."""
+        """images [B, ...], key → number of flips per image [B] for one batch of copies [K, B, ...] (K from key
+        shape)."""
         clean = jnp.argmax(apply_fn(variables, images), axis=-1)
         k = key.shape[0]
         noise = jax.vmap(lambda kk: jax.random.normal(kk, images.shape, jnp.float32))(key)
@@ -125,7 +126,11 @@ def noise_study(
     preds = []
     for name in names:
         for _, variables in checkpoints[name]:
-            preds.append(np.concatenate([np.asarray(predict(variables, x_all[i : i + 2000])) for i in range(0, len(x_all), 2000)]))
+            preds.append(
+                np.concatenate(
+                    [np.asarray(predict(variables, x_all[i : i + 2000])) for i in range(0, len(x_all), 2000)]
+                )
+            )
     idx = select_noise_images(preds, labels, per_class=per_class)
     x = x_all[idx]
     counter = _make_counter(apply_fn)
@@ -172,8 +177,14 @@ def plot_noise_study(study: NoiseStudy, path, *, names: Sequence[str] | None = N
     names = list(names or study.rates)[:2]
     panels = [(n, study.rates[n], "viridis", "% noisy copies misclassified") for n in names]
     if len(names) == 2:
-        panels.append((f"{names[0]} − {names[1]}", study.rates[names[0]] - study.rates[names[1]], "RdBu_r",
-                       "difference (percentage points)"))
+        panels.append(
+            (
+                f"{names[0]} − {names[1]}",
+                study.rates[names[0]] - study.rates[names[1]],
+                "RdBu_r",
+                "difference (percentage points)",
+            )
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
     x_edges, y_edges = _cell_edges(study.sigmas), _cell_edges(study.iterations)
     vmax = max(float(np.max(study.rates[n])) for n in names) or 1.0
@@ -185,8 +196,9 @@ def plot_noise_study(study: NoiseStudy, path, *, names: Sequence[str] | None = N
             kw = dict(vmin=-lim, vmax=lim)
         mesh = ax.pcolormesh(x_edges, y_edges, values, cmap=cmap, shading="flat", **kw)
         ax.set_xticks(study.sigmas if len(study.sigmas) <= 12 else study.sigmas[:: len(study.sigmas) // 10 + 1])
-        ax.set_yticks(study.iterations if len(study.iterations) <= 12
-                      else study.iterations[:: len(study.iterations) // 10 + 1])
+        ax.set_yticks(
+            study.iterations if len(study.iterations) <= 12 else study.iterations[:: len(study.iterations) // 10 + 1]
+        )
         ax.set_xlabel("noise σ (pixels)")
         ax.set_ylabel("training iteration")
         ax.set_title(label)

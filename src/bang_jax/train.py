@@ -39,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bang_jax import checkpoint as ckpt_lib
-from bang_jax import distributed
+from bang_jax import checkpoint as ckpt_lib, distributed
 from bang_jax.balance import BangConfig, bang
 from bang_jax.data import batch_indices
 from bang_jax.gradients import bang_grad, per_example_grads, plain_grad
@@ -632,19 +631,22 @@ def train(
     t0 = time.perf_counter()
     it = ctx.start
     end = config.steps
-    bar = _progress(total=end, initial=it, enabled=progress and ctx.writer, desc=f"train {'+'.join(m.name for m in models)}")
+    bar = _progress(total=end, initial=it, enabled=progress and ctx.writer,
+                    desc=f"train {'+'.join(m.name for m in models)}")
     ctx.bar = bar
     while it < end and not ctx.stop:
         nexts = [c.next_due(it, ctx) for c in callbacks] + [end, it + max(50, steps_per_dispatch)]
         target = min(n for n in nexts if n is not None and n > it)
-        idx = batch_indices(len(images), config.batch_size, it, target - it, order=config.order,
-                            data_seed=config.data_seed)
+        idx = batch_indices(
+            len(images), config.batch_size, it, target - it, order=config.order, data_seed=config.data_seed
+        )
         idx_dev = distributed.put_batch(idx, mesh)
         j = 0
         while j < target - it:  # K iterations per dispatch, single steps for the rest of the chunk
             k = steps_per_dispatch if target - it - j >= steps_per_dispatch else 1
             states, metrics = (step_fn if k == steps_per_dispatch else single_fn)(
-                states, consts, images_dev, labels_dev, idx_dev[j : j + k])
+                states, consts, images_dev, labels_dev, idx_dev[j : j + k]
+            )
             ctx.window.append(metrics)
             j += k
         bar.update(target - it)

