@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from flax import serialization
 
 from experiments import cifar10, mnist
@@ -164,3 +165,23 @@ def test_grid_preset_trains_vmapped_models_and_plots(tmp_path):
     )
     assert len(results) == 6 and json.loads((out / "config.json").read_text())["train"]["model_batching"] == "vmap"
     assert (out / "grid.png").stat().st_size > 20_000
+
+
+def test_old_run_directories_load_through_the_converter_and_newer_ones_are_refused(tmp_path):
+    """A version-1 config.json (every setting at the top level) reads as today's layout; an unknown version is
+    refused with one line naming it."""
+    from bang_jax.checkpoint import CheckpointError, upgrade_run_config
+    from experiments.config import ExperimentConfig
+    from experiments.configs.mnist import get_config
+
+    now = get_config("smoke").to_json()
+    v1 = {k: v for k, v in now.items() if k not in ("train", "eval", "version")}
+    v1 |= {k: v for k, v in now["train"].items()}
+    v1 |= {"attacks": now["eval"]["attacks"], "hc1_max_step": now["eval"]["hc1_max_step"],
+           "pgd_eps": now["eval"]["pgd_budgets"], "square_queries": now["eval"]["square_queries"],
+           "curve_eps": now["eval"]["curve_budgets"], "data_source": "files:x", "command": "old"}
+    cfg = ExperimentConfig.from_json(v1)
+    assert cfg.to_json() == now
+    assert upgrade_run_config(v1)["eval"]["pgd_budgets"] == now["eval"]["pgd_budgets"]
+    with pytest.raises(CheckpointError, match="version 7 run description"):
+        upgrade_run_config(now | {"version": 7})
