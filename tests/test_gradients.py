@@ -276,8 +276,15 @@ def test_per_layer_and_per_leaf_config_agree_on_both_paths(tiny):
     assert set(aux.layer_eta) == {("conv",), ("fc", "kernel"), ("fc", "bias")}
     # The broadcast (per-leaf) form, as a train state carries it, traced under jit, gives the same gradient.
     full = cfg.broadcast(variables["params"])
-    traced = jax.jit(lambda c: bang_grad(model.apply, variables, x, y, config=c))(full)
+    traced, traced_aux = jax.jit(lambda c: bang_grad(model.apply, variables, x, y, config=c, return_aux=True))(full)
     assert rel_err(traced, via_tx) < 1e-5
+    # η is grouped by the config's structure, statically, also once broadcast: one η for conv's two leaves.
+    assert set(traced_aux.layer_eta) == {("conv",), ("fc", "kernel"), ("fc", "bias")}
+    scalar = bang_jax.BangConfig(epsilon=0.7).broadcast(variables["params"])
+    _, scalar_aux = jax.jit(lambda c: bang_grad(model.apply, variables, x, y, config=c, return_aux=True))(scalar)
+    assert set(scalar_aux.layer_eta) == {("conv",), ("fc",)}
+    # Stacked with other models (a train state), leaves stay together only where they are in every model.
+    assert bang_jax.balance.merge_groups([full, scalar]) == (0, 0, 1, 2)
     # And each layer's values are the one-layer configs' values.
     only_fc = bang_grad(
         model.apply,

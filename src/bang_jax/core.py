@@ -587,22 +587,25 @@ def _owners(adapter, layers) -> dict[tuple, LayerPath]:
 
 
 def _eta_groups(adapter, layers, config: BangConfig):
-    """Per layer: ((leaf indices, ε, ratio), ...) grouping leaves that share the same ε and ratio objects."""
-
+    """Per layer call: ((leaf indices, ε, ratio), ...), one entry per group of the layer's leaves that share ε and
+    ratio by the config's structure (:func:`bang_jax.balance.eta_groups`, static): one η per layer unless its
+    leaves were given different per-leaf values."""
     def flat(name, value):
         tree = broadcast_to_params(name, value, adapter.params)
         return {adapter.leaf_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     eps, ratio = flat("epsilon", config.epsilon), flat("ratio", config.ratio)
+    keys = [adapter.leaf_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapter.params)[0]]
+    label = dict(zip(keys, balance.eta_groups(config, adapter.params)))
     groups = {}
     for call, rec in layers.items():
-        by_id: dict[tuple[int, int], list] = {}
+        by_label: dict[Any, list] = {}
         for i, rel in enumerate(rec.leaf_keys):
             key = tuple(rec.layer) + tuple(rel)
-            by_id.setdefault((id(eps[key]), id(ratio[key])), []).append((i, key))
+            by_label.setdefault(label[key], []).append((i, key))
         groups[call] = tuple(
             (tuple(i for i, _ in members), jnp.asarray(eps[members[0][1]]), jnp.asarray(ratio[members[0][1]]))
-            for members in by_id.values()
+            for members in by_label.values()
         )
     return groups
 
