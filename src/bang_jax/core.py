@@ -365,7 +365,8 @@ class Tap:
         else:
             y = call()
         if not hasattr(y, "shape"):
-            raise ValueError(f"{self._where(path, kind)} returned {type(y).__name__}, not an array")
+            raise ValueError(f"{self._where(path, kind)} returned {type(y).__name__}, not an array; BANG balances "
+                             "layers whose output is one array. Leave this type out of layer_types=.")
         self.layers[key] = LayerRecord(kind, jax.ShapeDtypeStruct(y.shape, y.dtype), leaf_keys, 0, tuple(path))
         if self.mode == "perturb":
             # Only a call made in the model's own trace (not inside remat, cond or an inner jit) can hand its
@@ -402,7 +403,9 @@ class Tap:
             self.masks[path] = mask
         elif self.dropout_masks is not None:
             if path not in self.dropout_masks:
-                raise ValueError(f"dropout_masks has no mask for dropout layer {'/'.join(map(str, path))}")
+                raise ValueError(f"dropout_masks has no mask for dropout layer {'/'.join(map(str, path))}: draw "
+                                 "the masks with sample_dropout_masks for the same model, inputs and call "
+                                 "arguments")
             mask = jnp.broadcast_to(self.dropout_masks[path], x.shape)
         else:
             return draw(x)
@@ -563,8 +566,9 @@ def discover(adapter, inputs, kwargs, *, n, per_example=False, dropout_masks=Non
     if set(second) != set(layers):
         raise ValueError(
             "the model calls different weighted layers at batch sizes "
-            f"{n} and {n2} ({sorted('/'.join(map(str, p)) for p in set(second) ^ set(layers))}); BANG needs the "
-            "same layers whatever the batch size"
+            f"{n} and {n2} ({sorted('/'.join(map(str, p)) for p in set(second) ^ set(layers))}); BANG finds each "
+            "layer's batch axis by tracing at two batch sizes and needs the same layers at both: make the model's "
+            "structure independent of the batch size"
         )
     layers = {
         path: rec._replace(batch_axis=_batch_axis(path, rec, tuple(second[path].out.shape), n, n2))
@@ -580,7 +584,10 @@ def _owners(adapter, layers) -> dict[tuple, LayerPath]:
     for path in dict.fromkeys(rec.layer for rec in layers.values()):
         mine = [k for k in keys if k[: len(path)] == tuple(path)]
         if not mine:
-            raise ValueError(f"weighted layer {'/'.join(map(str, path))} has no entry in the parameters")
+            raise ValueError(f"weighted layer {'/'.join(map(str, path))} has no entry in the parameters: its "
+                             "weights live elsewhere (passed in, or owned by another module), so BANG cannot tell "
+                             "which gradient is this layer's. Let the layer own its parameters, or leave its type "
+                             "out of layer_types= (it then gets the ordinary gradient).")
         for k in mine:
             owner[k] = path
     return owner

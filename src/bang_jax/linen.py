@@ -132,8 +132,11 @@ def linen_interceptor(tap: Tap, layer_types: tuple, *, inside_nnx: bool = False)
             return next_fun(*args, **kwargs)
         if isinstance(module, layer_types):
             if len(args) != 1 or has_array(kwargs):
-                raise ValueError(f"{tap._where(path, kind)} must be called with a single array input (other "
-                                 "arguments must not be arrays)")
+                raise ValueError(f"{tap._where(path, kind)} is called with more than one array argument; BANG "
+                                 "balances a layer applied to one array input. Pass the other arrays through "
+                                 "the module's attributes or fold them into the input (e.g. concatenate), or "
+                                 "leave this type out of layer_types= so that its parameters get the "
+                                 "ordinary gradient.")
             x = args[0]
             variables = dict(module.variables)
             p = variables.pop("params", {})

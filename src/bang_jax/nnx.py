@@ -121,7 +121,8 @@ def _hooked_attend(self, *args, **kwargs):
     if tap is None or tap.passthrough:
         return original.attend(self, *args, **kwargs)
     if not args or has_array((args[1:], kwargs)):
-        raise ValueError(f"{tap._where(_where(self), 'nnx.Embed.attend')} must be called with a single array input")
+        raise ValueError(f"{tap._where(_where(self), 'nnx.Embed.attend')} is called with more than one array "
+                         "argument; call attend with the query array alone")
     graphdef, p, others = nnx.split(self, nnx.Param, ...)
 
     def attend_fn(p, x, others):
@@ -140,8 +141,10 @@ def _hooked_call(self, *args, **kwargs):
     path, kind = _where(self), original.__name__
     if isinstance(self, tap.layer_types):
         if not args or has_array((args[1:], kwargs)):
-            raise ValueError(f"{tap._where(path, kind)} must be called with a single array input (other "
-                             "arguments must not be arrays)")
+            raise ValueError(f"{tap._where(path, kind)} is called with more than one array argument; BANG "
+                             "balances a layer applied to one array input. Fold the other arrays into the input "
+                             "(e.g. concatenate), or leave this type out of layer_types= so that its parameters "
+                             "get the ordinary gradient.")
         graphdef, p, others = nnx.split(self, nnx.Param, ...)
 
         def layer_fn(p, x, others):
