@@ -280,3 +280,16 @@ def test_fingerprints_sit_on_small_leaves_and_still_catch_a_transformation_befor
     tx = optax.chain(optax.scale(0.5), bang(epsilon=0.8))
     with pytest.raises(ValueError, match="placed before bang"):
         tx.update(marked, tx.init(None), kappa_norms=norms, correct=jnp.ones(3, bool))
+
+
+def test_invalid_kappa_norms_are_refused_or_poison_the_whole_layer():
+    """Concrete NaN, infinite or negative norms raise; traced ones make every η of the layer NaN (never a silent
+    rescaling of the other examples, as one NaN once gave [1, 29.65, 1.76, 1])."""
+    correct = jnp.ones(4, bool)
+    for bad in (float("nan"), float("inf"), -1.0):
+        norms = jnp.array([bad, 4.0, 2.0, 1.0])
+        with pytest.raises(ValueError, match="kappa_norms must be finite and non-negative"):
+            eta(norms, correct, 0.8)
+        assert np.isnan(np.asarray(jax.jit(lambda n: eta(n, correct, 0.8))(norms))).all()
+    ok = np.asarray(jax.jit(lambda n: eta(n, correct, 0.8))(jnp.array([8.0, 4.0, 2.0, 0.0])))
+    assert np.isfinite(ok).all() and ok[0] == 1.0 and ok[3] == 1.0

@@ -378,3 +378,17 @@ def test_factor_layers_keeps_the_stored_form_for_transformed_or_frozen_parameter
         got, _ = tx.update(pe.grads, BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
         want, _ = tx.update(bang_jax.mark_per_example(ref), BangState(), kappa_norms=pe.kappa_norms, correct=pe.correct)
         assert rel_err(got, want) < 1e-5
+
+
+def test_non_finite_inputs_are_refused_in_eager_calls(tiny):
+    model, variables, x, y = tiny
+    bad = jnp.asarray(x).at[1, 0, 0, 0].set(jnp.nan)
+    for fn in (lambda: bang_grad(model.apply, variables, bad, y, epsilon=0.8),
+               lambda: per_example_grads(model.apply, variables, bad, y),
+               lambda: plain_grad(model.apply, variables, bad, y)):
+        with pytest.raises(ValueError, match=r"inputs holds NaN or infinite values \(first at index \(1, 0, 0, 0\)\)"):
+            fn()
+    from bang_jax.evaluate import evaluate_model
+
+    with pytest.raises(ValueError, match="images holds NaN or infinite values"):
+        evaluate_model(model, variables, jnp.asarray(x).at[0, 0, 0, 0].set(jnp.inf), y, attacks=())

@@ -83,8 +83,22 @@ def eta(kappa_norms: jax.Array, correct: jax.Array, epsilon: Any, ratio: Any = 1
     Returns:
       ``[N]`` float array η ≥ 1; η_i = 1 where n_i = 0 (and everywhere when all norms are 0). Computed in
       log space (log r = log n_i − log m), so ratios down to 1e-38 give finite η (≤ ~1e31 for ε ≤ 1).
+
+    Raises:
+      ValueError: concrete norms with a NaN, infinite or negative entry. Traced norms (inside ``jit``) cannot be
+        checked: then every η of the layer is NaN, so the fault shows rather than rescaling the other examples.
     """
     n = jnp.asarray(kappa_norms)
+    if _is_concrete(kappa_norms):
+        bad = ~np.isfinite(np.asarray(n)) | (np.asarray(n) < 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"kappa_norms must be finite and non-negative, got kappa_norms[{i}] = {float(n[i])} "
+                             "(a norm is never negative; a NaN or infinite one means the loss or the model diverged)")
+    # Under jit the values cannot be inspected: a layer with any NaN, infinite or negative norm gets η = NaN for
+    # every example (docs/semantics.md), so the fault shows in the gradient instead of silently rescaling the rest.
+    invalid = jnp.any(~jnp.isfinite(n) | (n < 0))
+    n = jnp.where(invalid, jnp.zeros_like(n), n)
     m = jnp.max(n)
     # Norms below the smallest normal number count as zero (subnormals are flushed to zero in XLA CPU
     # arithmetic, which would turn log(n) into −inf and η into inf).
@@ -92,7 +106,8 @@ def eta(kappa_norms: jax.Array, correct: jax.Array, epsilon: Any, ratio: Any = 1
     log_r = jnp.where(nonzero, jnp.log(jnp.where(nonzero, n, 1.0)) - jnp.log(jnp.where(m > 0, m, 1.0)), 0.0)
     eps_i = jnp.where(correct, epsilon, epsilon * ratio).astype(n.dtype)
     log_eta = eps_i * (1.0 - jnp.exp(log_r)) * (-log_r)
-    return jnp.where(nonzero, jnp.exp(log_eta), jnp.ones_like(n))
+    out = jnp.where(nonzero, jnp.exp(log_eta), jnp.ones_like(n))
+    return jnp.where(invalid, jnp.full_like(out, jnp.nan), out)
 
 
 def _is_concrete(x: Any) -> bool:

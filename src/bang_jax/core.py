@@ -130,7 +130,22 @@ def batch_size(inputs: Any) -> int:
     n = sizes.pop()
     if n < 1:
         raise ValueError("the batch is empty")
+    check_finite(inputs, "inputs")
     return n
+
+
+def check_finite(tree: Any, name: str) -> None:
+    """Concrete floating-point leaves of ``tree`` must be finite (a NaN or infinite pixel would give a NaN loss, or
+    worse, a finite but meaningless one). Traced values (inside ``jit``) cannot be checked."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype"):
+            continue
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            bad = ~np.isfinite(np.asarray(leaf))
+            if bad.any():
+                where = np.unravel_index(int(np.argmax(bad)), np.shape(leaf))
+                raise ValueError(f"{name}{jax.tree_util.keystr(path)} holds NaN or infinite values (first at index "
+                                 f"{tuple(int(i) for i in where)}); BANG needs finite inputs")
 
 
 def check_labels(labels: Any, n: int, default_loss_used: bool) -> None:

@@ -51,6 +51,7 @@ from bang_jax.attacks import (
 from bang_jax.balance import BangConfig
 from bang_jax.caffe import check_caffe_weights, load_caffe_weights
 from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, read_run_config
+from bang_jax.core import check_finite
 from bang_jax.data import DataError, load_dataset, mean_image
 from bang_jax.metrics import pass_scores
 from bang_jax.models import CifarQuick, LeNet, build, warn_if_unit_range
@@ -251,6 +252,7 @@ def evaluate_model(
     ``verdict``). ``label`` (e.g. the model's name) prefixes the progress bars.
     """
     config = _eval_config(config, settings)
+    check_finite(images, "images")
     logits_fn = jax.jit(lambda x: model.apply(variables, x))
     pred = np.argmax(predict(model, variables, images), axis=1)
     correct = pred == np.asarray(labels)
