@@ -1,6 +1,7 @@
 """Training loop: data order, reproducibility, checkpoint/resume, regular = BANG with ε = 0."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -165,3 +166,50 @@ def test_full_lenet_schedule_reaches_99_percent(mnist):
     acc = evaluate_accuracy(LeNet(), result.variables[0], mnist.test_images, mnist.test_labels)
     print(f"LeNet R0 after 10,000 iterations: {acc:.2f}% test accuracy")
     assert acc >= 99.0
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (not an Exception, so no handler of the loop catches it)."""
+
+
+@pytest.mark.parametrize("save", [1, 2])  # the checkpoints at iterations 8 (a middle one) and 12 (the final one)
+def test_a_kill_at_any_checkpoint_write_leaves_a_run_that_finishes_to_the_same_weights(tmp_path, tiny_data,
+                                                                                       monkeypatch, save):
+    """A checkpoint is one unit: killed before or after each of its writes (weights+description, readable copy),
+    with a temporary file left behind as a real kill leaves it, the run resumes from the previous or the new
+    checkpoint — never new weights under an old iteration — and finishes to weights identical to an
+    uninterrupted run; the stale temporary is removed."""
+    import bang_jax.checkpoint as ckpt
+
+    full = run(tmp_path / "full", tiny_data)
+    original = ckpt.atomic_write
+    for write in ("state.msgpack", "state.json"):
+        for phase in ("before", "after"):
+            work = tmp_path / f"{save}-{write}-{phase}"
+            seen = {"state.msgpack": 0, "state.json": 0}
+
+            def killing_write(path, data, write=write, phase=phase, seen=seen):
+                name = os.path.basename(path)
+                if name in seen:
+                    seen[name] += 1
+                    if name == write and seen[name] == save + 1:  # saves count from 0: the one at 4 is save 0
+                        if phase == "after":
+                            original(path, data)
+                        stray = os.path.join(os.path.dirname(path), f".{name}.killed.tmp")
+                        with open(stray, "wb") as f:
+                            f.write(data[: len(data) // 2])
+                        raise _Killed()
+                return original(path, data)
+
+            monkeypatch.setattr(ckpt, "atomic_write", killing_write)
+            with pytest.raises(_Killed):
+                run(work, tiny_data)
+            monkeypatch.setattr(ckpt, "atomic_write", original)
+            info = ckpt.checkpoint_info(work)
+            state_step = int(np.asarray(ckpt._read_checkpoint(work)[0]["step"])[0])  # the weights' own step
+            assert info["iteration"] == state_step and state_step in (4 * save, 4 * (save + 1))
+            resumed = run(work, tiny_data, resume=True)
+            assert resumed.iteration == 12 and ckpt.checkpoint_info(work)["iteration"] == 12
+            for a, b in zip(jax.tree.leaves(resumed.states.params), jax.tree.leaves(full.states.params)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert not list((work / "checkpoints").glob(".*.tmp")), (write, phase)

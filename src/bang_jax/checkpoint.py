@@ -7,8 +7,9 @@ moment leaves either the old file or the new one, never a torn one.
 
 Layout inside a work directory::
 
-    checkpoints/state.msgpack   all models' TrainState (flax msgpack), stacked on a leading model axis
-    checkpoints/state.json      what made it: iteration, the models (name, seed, BANG config), the train config
+    checkpoints/state.msgpack   all models' TrainState (flax msgpack), stacked on a leading model axis, and what
+                                made it (iteration, the models, the train config): one file, written atomically
+    checkpoints/state.json      a readable copy of that description
     snapshots/iter_NNNNNN.msgpack   all models' params at a chosen iteration (for the noise study)
     config.json                 the run's settings (experiments' ExperimentConfig.to_json, version RUN_CONFIG_VERSION)
 
@@ -43,6 +44,7 @@ __all__ = [
     "RUN_CONFIG_VERSION",
     "read_run_config",
     "refuse_symlinked_dirs",
+    "remove_stale_temporaries",
     "setting_differences",
     "upgrade_run_config",
     "save_snapshot",
@@ -175,30 +177,51 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_state(workdir: str | os.PathLike, states: Any, info: dict) -> None:
-    """Writes the stacked train state, then its description (``info``: iteration, models, config)."""
+    """Writes the stacked train state and its description (``info``: iteration, models, config) as **one** file.
+
+    The description travels inside ``state.msgpack``, written atomically, so a kill at any byte leaves either the
+    previous checkpoint or the new one, whole: never new weights labelled with an old iteration. ``state.json``
+    is a readable copy written afterwards; the copy inside the checkpoint is the one read back.
+    """
     workdir = Path(workdir)
-    atomic_write(workdir / STATE, serialization.to_bytes(jax.device_get(states)))
+    payload = {"state": serialization.to_state_dict(jax.device_get(states)), "info": json.dumps(info)}
+    atomic_write(workdir / STATE, serialization.msgpack_serialize(payload))
     atomic_write_json(workdir / STATE_INFO, info)
+
+
+def _read_checkpoint(workdir: str | os.PathLike) -> tuple[dict, dict]:
+    """``(state dict, description)`` of the checkpoint (a checkpoint of an earlier release keeps its description
+    in ``state.json`` only)."""
+    path = Path(workdir) / STATE
+    try:
+        raw = serialization.msgpack_restore(path.read_bytes())
+    except Exception as err:  # noqa: BLE001 - msgpack raises many kinds
+        raise CheckpointError(f"cannot read checkpoint {path} (damaged or truncated?): {err}") from err
+    if isinstance(raw, dict) and set(raw) == {"state", "info"}:
+        try:
+            return raw["state"], json.loads(raw["info"])
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {path} has an unreadable description: {err}") from err
+    try:
+        return raw, json.loads((Path(workdir) / STATE_INFO).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has no readable {STATE_INFO.name}: {err}") from err
 
 
 def checkpoint_info(workdir: str | os.PathLike) -> dict | None:
     """The description saved with the checkpoint, or ``None`` when the work directory has no checkpoint."""
-    workdir = Path(workdir)
-    if not (workdir / STATE).exists():
+    if not (Path(workdir) / STATE).exists():
         return None
-    try:
-        return json.loads((workdir / STATE_INFO).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {workdir / STATE} has no readable {STATE_INFO.name}: {err}") from err
+    return _read_checkpoint(workdir)[1]
 
 
 def load_state(workdir: str | os.PathLike, template: Any) -> Any:
     """Restores the train state saved in ``workdir`` into the structure of ``template``."""
-    path = Path(workdir) / STATE
+    state, _ = _read_checkpoint(workdir)
     try:
-        return serialization.from_bytes(template, path.read_bytes())
-    except Exception as err:  # noqa: BLE001 - msgpack/flax raise many kinds
-        raise CheckpointError(f"cannot restore checkpoint {path}: {err}") from err
+        return serialization.from_state_dict(template, state)
+    except Exception as err:  # noqa: BLE001 - flax raises many kinds
+        raise CheckpointError(f"cannot restore checkpoint {Path(workdir) / STATE}: {err}") from err
 
 
 def load_params(workdir: str | os.PathLike) -> tuple[list[str], dict, dict]:
@@ -206,16 +229,29 @@ def load_params(workdir: str | os.PathLike) -> tuple[list[str], dict, dict]:
 
     Needs no template: for evaluating a run's models without rebuilding its optimiser state.
     """
-    info = checkpoint_info(workdir)
-    if info is None:
+    if not (Path(workdir) / STATE).exists():
         raise CheckpointError(f"{workdir} has no checkpoint ({STATE}); is it a run directory?")
-    path = Path(workdir) / STATE
+    state, info = _read_checkpoint(workdir)
     try:
-        raw = serialization.msgpack_restore(path.read_bytes())
-        params = raw["params"]
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"cannot read the params of checkpoint {path}: {err}") from err
-    return [m["name"] for m in info["models"]], params, info
+        params = state["params"]
+        names = [m["name"] for m in info["models"]]
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {Path(workdir) / STATE} lacks {err}") from err
+    return names, params, info
+
+
+def remove_stale_temporaries(workdir: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files an interrupted :func:`atomic_write` left in a run directory (``.NAME.*.tmp``
+    in it, ``checkpoints/`` and ``snapshots/``); call it only while holding the run (nothing else writes)."""
+    workdir = Path(workdir)
+    removed = []
+    for folder in (workdir, workdir / STATE.parent, workdir / SNAPSHOTS):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.glob(".*.tmp"):
+                if p.is_file() and not p.is_symlink():
+                    p.unlink()
+                    removed.append(p)
+    return removed
 
 
 def snapshot_path(workdir: str | os.PathLike, iteration: int) -> Path:

@@ -475,6 +475,8 @@ class Checkpoint(Callback):
         return iteration % self.every == 0 or ctx.at_end or ctx.stop
 
     def on_start(self, ctx):
+        if ctx.writer:
+            ckpt_lib.remove_stale_temporaries(ctx.workdir)
         info = ckpt_lib.checkpoint_info(ctx.workdir)
         if info is None:
             return
