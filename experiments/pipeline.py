@@ -67,6 +67,7 @@ class Run:
     cfg: ExperimentConfig
     out: Path
     progress: bool = True
+    recorded_source: str | None = None  # the data source of an existing run (config.json), None for a new one
     written: list = dataclasses.field(default_factory=list)
     seconds: dict = dataclasses.field(default_factory=dict)  # per model and attack, for timings.json
     _data: data_lib.Dataset | None = None
@@ -82,8 +83,10 @@ class Run:
 
     @property
     def data(self) -> data_lib.Dataset:
+        """The run's data: for a run that exists already, the source it was made with, or an error (never a
+        fallback to other data)."""
         if self._data is None:
-            self._data = data_lib.load_dataset(self.cfg.dataset, self.cfg.data_dir)
+            self._data = data_lib.load_run_data(self.cfg.dataset, self.recorded_source, self.cfg.data_dir)
             print(f"data: {self._data} (comparable to the paper: {self._data.comparable_to_paper})", file=sys.stderr)
         return self._data
 
@@ -399,7 +402,8 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
             "(a GPU runs this far faster); attacks and noise come on top",
             file=sys.stderr,
         )
-    run = Run(cfg, out, progress=not args.no_progress)
+    recorded = saved.get("data_source") if saved is not None and not args.overwrite else None
+    run = Run(cfg, out, progress=not args.no_progress, recorded_source=recorded)
     _ = run.data  # the data is checked before anything is written
     if cfg.train.batch_size > len(run.data.train_images):
         raise ConfigError(
@@ -419,7 +423,7 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
     if args.overwrite:
         _clear(out)
     config = cfg.to_json() | {
-        "data_source": run.data.source,
+        "data_source": recorded or run.data.source,  # a run's data is part of its identity: never rewritten
         "comparable_to_paper": run.data.comparable_to_paper,
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),

