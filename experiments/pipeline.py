@@ -34,7 +34,7 @@ from bang_jax.attacks import hot_cold_direction, line_search_attack
 from bang_jax.evaluate import evaluate_run, predict, results_bytes, run_models
 from bang_jax.noise import noise_study, plot_noise_study
 from bang_jax.robustness import plot_curves
-from bang_jax.train import Checkpoint, LogMetrics, Snapshots, init_states, train
+from bang_jax.train import Checkpoint, LogMetrics, Snapshots, TrainingDiverged, init_states, train
 from experiments import reports
 from experiments.config import (
     EVALUATION_ONLY,
@@ -57,7 +57,7 @@ PAPER_TABLES = {"mnist": TABLE1, "cifar10": TABLE2}
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "table1.md", "table2.md", "noise.json", "noise.png",
              "fig1_hc1.png", "grid.png", "curves.png", "timings.json")
 RUN_DIRS = ("checkpoints", "snapshots")
-USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError)
+USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError, TrainingDiverged)
 
 
 @dataclasses.dataclass
@@ -184,7 +184,9 @@ def stage_noise(run: Run) -> None:
 
 def stage_figures(run: Run) -> None:
     cfg = run.cfg
-    pair = run.pair()
+    results = json.loads((run.out / "results.json").read_text()) if (run.out / "results.json").exists() else []
+    healthy = {r["id"] for r in results if r.get("status", "ok") == "ok"}
+    pair = [n for n in run.pair() if not results or n in healthy]  # no figure of a diverged model
     if len(pair) == 2 and "hc1" in cfg.eval.attacks and cfg.figure_images:
         variables = run.final_variables()
         test_x, test_y = run.test_set()
@@ -201,7 +203,6 @@ def stage_figures(run: Run) -> None:
         reports.plot_hc1_examples(run.out / "fig1_hc1.png", x, adv,
                                   f"minimal HC1 perturbations: {pair[0]} vs {pair[1]}")
         run.written.append("fig1_hc1.png")
-    results = json.loads((run.out / "results.json").read_text()) if (run.out / "results.json").exists() else []
     curves = {r["id"]: r["curves"] for r in results if r.get("curves")}
     if curves:
         shown = {n: curves[n] for n in (pair or list(curves)[:4]) if n in curves}

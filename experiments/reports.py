@@ -44,8 +44,12 @@ def write_table(path: Path, title: str, results: list[dict], paper: dict[str, di
     lines = [f"# {title}", "", head, "|" + " --- |" * (5 + len(COLUMNS))]
     for r in results:
         beta, eps, ratio = (_hyper(r[k], digits) for k, digits in (("beta", 2), ("epsilon", 3), ("ratio", 2)))
-        lines.append(f"| {r['id']} | {beta} | {eps} | {ratio} | ours | "
-                     + " | ".join(_cell(r, k, kind) for k, _, kind in COLUMNS) + " |")
+        if r.get("status", "ok") != "ok":  # a diverged model: its status instead of numbers
+            lines.append(f"| {r['id']} | {beta} | {eps} | {ratio} | ours | **{r['status']}** ("
+                         f"{r.get('status_detail', '')}) |" + " – |" * (len(COLUMNS) - 1))
+        else:
+            lines.append(f"| {r['id']} | {beta} | {eps} | {ratio} | ours | "
+                         + " | ".join(_cell(r, k, kind) for k, _, kind in COLUMNS) + " |")
         if r["id"] in paper:
             lines.append(
                 f"| {r['id']} | | | | paper | "

@@ -68,3 +68,36 @@ def test_evaluate_cli_evaluates_a_run_trained_here(tmp_path, tiny_run):
     rows = json.loads(out.read_text())  # the layout of the run's results.json: a list of rows
     assert [r["id"] for r in rows] == ["B1"] and rows[0]["iteration"] == 6 and rows[0]["test_images"] == 60
     assert rows[0]["data_source"] and "data:" in res.stderr and "fgs_rate" in rows[0]
+
+
+def test_a_model_with_nan_weights_gets_a_status_not_numbers_through_both_doors(tmp_path, tiny_run):
+    """Health before numbers: a checkpoint whose B1 weights hold a NaN is reported as such (terminal, results.json,
+    table), with no attack rates, and the evaluate stage and evaluate --run-dir agree byte for byte."""
+    import shutil
+
+    from flax import serialization
+
+    from bang_jax import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state, info = ckpt._read_checkpoint(run)
+    bias = state["params"]["ip2"]["bias"].copy()
+    bias[1, 0] = float("nan")  # model 1 (B1)
+    state["params"]["ip2"]["bias"] = bias
+    payload = {"state": state, "info": json.dumps(info)}
+    ckpt.atomic_write(run / ckpt.STATE, serialization.msgpack_serialize(payload))
+    res = _cli("-m", "experiments.mnist", "--out", str(run), "--stages", "evaluate,report", "--attacks", "fgs",
+               "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((run / "results.json").read_text())
+    r0, b1 = rows
+    assert r0["status"] == "ok" and "fgs_rate" in r0
+    assert b1["status"] == "non-finite weights" and "ip2" in b1["status_detail"]
+    assert not any(k.startswith(("fgs", "hc1", "pgd", "square")) for k in b1)
+    assert "| B1 |" in (run / "table1.md").read_text() and "**non-finite weights**" in (run / "table1.md").read_text()
+    out = tmp_path / "cli.json"
+    res = _cli("-m", "bang_jax.evaluate", "--run-dir", str(run), "--no-progress", "--json", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "NON-FINITE WEIGHTS" in res.stdout
+    assert out.read_bytes() == (run / "results.json").read_bytes()

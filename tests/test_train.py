@@ -213,3 +213,29 @@ def test_a_kill_at_any_checkpoint_write_leaves_a_run_that_finishes_to_the_same_w
             for a, b in zip(jax.tree.leaves(resumed.states.params), jax.tree.leaves(full.states.params)):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
             assert not list((work / "checkpoints").glob(".*.tmp")), (write, phase)
+
+
+def test_a_diverging_run_stops_with_the_model_and_iteration_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
+    import dataclasses
+
+    from bang_jax.checkpoint import checkpoint_info
+    from bang_jax.train import TrainingDiverged
+
+    wild = dataclasses.replace(LENET_SOLVER, base_lr=1e4)
+    with pytest.raises(TrainingDiverged, match=r"model R0 diverged: its training loss is nan at iteration \d+"):
+        run(tmp_path / "wild", tiny_data, config=TrainConfig(solver=wild, steps=12, batch_size=16))
+    info = checkpoint_info(tmp_path / "wild")
+    assert info is None or info["iteration"] < 12  # no checkpoint of NaN weights
+
+
+def test_model_health_marks_models_whose_numbers_mean_nothing(tiny_data):
+    from bang_jax.evaluate import evaluate_model, model_health
+
+    images, labels = tiny_data
+    model = LeNet()
+    variables = model.init(jax.random.PRNGKey(0), images[:1].astype(np.float32))
+    x = images.astype(np.float32)
+    guess = model_health(model, variables, x, labels)  # an untrained LeNet guesses
+    assert guess["status"] == "no better than chance" and "chance 10.0%" in guess["status_detail"]
+    row = evaluate_model(model, variables, x, labels, attacks=("fgs",))
+    assert row["status"] == "no better than chance" and "fgs_rate" not in row

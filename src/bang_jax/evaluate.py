@@ -66,6 +66,7 @@ from bang_jax.robustness import (
 
 __all__ = [
     "ATTACKS",
+    "model_health",
     "EvalConfig",
     "evaluate_accuracy",
     "evaluate_model",
@@ -253,12 +254,16 @@ def evaluate_model(
     """
     config = _eval_config(config, settings)
     check_finite(images, "images")
+    health = model_health(model, variables, images, labels)
+    if health["status"] != "ok":  # no attack numbers for a model whose numbers would mean nothing
+        return health
     logits_fn = jax.jit(lambda x: model.apply(variables, x))
     pred = np.argmax(predict(model, variables, images), axis=1)
     correct = pred == np.asarray(labels)
     x = np.asarray(images, np.float32)[correct]
     y = np.asarray(labels, np.int32)[correct]
-    row = {"accuracy": float(100 * correct.mean()), "test_images": int(len(labels)), "attacked": int(correct.sum())}
+    row = {"status": "ok", "accuracy": float(100 * correct.mean()), "test_images": int(len(labels)),
+           "attacked": int(correct.sum())}
     seed = config.seed
     for attack in config.attacks:
         t0 = time.perf_counter()
@@ -335,6 +340,33 @@ def evaluate_model(
     return row
 
 
+def model_health(model, variables, images, labels) -> dict:
+    """Whether a model's numbers can mean anything, checked before any attack: ``{"status": "ok"}`` or a row with
+    ``status`` ``"non-finite weights"``, ``"non-finite logits"`` or ``"no better than chance"`` (accuracy not above
+    chance, 100/classes %, by three standard errors of a guesser on this many images), its accuracy where it has
+    one, and no attack statistics."""
+    n = int(len(labels))
+    base = {"test_images": n, "attacked": 0}
+    bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(variables)[0]
+           if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact) and not np.isfinite(np.asarray(v)).all()]
+    if bad:
+        return {"status": "non-finite weights", "status_detail": f"NaN or infinite values in {', '.join(bad)}",
+                "accuracy": None} | base
+    logits = predict(model, variables, images)
+    if not np.isfinite(logits).all():
+        rows = int((~np.isfinite(logits)).any(axis=1).sum())
+        return {"status": "non-finite logits", "status_detail": f"NaN or infinite logits on {rows} of {n} images",
+                "accuracy": None} | base
+    accuracy = float(100 * np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
+    p = 1.0 / logits.shape[1]
+    threshold = 100 * (p + 3 * np.sqrt(p * (1 - p) / max(n, 1)))
+    if accuracy <= threshold:
+        return {"status": "no better than chance", "accuracy": accuracy,
+                "status_detail": f"accuracy {accuracy:.2f}% ≤ {threshold:.2f}% (chance {100 * p:.1f}% + 3 standard "
+                                 f"errors on {n} images)"} | base
+    return {"status": "ok"}
+
+
 def _eval_config(config: EvalConfig | None, settings: dict) -> EvalConfig:
     """``config``, or an :class:`EvalConfig` from keyword settings (older names accepted)."""
     if config is not None and settings:
@@ -404,7 +436,8 @@ def run_models(run_dir, data, *, models=None, allow_unfinished=False):
 
     ``models`` (names) picks some; ``data`` is the run's :class:`bang_jax.data.Dataset` (CIFAR-quick takes its
     training images' mean). A checkpoint short of the run's last iteration is an error unless
-    ``allow_unfinished``; weights with NaN or infinite entries are an error naming the model.
+    ``allow_unfinished``. Weights with NaN or infinite entries are returned as they are; :func:`evaluate_model`
+    marks such a model (``status``) instead of reporting numbers for it.
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -430,11 +463,6 @@ def run_models(run_dir, data, *, models=None, allow_unfinished=False):
         if models and name not in models:
             continue
         p = jax.tree.map(lambda x, i=i: np.asarray(x[i]), params)
-        bad = [
-            jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(p)[0] if not np.isfinite(v).all()
-        ]
-        if bad:
-            raise ValueError(f"model {name} in {run_dir} has NaN or infinite weights in {', '.join(bad)}")
         out.append((specs.get(name, {"name": name}), module, {**consts, "params": p}))
     return config, out, info.get("iteration")
 
@@ -625,6 +653,10 @@ def _main(args):
 
 
 def _print_row(config: EvalConfig, label, n, dataset, row):
+    if row.get("status", "ok") != "ok":
+        print(f"\n{label} on {n} {dataset} test images: {row['status'].upper()} — {row.get('status_detail', '')}; "
+              "no attack numbers are reported for it")
+        return
     print(f"\n{label} on {n} {dataset} test images ({row['attacked']} attacked; data: {row['data_source']})")
     print("accuracy | FGS rate  PASS    L∞ (blank) | FGS-exact rate  L∞ (blank) | HC1 rate  PASS    L∞")
     print(

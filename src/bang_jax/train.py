@@ -56,6 +56,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "TrainingDiverged",
     "check_models",
     "init_states",
     "make_train_step",
@@ -121,6 +122,10 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class TrainingDiverged(RuntimeError):
+    """A model's training loss became NaN or infinite; the run stopped before checkpointing it."""
 
 
 def check_models(config: TrainConfig, models) -> None:
@@ -410,6 +415,18 @@ class LogMetrics(Callback):
                 for name, vals in ctx.last_metrics.items():
                     f.write(json.dumps({"iteration": ctx.iteration, "window_start": self._window_start,
                                         "model": name, **_finite(vals)}) + "\n")
+        losses = merged["loss"]
+        bad = ~np.isfinite(losses)
+        if bad.any():
+            step, m = (int(i) for i in np.argwhere(bad)[0])
+            info = ckpt_lib.checkpoint_info(ctx.workdir) if ctx.workdir is not None else None
+            kept = (f"the last checkpoint (iteration {info.get('iteration')}) is kept" if info else "no checkpoint "
+                    "was written")
+            raise TrainingDiverged(
+                f"model {ctx.names[m]} diverged: its training loss is {losses[step, m]} at iteration "
+                f"{self._window_start + step + 1}; training stopped and {kept}. Lower the learning rate "
+                "(--train.solver.base-lr) or BANG's β and train again"
+            )
         self._window_start = ctx.iteration
 
 
@@ -497,6 +514,18 @@ class Checkpoint(Callback):
         print(f"resuming from {ctx.workdir / ckpt_lib.STATE} at iteration {ctx.start}", file=sys.stderr)
 
     def __call__(self, ctx):
+        finite = jax.device_get(jax.tree.map(lambda p: jnp.all(jnp.isfinite(p), axis=tuple(range(1, p.ndim))),
+                                             ctx.states.params))
+        ok = np.all(np.stack([np.asarray(f) for f in jax.tree.leaves(finite)]), axis=0)  # [M]
+        if not ok.all():
+            info = ckpt_lib.checkpoint_info(ctx.workdir)
+            kept = (f"the last checkpoint (iteration {info.get('iteration')}) is kept" if info
+                    else "no checkpoint was written")
+            bad = ", ".join(n for n, o in zip(ctx.names, ok) if not o)
+            raise TrainingDiverged(
+                f"model {bad} diverged: NaN or infinite weights at iteration {ctx.iteration}; training stopped and "
+                f"{kept}. Lower the learning rate (--train.solver.base-lr) or BANG's β and train again"
+            )
         if ctx.writer:
             ckpt_lib.save_state(ctx.workdir, ctx.states, _run_info(ctx))
 
