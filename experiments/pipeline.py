@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -391,6 +392,39 @@ def run_command(dataset: str, argv=None, description: str = "") -> list[dict] | 
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\ninterrupted{_last_checkpoint(args)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as err:  # disk full, a read-only or vanished folder, …: the files written so far stay whole
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: {err.strerror or err}{where}; every file written so far is whole (atomic writes)"
+              f"{_last_checkpoint(args)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _last_checkpoint(args) -> str:
+    """``"; the last checkpoint is at iteration N: continue with --resume"``, or ``""``."""
+    try:
+        info = ckpt_lib.checkpoint_info(Path(args.out or "")) if args.out else None
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        info = None
+    if not info:
+        return ""
+    return f"; the last checkpoint is at iteration {info.get('iteration')}: continue with --resume"
+
+
+def _probe_writable(out: Path) -> None:
+    """Writes and removes a probe file: an unwritable run directory is found before any work, not after it."""
+    probe = out / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--out {out} is not writable ({err.strerror or err})") from None
 
 
 def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
@@ -419,8 +453,13 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
         if "train" in stages:
             stage_train(run, resume=args.resume, overwrite=args.overwrite)
         return None
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out} cannot be created ({err.strerror or err})") from None
+    _probe_writable(out)
     lock = _lock(out)  # noqa: F841 - released when the process ends
+    ckpt_lib.remove_stale_temporaries(out)
     if args.overwrite:
         _clear(out)
     config = cfg.to_json() | {

@@ -197,3 +197,19 @@ def test_old_run_directories_load_through_the_converter_and_newer_ones_are_refus
     assert upgrade_run_config(v1)["eval"]["pgd_budgets"] == now["eval"]["pgd_budgets"]
     with pytest.raises(CheckpointError, match="version 7 run description"):
         upgrade_run_config(now | {"version": 7})
+
+
+def test_ctrl_c_says_where_to_continue_without_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.mnist", "--preset", "smoke", "--out", str(out),
+                             "--steps", "5000", "--checkpoint-every", "20", "--no-progress"], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "state.msgpack").exists():
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-1500:]
+    assert "interrupted; the last checkpoint is at iteration" in err and "continue with --resume" in err, err
+    assert "Traceback" not in err

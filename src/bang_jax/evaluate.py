@@ -408,8 +408,12 @@ def _check_output(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} {path} is a directory; give a file name")
     if not folder.is_dir():
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:  # a real write, not a permission guess: the results must not be lost after all the attacks ran
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable ({err.strerror or err})") from None
 
 
 def _positive(flag: str, value, allow_none=False):
@@ -561,6 +565,17 @@ def main(argv=None):
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as err:  # disk full, a vanished folder, …
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _config_from_args(args, base: EvalConfig) -> EvalConfig:
