@@ -1131,3 +1131,59 @@ def test_scanned_stack_is_balanced_per_slice_nnx(remat):
     ref, _ = linen_reference(Unrolled().apply, unrolled, x, y)
     got = nnx.jit(lambda m: bnnx.bang_grad(m, x, y, epsilon=EPS, beta=BETA, ratio=RATIO))(model)
     _check_stack(*({k: v[...] for k, v in got[name].items()} for name in ("stem", "cells", "head")), ref)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Constructs found by review: refused with a remedy rather than a crash or a silently different answer.
+
+
+def test_review_constructs_are_refused_with_a_remedy():
+    x, y = data((4,), n=4, seed=80)
+
+    class Aliased(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(4, 4, rngs=rngs)
+            self.b = nnx.Linear(4, 4, rngs=rngs)
+            self.b.kernel = self.a.kernel  # one Param, two layers
+            self.head = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.b(jnp.tanh(self.a(x)))))
+
+    model = make(Aliased)
+    for fn in (lambda: bnnx.bang_grad(model, x, y, epsilon=EPS), lambda: bnnx.per_example_grads(model, x, y)):
+        with pytest.raises(ValueError, match="b \\(Linear\\) uses parameter\\(s\\) kernel that are not stored"):
+            fn()
+
+    class TwiceDropped(nn.Module):  # one dropout module called twice
+        @nn.compact
+        def __call__(self, x, train=True):
+            drop = nn.Dropout(0.5, deterministic=not train, name="drop")
+            return nn.Dense(3, name="head")(drop(jnp.tanh(nn.Dense(4, name="a")(drop(x)))))
+
+    variables = init_linen(TwiceDropped(), x[:1], train=False)
+    with pytest.raises(ValueError, match="drop \\(Dropout\\) is called more than once.*separate dropout module"):
+        bang_jax.sample_dropout_masks(TwiceDropped().apply, variables, x, rngs={"dropout": jax.random.key(0)})
+
+    class DropCell(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return nn.Dropout(0.3, deterministic=False)(jnp.tanh(nn.Dense(4, name="cell")(h))), None
+
+    class ScanDrop(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=True):
+            h, _ = nn.scan(DropCell, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
+                           length=2)(name="rnn")(x, None)
+            return nn.Dense(3, name="head")(h)
+
+    variables = jax.eval_shape(lambda: ScanDrop().init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                                        x[:1]))
+    variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), variables)
+    with pytest.raises(ValueError, match="runs inside a `.*` trace \\(a scan or loop\\).*rngs"):
+        bang_jax.sample_dropout_masks(ScanDrop().apply, variables, x, rngs={"dropout": jax.random.key(0)})
+
+    variables = init_linen(LinenStack(), x[:1])
+    per_slice = bang_jax.BangConfig(epsilon={"stem": 0.8, "cells": jnp.array([0.1, 0.5, 0.9]), "head": 0.8})
+    with pytest.raises(ValueError, match="one number per parameter leaf.*Per-slice values"):
+        bang_jax.bang_grad(LinenStack().apply, variables, x, y, config=per_slice)

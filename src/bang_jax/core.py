@@ -314,6 +314,7 @@ class Tap:
         self.calls: dict[LayerPath, tuple] = {}  # per-example perturb mode: (layer_fn, p, x, extra) per layer
         self.param_ids: set | None = None  # ids of the differentiated parameter leaves, when factoring layers
         self.masks: dict[LayerPath, jax.Array] = {}
+        self.dropout_calls: dict[LayerPath, int] = {}
         self.entry = None
         self.passthrough = 0
         self.prefix: tuple = ()
@@ -410,6 +411,20 @@ class Tap:
         """A dropout layer in training mode; ``draw(z)`` applies the framework's own dropout to ``z``."""
         if self.shapes_only:  # the second discovery trace needs shapes only (masks have the first batch size)
             return x
+        if self.record_dropout or self.dropout_masks is not None:
+            # Shared masks are one per dropout layer and forward pass: a layer called twice or once per scan step
+            # would need one per call, which the masks cannot hold.
+            where = self._where(path, kind, "dropout layer")
+            loops = [t for t in _transforms_between(self.entry) if _is_loop(t)]
+            if loops:
+                raise ValueError(f"{where} runs inside a `{loops[0]}` trace (a scan or loop): sample_dropout_masks / "
+                                 "dropout_masks hold one mask per layer, not one per step. Compare the two BANG "
+                                 "routes with dropout off, or draw dropout from rngs (bang_grad supports that).")
+            self.dropout_calls[path] = self.dropout_calls.get(path, 0) + 1
+            if self.dropout_calls[path] > 1:
+                raise ValueError(f"{where} is called more than once in one forward pass: sample_dropout_masks / "
+                                 "dropout_masks hold one mask per layer, not one per call. Use a separate dropout "
+                                 "module per call, or draw dropout from rngs instead of shared masks.")
         if rate >= 1.0:
             return jnp.zeros_like(x)
         keep = 1.0 - rate
@@ -605,6 +620,16 @@ def _owners(adapter, layers) -> dict[tuple, LayerPath]:
                              "out of layer_types= (it then gets the ordinary gradient).")
         for k in mine:
             owner[k] = path
+    present = set(keys)
+    for rec in layers.values():
+        foreign = [rel for rel in rec.leaf_keys if tuple(rec.layer) + tuple(rel) not in present]
+        if foreign:
+            raise ValueError(
+                f"weighted layer {'/'.join(map(str, rec.layer))} ({rec.kind}) uses parameter(s) "
+                f"{', '.join('/'.join(map(str, r)) for r in foreign)} that are not stored under it (shared with, or "
+                "assigned from, another module), so BANG cannot tell which gradient is this layer's. Give the layer "
+                "its own parameters, or leave its type out of layer_types= (it then gets the ordinary gradient)."
+            )
     return owner
 
 
@@ -629,6 +654,14 @@ def _eta_groups(adapter, layers, config: BangConfig):
             (tuple(i for i, _ in members), jnp.asarray(eps[members[0][1]]), jnp.asarray(ratio[members[0][1]]))
             for members in by_label.values()
         )
+        for _, e, r in groups[call]:
+            if jnp.ndim(e) or jnp.ndim(r):
+                raise ValueError(
+                    f"epsilon and ratio must be one number per parameter leaf; layer {'/'.join(map(str, rec.layer))} "
+                    f"got an array of shape {jnp.shape(e) if jnp.ndim(e) else jnp.shape(r)}. Per-slice values for a "
+                    "scanned stack, or per-example values, are not supported: give one number per layer (a mapping "
+                    "{layer: number})."
+                )
     return groups
 
 
