@@ -38,7 +38,6 @@ __all__ = [
     "check_hyperparameter",
     "eta",
     "eta_groups",
-    "merge_groups",
     "safe_norm",
 ]
 
@@ -179,16 +178,11 @@ def _broadcast_with_sources(name: str, value: Any, tree: Any) -> Any:
 def eta_groups(config: BangConfig, params: Any) -> tuple:
     """One label per leaf of ``params`` (flatten order): leaves with the same label share ε and ratio by
     construction — they are covered by the same entries of the config's per-layer trees — so one η serves them
-    all. Decided statically from the config's structure (or, for a config :meth:`BangConfig.broadcast` to the
-    params, from the structure it was broadcast from), never from the values, which may be traced."""
-    n = len(jax.tree.leaves(params))
-    if config.groups is not None and len(config.groups) == n:
-        return config.groups
+    all. Decided statically from the config's structure, never from the values, which may be traced. (A config
+    :meth:`BangConfig.broadcast` to the params has one entry per leaf, so each leaf gets its own label.)"""
     sources = [jax.tree.leaves(_broadcast_with_sources(f, getattr(config, f), params),
                                is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
                for f in ("epsilon", "ratio")]
-    if config.groups is not None or any(len(s) != n for s in sources):  # a broadcast config of another tree
-        return tuple(range(n))
     return tuple((e[0], r[0]) for e, r in zip(*sources))
 
 
@@ -230,25 +224,11 @@ class BangConfig:
         return all(np.all(x == 0) for x in leaves(self.epsilon)) and all(np.all(x == 1) for x in leaves(self.beta))
 
     def broadcast(self, params: Any, dtype=jnp.float32) -> BangConfig:
-        """This config with every field a full tree of ``dtype`` scalars in ``params``' structure (one per leaf).
-
-        The result remembers, statically, which leaves came from the same per-layer entry (:func:`eta_groups`),
-        so BANG still computes one η per layer rather than one per leaf."""
+        """This config with every field a full tree of ``dtype`` scalars in ``params``' structure (one per leaf)."""
         return BangConfig._unchecked(
             **{f: jax.tree.map(lambda v: jnp.asarray(v, dtype), broadcast_to_params(f, getattr(self, f), params))
-               for f in _FIELDS},
-            groups=eta_groups(self, params),
+               for f in _FIELDS}
         )
-
-    @property
-    def groups(self) -> tuple | None:
-        """For a broadcast config: one static label per parameter leaf (leaves with one label share ε and ratio
-        by construction); None otherwise."""
-        return getattr(self, "_groups", None)
-
-    def with_groups(self, groups: tuple | None) -> BangConfig:
-        """The same values with other static leaf groups (see :func:`merge_groups`)."""
-        return BangConfig._unchecked(**{f: getattr(self, f) for f in _FIELDS}, groups=groups)
 
     def to_json(self) -> dict:
         """Plain Python numbers and dicts (for config files and results)."""
@@ -260,30 +240,18 @@ class BangConfig:
         return {f: plain(getattr(self, f)) for f in _FIELDS}
 
     @classmethod
-    def _unchecked(cls, groups=None, **fields) -> BangConfig:
+    def _unchecked(cls, **fields) -> BangConfig:
         obj = object.__new__(cls)
         for f in _FIELDS:
             object.__setattr__(obj, f, fields[f])
-        object.__setattr__(obj, "_groups", groups)
         return obj
-
-
-def merge_groups(configs) -> tuple | None:
-    """The leaf groups common to several broadcast configs (leaves grouped together in every one of them), so that
-    the configs of the models of a run can be stacked into one pytree."""
-    all_groups = [c.groups for c in configs]
-    if not all_groups or any(g is None for g in all_groups) or len({len(g) for g in all_groups}) != 1:
-        return None
-    merged = list(zip(*all_groups))
-    labels = {label: i for i, label in enumerate(dict.fromkeys(merged))}
-    return tuple(labels[m] for m in merged)
 
 
 jax.tree_util.register_pytree_with_keys(
     BangConfig,
-    lambda c: (tuple((jax.tree_util.GetAttrKey(f), getattr(c, f)) for f in _FIELDS), c.groups),
-    lambda groups, children: BangConfig._unchecked(groups=groups, **dict(zip(_FIELDS, children))),
-    flatten_func=lambda c: (tuple(getattr(c, f) for f in _FIELDS), c.groups),
+    lambda c: (tuple((jax.tree_util.GetAttrKey(f), getattr(c, f)) for f in _FIELDS), None),
+    lambda _, children: BangConfig._unchecked(**dict(zip(_FIELDS, children))),
+    flatten_func=lambda c: (tuple(getattr(c, f) for f in _FIELDS), None),
 )
 
 

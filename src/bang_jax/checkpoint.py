@@ -125,7 +125,7 @@ def _bang_config_restore(target: BangConfig, state: dict) -> BangConfig:
     fields = {
         f: serialization.from_state_dict(getattr(target, f), state[f], name=f) for f in ("epsilon", "beta", "ratio")
     }
-    return BangConfig._unchecked(groups=target.groups, **fields)
+    return BangConfig._unchecked(**fields)
 
 
 # A train state carries each model's BangConfig (broadcast to its params); checkpoints store it with the weights.

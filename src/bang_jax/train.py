@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from bang_jax import checkpoint as ckpt_lib, distributed
-from bang_jax.balance import BangConfig, bang, merge_groups
+from bang_jax.balance import BangConfig, bang
 from bang_jax.data import batch_indices
 from bang_jax.gradients import bang_grad, per_example_grads, plain_grad
 from bang_jax.solvers import SolverConfig
@@ -191,8 +191,6 @@ def init_states(model: nn.Module, sample_images, models: Sequence[ModelSpec], co
             key=jax.random.fold_in(jax.random.PRNGKey(spec.seed), 1),
             bang=spec.bang.broadcast(params),
         ))
-    groups = merge_groups([s.bang for s in states])  # leaves that share ε and ratio in every model
-    states = [s._replace(bang=s.bang.with_groups(groups)) for s in states]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states), consts
 
 
