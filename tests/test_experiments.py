@@ -128,8 +128,9 @@ def _cmd(out, *extra):
 
 
 def _final_params(out):
+    """The checkpoint's train state (its description travels in the same file)."""
     raw = serialization.msgpack_restore((out / "checkpoints" / "state.msgpack").read_bytes())
-    return raw
+    return raw["state"]
 
 
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
