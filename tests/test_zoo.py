@@ -1187,3 +1187,40 @@ def test_review_constructs_are_refused_with_a_remedy():
     per_slice = bang_jax.BangConfig(epsilon={"stem": 0.8, "cells": jnp.array([0.1, 0.5, 0.9]), "head": 0.8})
     with pytest.raises(ValueError, match="one number per parameter leaf.*Per-slice values"):
         bang_jax.bang_grad(LinenStack().apply, variables, x, y, config=per_slice)
+
+
+def test_weights_used_outside_their_layer_call_are_refused_for_per_example_grads():
+    """A hand-tied decoder: the layer call is balanced and the other use stays ordinary (bang_grad, checked against
+    a reference); per_example_grads cannot separate the two uses and refuses, pointing to bang_grad."""
+    x, y = data((3,), n=5, seed=90)
+
+    class HandTied(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            d = nn.Dense(4, name="enc")
+            h = jnp.tanh(d(x))
+            return h @ d.variables["params"]["kernel"].T
+
+    variables = init_linen(HandTied(), x[:1])
+    with pytest.raises(ValueError, match="enc/kernel also reach the outputs outside their layer's call.*bang_grad"):
+        bang_jax.per_example_grads(HandTied().apply, variables, x, y)
+    p = variables["params"]["enc"]
+
+    def f(ps, xi, perts):
+        h = jnp.tanh(xi @ ps[("enc", 0)]["kernel"] + ps[("enc", 0)]["bias"][None] + perts[("enc", 0)])
+        return h @ ps[("tie", 0)].T
+
+    ref, _ = per_call_reference(f, {("enc", 0): p, ("tie", 0): p["kernel"]}, x, y, {("enc", 0): (1, 4)})
+    got = bang_jax.bang_grad(HandTied().apply, variables, x, y, epsilon=EPS, beta=BETA, ratio=RATIO)
+    assert _rel_err(got["enc"]["kernel"], ref[("enc", 0)]["kernel"] + ref[("tie", 0)]) <= TOL
+    assert _rel_err(got["enc"]["bias"], ref[("enc", 0)]["bias"]) <= TOL
+
+    class NNXHandTied(nnx.Module):
+        def __init__(self, rngs):
+            self.enc = nnx.Linear(3, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.enc(x)) @ self.enc.kernel[...].T
+
+    with pytest.raises(ValueError, match="enc/kernel also reach the outputs outside"):
+        bnnx.per_example_grads(make(NNXHandTied), x, y)

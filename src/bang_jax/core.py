@@ -315,6 +315,8 @@ class Tap:
         self.param_ids: set | None = None  # ids of the differentiated parameter leaves, when factoring layers
         self.masks: dict[LayerPath, jax.Array] = {}
         self.dropout_calls: dict[LayerPath, int] = {}
+        self.live: dict = {}  # detect mode: each weighted layer's own copy of its parameters
+        self.checked: set = set()  # detect mode: the parameter leaves that were given a copy
         self.entry = None
         self.passthrough = 0
         self.prefix: tuple = ()
@@ -378,6 +380,13 @@ class Tap:
             y = _balanced(layer_fn, tuple(g[0] for g in groups), self.batch_axes[key], p, x, extra,
                           self.probes[key], self.correct,
                           tuple(g[1] for g in groups), tuple(g[2] for g in groups))
+        elif self.mode == "detect":  # the call reads its own copy of the parameters (see _check_single_use)
+            leaves, treedef = jax.tree_util.tree_flatten(p)
+            if self.param_ids is not None and all(id(leaf) in self.param_ids for leaf in leaves):
+                keys = [tuple(path) + tuple(rel) for rel in leaf_keys]
+                self.checked.update(keys)
+                p = treedef.unflatten([self.live.get(k, leaf) for k, leaf in zip(keys, leaves)])
+            y = layer_fn(p, x, extra)
         else:
             y = call()
         if not hasattr(y, "shape"):
@@ -693,6 +702,50 @@ def _is_sharding_error(err: Exception) -> bool:
     return any(w in text for w in ("ShardingTypeError", "DuplicateSpecError", "Sharding spec", "NamedSharding"))
 
 
+def _check_single_use(adapter, inputs, kwargs, layers, dropout_masks) -> None:
+    """Refuses per-example gradients when a weighted layer's parameters also reach the outputs other than through
+    the layer's call (a hand-written tied decoder ``h @ kernel.T``): a per-example gradient is the sum of both uses,
+    and ``bang()`` would scale all of it by the layer's η, while BANG balances the call only (:func:`run_bang`).
+
+    Found from the program, not the values: the model is traced once with every weighted layer reading its own
+    copy of its parameters; after dead-code elimination, a parameter that is still used reaches the outputs some
+    other way. Layers that see a transformed copy of their parameters (``map_variables``, weight normalisation)
+    or run inside a lifted transform are left out (their parameters reach the loss only through the call's
+    transform, which the per-example gradient handles exactly).
+    """
+    try:
+        from jax._src.interpreters import partial_eval as pe  # private: without it the check is skipped
+    except Exception:  # pragma: no cover - other JAX versions
+        return
+    keys = [adapter.leaf_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapter.params)[0]]
+    weighted = {tuple(rec.layer) + tuple(rel) for rec in layers.values() for rel in rec.leaf_keys}
+    flat = jax.tree.leaves(adapter.params)
+    live = {k: v for k, v in zip(keys, flat) if k in weighted}
+    checked: set = set()
+
+    def forward(params, live):
+        tap = Tap("detect", adapter=adapter, per_example=True, dropout_masks=dropout_masks)
+        tap.param_ids = {id(leaf) for leaf in jax.tree.leaves(params)}
+        tap.live, tap.checked = live, checked
+        outputs, _ = adapter.run(params, adapter.state, inputs, kwargs, tap)
+        return outputs
+
+    try:
+        closed = jax.make_jaxpr(forward)(adapter.params, live)
+        _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    except Exception:  # pragma: no cover - a tracing corner the check cannot handle: skip it, never block
+        return
+    both = sorted("/".join(map(str, keys[i])) for i in range(len(flat)) if used[i] and keys[i] in checked)
+    if both:
+        raise ValueError(
+            f"per_example_grads: the weighted-layer parameter(s) {', '.join(both)} also reach the outputs outside "
+            "their layer's call (weights tied by hand, e.g. `h @ kernel.T`). A per-example gradient holds both uses "
+            "summed, and bang() would scale all of it by the layer's η, while BANG balances the call only. Use "
+            "bang_grad (bang_jax.nnx.bang_grad for NNX), which balances the call and leaves the other use's "
+            "gradient ordinary."
+        )
+
+
 def _one_example_shape(rec: LayerRecord) -> tuple:
     """The layer's output shape in a one-example forward pass (its batch axis of length 1)."""
     shape = list(rec.out.shape)
@@ -712,6 +765,7 @@ def run_per_example(
         check_default_outputs(out_shapes, labels, n)
     loss_fn, correct_fn = loss_fns(loss_fn, correct_fn)
     owner = _owners(adapter, layers)
+    _check_single_use(adapter, inputs, kwargs, layers, dropout_masks)
     batched_kw, whole_kw = _split_kwargs(kwargs, n, batch_kwargs)
     state_b, state_axes = adapter.per_example_state(adapter.state, n)
     zero_perts = {p: jnp.zeros(_one_example_shape(r), r.out.dtype) for p, r in layers.items()}

@@ -330,10 +330,9 @@ def per_example_grads(
       :class:`PerExampleGrads`, ready for ``bang()``: ``tx.update(pe.grads, state, params,
       kappa_norms=pe.kappa_norms, correct=pe.correct)``.
 
-    A per-example gradient is the sum of all uses of a parameter, so a weighted layer's weights used outside its
-    call as well (a hand-written tied decoder ``h @ kernel.T``) get the layer's η on that other use too, unlike
-    :func:`bang_grad`, which balances the layer call only. This is not detected: use :func:`bang_grad` for such
-    models.
+    A per-example gradient is the sum of all uses of a parameter, so a model whose weighted-layer weights also
+    reach the outputs outside the layer's call (a hand-written tied decoder ``h @ kernel.T``) is refused: use
+    :func:`bang_grad`, which balances the call only.
 
     Raises:
       ValueError: for a model whose examples interact (BatchNorm in training mode; use :func:`bang_grad`),
