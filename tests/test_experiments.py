@@ -93,6 +93,10 @@ def test_finished_run_is_reevaluated_by_stages_without_retraining_and_guarded(tm
     # A run's data is part of its identity: without its data configured, resume, later stages and the evaluate
     # command stop with one line naming the data and the knob, and never fall back to other data.
     no_data = {k: v for k, v in env.items() if k != "BANG_DATA_DIR"}
+    config_bytes = (out / "config.json").read_bytes()  # the run's data folder has "moved away":
+    moved = json.loads(config_bytes) | {"data_source": "files:" + str(tmp_path / "moved" / "mnist")}
+    (out / "config.json").write_text(json.dumps(moved, indent=2) + "\n")
+    before = _tree_bytes(out)
     for extra in (["-m", "experiments.mnist", "--out", str(out), "--resume", "--steps", "30"],
                   ["-m", "experiments.mnist", "--out", str(out), "--stages", "evaluate,report"],
                   ["-m", "bang_jax.evaluate", "--run-dir", str(out)]):
@@ -102,6 +106,13 @@ def test_finished_run_is_reevaluated_by_stages_without_retraining_and_guarded(tm
         assert "this run was made with mnist from files:" in res.stderr and "BANG_DATA_DIR" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
     assert _tree_bytes(out) == before
+    (out / "config.json").write_bytes(config_bytes)
+    before = _tree_bytes(out)
+    # With nothing configured, the folder the run read is used while it exists (its files are checksummed).
+    res = subprocess.run([sys.executable, "-m", "bang_jax.evaluate", "--run-dir", str(out), "--no-progress",
+                          "--attacks", "fgs", "--limit", "50"], cwd=ROOT, env=no_data, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-1500:]
     # One command at a time in a run directory: a second one is refused while the first holds the lock.
     import fcntl
 

