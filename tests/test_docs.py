@@ -100,6 +100,17 @@ def test_user_docs_stand_alone():
         assert (ROOT / link).exists(), f"README links to missing {link}"
 
 
+def test_committed_notebook_outputs_hold_no_machine_paths():
+    """Outputs speak of the user's machine only: no absolute path of the machine that ran them."""
+    for name in NOTEBOOK_NAMES:
+        nb = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
+        outputs = "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                            + "".join(o.get("data", {}).get("text/markdown", ""))
+                            for c in nb["cells"] for o in c.get("outputs", []))  # text, not image bytes
+        hits = re.findall(r"(?:/work/|/tmp/|/root/|/home/|/Users/)[^\s\"']*", outputs)
+        assert not hits, f"{name}.ipynb outputs hold machine paths: {sorted(set(hits))[:5]}"
+
+
 def test_readme_top_has_what_users_need_first():
     text = README.read_text()
     order = ["## Quickstart", "## What BANG is", "### Two ways to compute it", "## Train a model with BANG",
