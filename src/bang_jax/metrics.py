@@ -76,9 +76,8 @@ def pass_score(adversarial, original) -> tuple[float, bool]:
     h, w = orig.shape[:2]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     if adv.ndim == 3 and adv.shape[2] > 1:
-        aligned = np.stack(
-            [cv2.warpPerspective(adv[..., c], warp, (w, h), flags=flags) for c in range(adv.shape[2])], -1
-        )
+        aligned = np.stack([cv2.warpPerspective(adv[..., c], warp, (w, h), flags=flags)
+                            for c in range(adv.shape[2])], -1)
     else:
         aligned = cv2.warpPerspective(adv.reshape(h, w), warp, (w, h), flags=flags).reshape(adv.shape)
     return ssim(aligned.squeeze(), orig.squeeze()), converged

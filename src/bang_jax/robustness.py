@@ -117,9 +117,8 @@ def validate_curve_args(epsilons, attacks, *, square_queries: int = 1000, pgd_st
 
 
 def _predict(logits_fn, x, batch_size):
-    return np.concatenate(
-        [np.asarray(logits_fn(jnp.asarray(x[i : i + batch_size]))) for i in range(0, len(x), batch_size)]
-    )
+    return np.concatenate([np.asarray(logits_fn(jnp.asarray(x[i : i + batch_size])))
+                           for i in range(0, len(x), batch_size)])
 
 
 def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, square_p_init, seed, batch_size):
@@ -131,15 +130,8 @@ def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, s
         return found
     if attack in ("fgs", "fgs_exact"):
         d, blank = fgs_direction(logits_fn, x, y, exact=attack == "fgs_exact")
-        res = line_search_attack(
-            logits_fn,
-            x,
-            y,
-            np.asarray(d),
-            blank=np.asarray(blank),
-            max_step=int(math.ceil(max(positive))),
-            batch_size=batch_size,
-        )
+        res = line_search_attack(logits_fn, x, y, np.asarray(d), blank=np.asarray(blank),
+                                 max_step=int(math.ceil(max(positive))), batch_size=batch_size)
         found[res.success] = res.linf[res.success]
         return found
     for k, eps in enumerate(positive):
@@ -147,27 +139,11 @@ def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, s
         if not todo.size:
             break
         if attack == "square":
-            res = square_attack(
-                logits_fn,
-                x[todo],
-                y[todo],
-                epsilon=eps,
-                queries=square_queries,
-                p_init=square_p_init,
-                seed=seed + k,
-                batch_size=batch_size,
-            )
+            res = square_attack(logits_fn, x[todo], y[todo], epsilon=eps, queries=square_queries,
+                                p_init=square_p_init, seed=seed + k, batch_size=batch_size)
         else:
-            res = pgd_attack(
-                logits_fn,
-                x[todo],
-                y[todo],
-                epsilon=eps,
-                steps=pgd_steps,
-                loss=attack[4:],
-                seed=seed + k,
-                batch_size=batch_size,
-            )
+            res = pgd_attack(logits_fn, x[todo], y[todo], epsilon=eps, steps=pgd_steps, loss=attack[4:],
+                             seed=seed + k, batch_size=batch_size)
         found[todo[res.success]] = res.linf[res.success]
     return found
 
@@ -226,18 +202,8 @@ def robustness_curves(
     best = np.where(correct, np.inf, 0.0)
     for attack in attacks:
         t0 = time.perf_counter()
-        found = _min_linf(
-            attack,
-            logits_fn,
-            x,
-            y,
-            epsilons,
-            pgd_steps=pgd_steps,
-            square_queries=square_queries,
-            square_p_init=square_p_init,
-            seed=seed,
-            batch_size=batch_size,
-        )
+        found = _min_linf(attack, logits_fn, x, y, epsilons, pgd_steps=pgd_steps, square_queries=square_queries,
+                          square_p_init=square_p_init, seed=seed, batch_size=batch_size)
         seconds = time.perf_counter() - t0
         min_linf = np.zeros(len(y_all))
         min_linf[correct] = found
@@ -279,10 +245,8 @@ def _margins_and_gradients(logits_fn, x, y, batch_size):
         margin = -_margin_loss(logits_fn(v), labels)
         return margin, loss == 0.0, jnp.all(g.reshape(g.shape[0], -1) == 0.0, axis=1)
 
-    outs = [
-        stats(jnp.asarray(x[i : i + batch_size]), jnp.asarray(y[i : i + batch_size]))
-        for i in range(0, len(x), batch_size)
-    ]
+    outs = [stats(jnp.asarray(x[i : i + batch_size]), jnp.asarray(y[i : i + batch_size]))
+            for i in range(0, len(x), batch_size)]
     return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(3))
 
 
@@ -347,8 +311,8 @@ def masking_report(
         "definitions": {
             "shares": "% of attacked images (correctly classified when clean)",
             "gap": "Square success minus the success of the union of the gradient attacks, points of % attacked; "
-            "significant if square_only − gradient_only > 2·sqrt(square_only + gradient_only) and "
-            "≥ max(2, 1% of attacked)",
+                   "significant if square_only − gradient_only > 2·sqrt(square_only + gradient_only) and "
+                   "≥ max(2, 1% of attacked)",
         },
     }
     eps = curves["epsilons"]
@@ -364,59 +328,37 @@ def masking_report(
             for e in eps:
                 s, g = sq <= e + _TOL, other <= e + _TOL
                 only_s, only_g = int(np.sum(s & ~g)), int(np.sum(g & ~s))
-                rows.append(
-                    {
-                        "epsilon": e,
-                        "square": pct(s),
-                        "gradient": pct(g),
-                        "gap": pct(s) - pct(g) if k else None,
-                        "square_only": only_s,
-                        "gradient_only": only_g,
-                        "significant": bool(
-                            only_s - only_g > 2 * math.sqrt(only_s + only_g) and only_s - only_g >= max(2, 0.01 * k)
-                        ),
-                    }
-                )
+                rows.append({
+                    "epsilon": e, "square": pct(s), "gradient": pct(g),
+                    "gap": pct(s) - pct(g) if k else None,
+                    "square_only": only_s, "gradient_only": only_g,
+                    "significant": bool(only_s - only_g > 2 * math.sqrt(only_s + only_g)
+                                        and only_s - only_g >= max(2, 0.01 * k)),
+                })
             return rows
 
         report["gap"] = {"gradient_attacks": grad_attacks, "rows": compare(union)}
         report["gap_vs"] = {a: compare(_min_linf_array(curves, a)[correct]) for a in grad_attacks}
         beats_all = [r for r in report["gap"]["rows"] if r["significant"]]
-        beats_ce = {
-            a: [r for r in report["gap_vs"][a] if r["significant"]] for a in grad_attacks if a == CE_ITERATIVE_ATTACK
-        }
+        beats_ce = {a: [r for r in report["gap_vs"][a] if r["significant"]] for a in grad_attacks
+                    if a == CE_ITERATIVE_ATTACK}
         if beats_all:
             worst = max(beats_all, key=lambda r: r["gap"])
             where = ", ".join(f"{r['epsilon']:g}" for r in beats_all)
-            flags.append(
-                (
-                    "gradient masking",
-                    f"gradient-free Square beats all gradient attacks together at "
-                    f"ε = {where} (by up to {worst['gap']:.1f} points, ε = {worst['epsilon']:g})",
-                )
-            )
+            flags.append(("gradient masking", f"gradient-free Square beats all gradient attacks together at "
+                          f"ε = {where} (by up to {worst['gap']:.1f} points, ε = {worst['epsilon']:g})"))
         for a, rows in beats_ce.items():
             if rows and not beats_all:
                 worst = max(rows, key=lambda r: r["gap"])
-                flags.append(
-                    (
-                        "cross-entropy masking",
-                        f"Square beats {ATTACK_LABELS[a]} by {worst['gap']:.1f} points at ε = {worst['epsilon']:g}",
-                    )
-                )
+                flags.append(("cross-entropy masking", f"Square beats {ATTACK_LABELS[a]} by "
+                              f"{worst['gap']:.1f} points at ε = {worst['epsilon']:g}"))
     else:
         report["gap"] = None
         report["gap_vs"] = None
     if k and report["ce_loss_zero_share"] >= LOSS_ZERO_THRESHOLD:
-        flags.insert(
-            0,
-            (
-                "cross-entropy masking",
-                f"float32 cross-entropy exactly 0 on "
-                f"{report['ce_loss_zero_share']:.1f}% of attacked images (median logit margin "
-                f"{report['margin_median']:.1f}: blank gradient for the paper's FGS)",
-            ),
-        )
+        flags.insert(0, ("cross-entropy masking", f"float32 cross-entropy exactly 0 on "
+                         f"{report['ce_loss_zero_share']:.1f}% of attacked images (median logit margin "
+                         f"{report['margin_median']:.1f}: blank gradient for the paper's FGS)"))
     best_last = curves["best"]["robust_accuracy"][-1]
     tail = []
     if k and report["ce_loss_zero_share"] < LOSS_ZERO_THRESHOLD:
@@ -436,14 +378,8 @@ def masking_report(
     return report
 
 
-def plot_curves(
-    curves_by_model: Mapping[str, Mapping],
-    path,
-    *,
-    ncols: int | None = None,
-    title: str | None = None,
-    attacks: Sequence[str] | None = None,
-):
+def plot_curves(curves_by_model: Mapping[str, Mapping], path, *, ncols: int | None = None, title: str | None = None,
+                attacks: Sequence[str] | None = None):
     """Robust accuracy vs ε, one panel per model, side by side; writes ``path`` (PNG) and returns it.
 
     ``curves_by_model`` maps a panel title (e.g. "LeNet R0") to a :func:`robustness_curves` dict (or to a dict
@@ -461,28 +397,16 @@ def plot_curves(
     ncols = ncols or len(items)
     nrows = math.ceil(len(items) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), sharey=True, squeeze=False)
-    styles = {
-        "fgs": ("tab:red", "o"),
-        "fgs_exact": ("tab:orange", "s"),
-        "pgd_ce": ("tab:purple", "v"),
-        "pgd_margin": ("tab:blue", "^"),
-        "square": ("tab:green", "D"),
-    }
+    styles = {"fgs": ("tab:red", "o"), "fgs_exact": ("tab:orange", "s"), "pgd_ce": ("tab:purple", "v"),
+              "pgd_margin": ("tab:blue", "^"), "square": ("tab:green", "D")}
     for ax, (name, c) in zip(axes.flat, items):
         eps = c["epsilons"]
         for attack, data in c["attacks"].items():
             if attacks is not None and attack not in attacks:
                 continue
             color, marker = styles.get(attack, (None, "."))
-            ax.plot(
-                eps,
-                data["robust_accuracy"],
-                marker=marker,
-                ms=3.5,
-                lw=1.3,
-                color=color,
-                label=ATTACK_LABELS.get(attack, attack),
-            )
+            ax.plot(eps, data["robust_accuracy"], marker=marker, ms=3.5, lw=1.3, color=color,
+                    label=ATTACK_LABELS.get(attack, attack))
         ax.plot(eps, c["best"]["robust_accuracy"], "k--", lw=1.0, label=ATTACK_LABELS["best"])
         ax.set_title(f"{name} ({c['images']} images)", fontsize=9)
         ax.set_xlabel("L∞ budget ε (pixels of 255)", fontsize=8)
@@ -491,7 +415,7 @@ def plot_curves(
         ax.tick_params(labelsize=7)
     for ax in axes[:, 0]:
         ax.set_ylabel("robust accuracy (%)", fontsize=8)
-    for ax in list(axes.flat)[len(items) :]:
+    for ax in list(axes.flat)[len(items):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     legend_cols = min(len(labels), 3)
