@@ -38,6 +38,7 @@ __all__ = [
     "check_hyperparameter",
     "eta",
     "eta_groups",
+    "eta_settings",
     "safe_norm",
 ]
 
@@ -180,10 +181,16 @@ def eta_groups(config: BangConfig, params: Any) -> tuple:
     construction — they are covered by the same entries of the config's per-layer trees — so one η serves them
     all. Decided statically from the config's structure, never from the values, which may be traced. (A config
     :meth:`BangConfig.broadcast` to the params has one entry per leaf, so each leaf gets its own label.)"""
-    sources = [jax.tree.leaves(_broadcast_with_sources(f, getattr(config, f), params),
+    return tuple(label for label, _, _ in eta_settings(config, params))
+
+
+def eta_settings(config: BangConfig, params: Any) -> list[tuple]:
+    """``(group label, ε, ratio)`` per leaf of ``params`` (flatten order): :func:`eta_groups` with the values."""
+    def pairs(name):
+        return jax.tree.leaves(_broadcast_with_sources(name, getattr(config, name), params),
                                is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
-               for f in ("epsilon", "ratio")]
-    return tuple((e[0], r[0]) for e, r in zip(*sources))
+
+    return [((e[0], r[0]), e[1], r[1]) for e, r in zip(pairs("epsilon"), pairs("ratio"))]
 
 
 _FIELDS = ("epsilon", "beta", "ratio")

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from bang_jax import balance, per_example
-from bang_jax.balance import BangConfig, apply_beta, broadcast_to_params, eta, safe_norm
+from bang_jax.balance import BangConfig, apply_beta, eta, safe_norm
 
 __all__ = ["Adapter", "BangAux", "PerExampleGrads", "Tap", "default_correct", "default_loss"]
 
@@ -130,7 +130,6 @@ def batch_size(inputs: Any) -> int:
     n = sizes.pop()
     if n < 1:
         raise ValueError("the batch is empty")
-    check_finite(inputs, "inputs")
     return n
 
 
@@ -646,21 +645,17 @@ def _eta_groups(adapter, layers, config: BangConfig):
     """Per layer call: ((leaf indices, ε, ratio), ...), one entry per group of the layer's leaves that share ε and
     ratio by the config's structure (:func:`bang_jax.balance.eta_groups`, static): one η per layer unless its
     leaves were given different per-leaf values."""
-    def flat(name, value):
-        tree = broadcast_to_params(name, value, adapter.params)
-        return {adapter.leaf_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-    eps, ratio = flat("epsilon", config.epsilon), flat("ratio", config.ratio)
     keys = [adapter.leaf_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapter.params)[0]]
-    label = dict(zip(keys, balance.eta_groups(config, adapter.params)))
+    settings = dict(zip(keys, balance.eta_settings(config, adapter.params)))  # {leaf key: (label, ε, ratio)}
     groups = {}
     for call, rec in layers.items():
         by_label: dict[Any, list] = {}
         for i, rel in enumerate(rec.leaf_keys):
             key = tuple(rec.layer) + tuple(rel)
-            by_label.setdefault(label[key], []).append((i, key))
+            by_label.setdefault(settings[key][0], []).append((i, key))
         groups[call] = tuple(
-            (tuple(i for i, _ in members), jnp.asarray(eps[members[0][1]]), jnp.asarray(ratio[members[0][1]]))
+            (tuple(i for i, _ in members), jnp.asarray(settings[members[0][1]][1]),
+             jnp.asarray(settings[members[0][1]][2]))
             for members in by_label.values()
         )
         for _, e, r in groups[call]:
@@ -757,6 +752,7 @@ def run_per_example(
     adapter, inputs, labels, *, loss_fn, correct_fn, dropout_masks, batch_kwargs, kwargs, factor_layers=False
 ):
     n = batch_size(inputs)
+    check_finite(inputs, "inputs")
     check_labels(labels, n, loss_fn is None)
     layers, out_shapes = discover(
         adapter, inputs, kwargs, n=n, per_example=True, dropout_masks=dropout_masks, batch_kwargs=batch_kwargs
@@ -861,6 +857,7 @@ def _mark_grads(adapter, layers, grads, layer_fns, layer_params, layer_inputs, k
 
 def run_bang(adapter, inputs, labels, *, config, loss_fn, correct_fn, dropout_masks, kwargs):
     n = batch_size(inputs)
+    check_finite(inputs, "inputs")
     check_labels(labels, n, loss_fn is None)
     layers, out_shapes = discover(adapter, inputs, kwargs, n=n, dropout_masks=dropout_masks)
     if loss_fn is None:

@@ -254,12 +254,11 @@ def evaluate_model(
     """
     config = _eval_config(config, settings)
     check_finite(images, "images")
-    health = model_health(model, variables, images, labels)
+    health, logits = _health(model, variables, images, labels)
     if health["status"] != "ok":  # no attack numbers for a model whose numbers would mean nothing
         return health
     logits_fn = jax.jit(lambda x: model.apply(variables, x))
-    pred = np.argmax(predict(model, variables, images), axis=1)
-    correct = pred == np.asarray(labels)
+    correct = np.argmax(logits, axis=1) == np.asarray(labels)
     x = np.asarray(images, np.float32)[correct]
     y = np.asarray(labels, np.int32)[correct]
     row = {"status": "ok", "accuracy": float(100 * correct.mean()), "test_images": int(len(labels)),
@@ -345,26 +344,31 @@ def model_health(model, variables, images, labels) -> dict:
     ``status`` ``"non-finite weights"``, ``"non-finite logits"`` or ``"no better than chance"`` (accuracy not above
     chance, 100/classes %, by three standard errors of a guesser on this many images), its accuracy where it has
     one, and no attack statistics."""
+    return _health(model, variables, images, labels)[0]
+
+
+def _health(model, variables, images, labels) -> tuple[dict, np.ndarray | None]:
+    """:func:`model_health` and the test logits it computed (None when the weights are not finite)."""
     n = int(len(labels))
     base = {"test_images": n, "attacked": 0}
     bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(variables)[0]
            if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact) and not np.isfinite(np.asarray(v)).all()]
     if bad:
         return {"status": "non-finite weights", "status_detail": f"NaN or infinite values in {', '.join(bad)}",
-                "accuracy": None} | base
+                "accuracy": None} | base, None
     logits = predict(model, variables, images)
     if not np.isfinite(logits).all():
         rows = int((~np.isfinite(logits)).any(axis=1).sum())
         return {"status": "non-finite logits", "status_detail": f"NaN or infinite logits on {rows} of {n} images",
-                "accuracy": None} | base
+                "accuracy": None} | base, logits
     accuracy = float(100 * np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
     p = 1.0 / logits.shape[1]
     threshold = 100 * (p + 3 * np.sqrt(p * (1 - p) / max(n, 1)))
     if accuracy <= threshold:
         return {"status": "no better than chance", "accuracy": accuracy,
                 "status_detail": f"accuracy {accuracy:.2f}% ≤ {threshold:.2f}% (chance {100 * p:.1f}% + 3 standard "
-                                 f"errors on {n} images)"} | base
-    return {"status": "ok"}
+                                 f"errors on {n} images)"} | base, logits
+    return {"status": "ok"}, logits
 
 
 def _eval_config(config: EvalConfig | None, settings: dict) -> EvalConfig:

@@ -66,6 +66,7 @@ from bang_jax.core import (
     Tap,
     batch_size,
     check_default_outputs,
+    check_finite,
     check_labels,
     default_correct,
     default_loss,
@@ -265,6 +266,7 @@ def plain_grad(apply_fn, variables, inputs, labels, *, rngs=None, loss_fn=None, 
     ``aux.model_state``.
     """
     n = batch_size(inputs)
+    check_finite(inputs, "inputs")
     check_labels(labels, n, loss_fn is None)
     default = loss_fn is None
     loss_fn, correct_fn = loss_fns(loss_fn, correct_fn)
