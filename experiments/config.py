@@ -84,6 +84,7 @@ class ExperimentConfig:
     noise_per_class: int = 100
     noise_copies: int = 1000
     figure_images: int = 8
+    seeds: tuple[int, ...] = ()  # --seeds: each model once per seed (experiments/seeds.py); () = one run, no suffix
 
     def validate(self) -> ExperimentConfig:
         """Raises :class:`ConfigError` naming the first bad setting; returns ``self``. (``train`` and ``eval``
@@ -232,7 +233,7 @@ def _spec(name, seed, bang_fields, item) -> ModelSpec:
 # ------------------------------------------------------------------------------------------------------------
 # Flags generated from the fields.
 
-_SPECIAL = frozenset({"dataset", "model", "preset", "models"})
+_SPECIAL = frozenset({"dataset", "model", "preset", "models", "seeds"})
 
 
 def flag_fields() -> list[settings.FlagField]:

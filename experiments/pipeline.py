@@ -36,7 +36,7 @@ from bang_jax.evaluate import evaluate_run, predict, results_bytes, run_models
 from bang_jax.noise import noise_study, plot_noise_study
 from bang_jax.robustness import plot_curves
 from bang_jax.train import Checkpoint, LogMetrics, Snapshots, TrainingDiverged, init_states, train
-from experiments import reports
+from experiments import reports, seeds as seeds_lib
 from experiments.config import (
     EVALUATION_ONLY,
     MAY_CHANGE,
@@ -56,7 +56,7 @@ from experiments.paper_tables import TABLE1, TABLE2
 PAPER_TABLES = {"mnist": TABLE1, "cifar10": TABLE2}
 # What the pipeline writes into a run directory (and what --overwrite clears).
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "table1.md", "table2.md", "noise.json", "noise.png",
-             "fig1_hc1.png", "grid.png", "curves.png", "timings.json")
+             "fig1_hc1.png", "grid.png", "curves.png", "timings.json", "seeds.json", "seeds.md", "seeds.png")
 RUN_DIRS = ("checkpoints", "snapshots")
 USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError, TrainingDiverged)
 
@@ -241,6 +241,13 @@ def stage_report(run: Run) -> str:
         run.out / module.TABLE_FILE, f"{module.TITLE} ({cfg.preset} preset)", results, PAPER_TABLES[cfg.dataset], note
     )
     run.written.append(module.TABLE_FILE)
+    if cfg.seeds and results:
+        summary = seeds_lib.summarize(results)
+        title = f"{module.TITLE} ({cfg.preset} preset)"
+        table = seeds_lib.table(summary, title, PAPER_TABLES[cfg.dataset], note)
+        seeds_lib.write(run.out, summary, table)
+        seeds_lib.plot(summary, run.out / "seeds.png", title)
+        run.written += ["seeds.json", "seeds.md", "seeds.png"]
     return table
 
 
@@ -263,6 +270,9 @@ def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
         "numbers or {layer: number} mappings, or NAME:BETA:EPSILON[:RATIO]",
     )
     p.add_argument("--seed-offset", type=int, default=0, help="added to every model's init/dropout seed")
+    p.add_argument("--seeds", metavar="N|S0,S1,…",
+                   help="train every model once per seed (a count, 5 = seeds 0-4, or a list) and report mean ± sd "
+                   "over seeds; models are named ROW@sK")
     p.add_argument(
         "--stages",
         default=",".join(STAGES),
@@ -310,14 +320,15 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
     if args.models is not None and not args.models.strip():
         raise ConfigError("--models is empty; name the models (e.g. R0,B1) or leave the flag out")
     try:
+        seeds = seeds_lib.parse_seeds(args.seeds) if args.seeds is not None else cfg.seeds
+        base = seeds_lib.rows(cfg.models, cfg.seeds)
         if args.models:
-            cfg = dataclasses.replace(cfg, models=parse_models(args.models, module.TABLE, args.seed_offset))
+            base = parse_models(args.models, module.TABLE, args.seed_offset)
         elif args.seed_offset:
-            cfg = dataclasses.replace(
-                cfg, models=tuple(dataclasses.replace(m, seed=m.seed + args.seed_offset) for m in cfg.models)
-            )
+            base = tuple(dataclasses.replace(m, seed=m.seed + args.seed_offset) for m in base)
+        cfg = dataclasses.replace(cfg, models=seeds_lib.expand(base, seeds), seeds=seeds)
     except ValueError as err:
-        raise ConfigError(f"--seed-offset/--models: {err}") from None
+        raise ConfigError(f"--seeds/--seed-offset/--models: {err}") from None
     cfg = apply_overrides(cfg, overrides_from_args(args))
     cfg.validate()
     _check_per_layer_values(cfg)
@@ -434,7 +445,7 @@ def _probe_writable(out: Path) -> None:
 def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
     cfg, out, stages, saved = configure(dataset, args)
     module = DATASETS[dataset]
-    if cfg.preset in ("paper", "grid") and "train" in stages:
+    if (cfg.preset in ("paper", "grid") or len(cfg.seeds) > 1) and "train" in stages:
         est = len(cfg.models) * cfg.train.steps * module.STEP_SECONDS_CPU / 60
         print(
             f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
