@@ -58,7 +58,8 @@ PAPER_TABLES = {"mnist": TABLE1, "cifar10": TABLE2}
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "table1.md", "table2.md", "noise.json", "noise.png",
              "fig1_hc1.png", "grid.png", "curves.png", "timings.json", "seeds.json", "seeds.md", "seeds.png")
 RUN_DIRS = ("checkpoints", "snapshots")
-USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError, TrainingDiverged)
+USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError, TrainingDiverged,
+               distributed.DistributedError)
 
 
 @dataclasses.dataclass
@@ -283,9 +284,13 @@ def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     multi = p.add_argument_group("multi-process runs (the same command once per process; process 0 writes)")
-    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (jax.distributed)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0 (jax.distributed), or 'auto' on a SLURM cluster or Cloud TPU pod")
     multi.add_argument("--num-processes", type=int, metavar="N")
     multi.add_argument("--process-id", type=int, metavar="I")
+    multi.add_argument("--distributed-timeout", type=int, metavar="SECONDS", default=distributed.DEFAULT_TIMEOUT,
+                       help="how long to wait for the other processes and the coordinator, and for a silent peer, "
+                       "before stopping with one line (default: %(default)s)")
     add_config_flags(p)
     return p
 
@@ -396,29 +401,53 @@ def _clear(out: Path) -> None:
 
 def run_command(dataset: str, argv=None, description: str = "") -> list[dict] | None:
     args = build_parser(dataset, description).parse_args(argv)
+    if distributed.is_multiprocess(args.coordinator) and not os.environ.get("BANG_JAX_SUPERVISED"):
+        # A multi-process run works in a child process, so that the coordination service's fatal aborts (missing or
+        # lost peers) end in one line naming the cause instead of a C++ stack.
+        command = [sys.executable, "-m", f"experiments.{dataset}", *(sys.argv[1:] if argv is None else argv)]
+        raise SystemExit(distributed.supervise(
+            command, coordinator=args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+            num_processes=args.num_processes, process_id=args.process_id, timeout=args.distributed_timeout,
+            last_checkpoint=lambda: _last_checkpoint(args)))
+    code = 0
     try:
         try:
-            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   timeout=args.distributed_timeout)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        distributed.terminate_cleanly()
         return _run(dataset, args)
     except USER_ERRORS as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
+        code = 2
+    except (KeyboardInterrupt, distributed.Terminated) as err:
         if args.debug:
             raise
-        print(f"\ninterrupted{_last_checkpoint(args)}", file=sys.stderr)
-        raise SystemExit(130) from None
+        what = "interrupted" if isinstance(err, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"\n{what}{_last_checkpoint(args)}", file=sys.stderr)
+        code = 130 if isinstance(err, KeyboardInterrupt) else 143
     except OSError as err:  # disk full, a read-only or vanished folder, …: the files written so far stay whole
         if args.debug:
             raise
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         print(f"error: {err.strerror or err}{where}; every file written so far is whole (atomic writes)"
               f"{_last_checkpoint(args)}", file=sys.stderr)
-        raise SystemExit(1) from None
+        code = 1
+    except jax.errors.JaxRuntimeError as err:
+        if args.debug or jax.process_count() == 1:
+            raise
+        print(f"\nerror: process {jax.process_index()}: "
+              f"{distributed.lost_peer_message(err, args.distributed_timeout)}{_last_checkpoint(args)}",
+              file=sys.stderr)
+        code = 1
+    if jax.process_count() > 1:  # the other processes may be gone: no shutdown handshake with them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def _last_checkpoint(args) -> str:
@@ -430,6 +459,18 @@ def _last_checkpoint(args) -> str:
     if not info:
         return ""
     return f"; the last checkpoint is at iteration {info.get('iteration')}: continue with --resume"
+
+
+def _describe_difference(mine: str, theirs: str) -> str:
+    a, b = json.loads(mine), json.loads(theirs)
+    diffs = [f"{k}: {b.get(k)} here vs {a.get(k)}" for k in ("stages", "out") if a.get(k) != b.get(k)]
+    strip = ("stages", "out")
+    try:
+        diffs += differences({k: v for k, v in b.items() if k not in strip},
+                             ExperimentConfig.from_json({k: v for k, v in a.items() if k not in strip}))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        pass
+    return "; ".join(diffs)
 
 
 def _probe_writable(out: Path) -> None:
@@ -444,6 +485,9 @@ def _probe_writable(out: Path) -> None:
 
 def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
     cfg, out, stages, saved = configure(dataset, args)
+    distributed.agree(  # every process of a multi-process run has the same settings
+        json.dumps(cfg.to_json() | {"stages": stages, "out": str(out)}, sort_keys=True),
+        timeout=args.distributed_timeout, describe=_describe_difference)
     module = DATASETS[dataset]
     if (cfg.preset in ("paper", "grid") or len(cfg.seeds) > 1) and "train" in stages:
         est = len(cfg.models) * cfg.train.steps * module.STEP_SECONDS_CPU / 60

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,86 @@ def test_explicit_sharding_equals_unsharded():
     assert worst < 1e-4, res.stdout
     refusal = res.stdout.split("REFUSAL:")[1]
     assert "bang_grad" in refusal and "out_sharding" in refusal, refusal
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Multi-process faults: one line, bounded time, nothing hangs.
+
+
+def _cli(out, pid, port, *extra, timeout_s=15):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "experiments.mnist", "--preset", "smoke", "--no-progress", "--out", str(out),
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
+           "--distributed-timeout", str(timeout_s), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("error:", "terminated", "interrupted"))]
+
+
+def test_multiprocess_startup_faults_stop_fast_with_one_line(tmp_path):
+    # Processes started with different settings: both stop at once, naming the setting.
+    port = _free_port()
+    procs = [_cli(tmp_path / "a", 0, port, "--models", "R0,B1"), _cli(tmp_path / "a", 1, port, "--models", "R0")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        lines = _errors(err)
+        assert len(lines) == 1 and "other settings" in lines[0] and "models" in lines[0], err[-2000:]
+        assert "Traceback" not in err
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    # A missing process: the one started stops within the timeout (+ start-up), with one line and no C++ stack.
+    t0 = time.monotonic()
+    proc = _cli(tmp_path / "b", 0, _free_port(), timeout_s=5)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert time.monotonic() - t0 < 60
+    lines = _errors(err)
+    assert len(lines) == 1 and "could not start the multi-process run" in lines[0], err[-2000:]
+    assert "Check failure" not in err and "    @ " not in err
+    # A bad address: refused before anything starts.
+    proc = _cli(tmp_path / "c", 1, "notaport")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "HOST:PORT" in err and "Traceback" not in err, err[-2000:]
+
+
+def _wait_training(out, procs, limit=240):
+    t0 = time.monotonic()
+    while not (out / "checkpoints" / "state.msgpack").exists():
+        assert time.monotonic() - t0 < limit, "training did not start"
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        time.sleep(1)
+
+
+def test_multiprocess_lost_peer_and_sigterm(tmp_path):
+    """A peer killed mid-training is named by the survivor; SIGTERM ends a process cleanly (exit 143) and its
+    peer stops with one line; nothing hangs."""
+    import signal
+
+    extra = ("--steps", "5000", "--log-every", "5", "--checkpoint-every", "5")
+    port = _free_port()
+    procs = [_cli(tmp_path / "k", i, port, *extra) for i in range(2)]
+    _wait_training(tmp_path / "k", procs)
+    child = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True, text=True).stdout.split()
+    assert child, "process 1 runs its work in a child process"
+    os.kill(int(child[0]), signal.SIGKILL)  # the worker of process 1 dies without a word
+    t0 = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert procs[0].returncode == 1, err[-2000:]
+    lines = _errors(err)
+    assert len(lines) == 1 and "process 1 left the run" in lines[0], err[-2000:]
+    assert "Traceback" not in err and "Check failure" not in err
+    procs[1].communicate(timeout=60)
+
+    port = _free_port()
+    procs = [_cli(tmp_path / "t", i, port, *extra) for i in range(2)]
+    _wait_training(tmp_path / "t", procs)
+    procs[0].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 143, outs[0][1][-2000:]
+    assert _errors(outs[0][1]) and _errors(outs[0][1])[0].startswith("terminated"), outs[0][1][-2000:]
+    assert "continue with --resume" in outs[0][1]
+    assert procs[1].returncode == 1 and len(_errors(outs[1][1])) == 1, outs[1][1][-2000:]
+    assert "Traceback" not in outs[0][1] + outs[1][1]

@@ -1,6 +1,11 @@
-"""The documentation works: README code blocks run, notebooks execute, docs/api.md lists every public name.
+"""The documentation works: code blocks run, links resolve, notebooks execute, docs/api.md lists every public name.
 
-README blocks run as written, except that loop counts and ``steps=`` are capped at 20 so they finish in seconds.
+The ```python blocks of README.md and of every docs/*.md page run as written, except that loop counts and
+``steps=`` are capped at 20 so they finish in seconds. A block that is not meant to run here (it needs files a
+fresh clone does not have, such as the authors' weights) carries the marker comment
+``<!-- docs-test: skip (reason) -->`` on the line right above its opening fence; the reason is for the reader.
+Every relative link in those pages must resolve, ``#anchors`` into .md files included (GitHub's rule: the heading in
+lowercase, punctuation other than ``-`` and ``_`` removed, spaces turned into ``-``).
 Notebooks run in a Jupyter kernel with ``BANG_NOTEBOOK_SIZE=ci``, which each notebook reads to shrink itself;
 ``reproduce_paper`` reads a tiny experiment run this module makes first. Without nbclient/ipykernel (the
 ``test`` extra installs them) the notebook tests skip.
@@ -27,6 +32,7 @@ README = ROOT / "README.md"
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK_NAMES = ("quickstart", "your_own_model", "reproduce_paper", "robustness")
 USER_DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+SKIP_MARKER = re.compile(r"<!--\s*docs-test:\s*skip\b[^>]*-->\s*\Z")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -34,11 +40,44 @@ USER_DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _python_blocks(text: str) -> list[tuple[int, str]]:
-    """(line number, dedented source) of every fenced ```python block, also inside list items."""
+    """(line number, dedented source) of every fenced ```python block, also inside list items, except those whose
+    opening fence follows the skip marker."""
     blocks = []
     for m in re.finditer(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```", text, re.M | re.S):
+        if SKIP_MARKER.search(text[: m.start()].rstrip()):
+            continue
         blocks.append((text[: m.start()].count("\n") + 1, textwrap.dedent(m.group("body"))))
     return blocks
+
+
+def _without_code(text: str) -> str:
+    """The text with fenced code blocks and inline code blanked out (their ``#`` lines are not headings, their
+    brackets not links); line numbers are kept."""
+    text = re.sub(r"^([ \t]*)(```|~~~).*?^\1\2", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "``", text)
+
+
+def _without_code_keep_inline(text: str) -> str:
+    """The text with fenced code blocks removed and inline code reduced to its content (headings keep it)."""
+    text = re.sub(r"^([ \t]*)(```|~~~).*?^\1\2", "", text, flags=re.M | re.S)
+    return re.sub(r"`([^`\n]*)`", r"\1", text)
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file (a repeated heading gets -1, -2, …)."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", _without_code_keep_inline(path.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def _relative_links(path: Path) -> list[str]:
+    """The link and image targets of a Markdown file that are not URLs (``#anchor`` alone included)."""
+    targets = re.findall(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", _without_code(path.read_text()))
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t, re.I)]
 
 
 def _public_modules() -> dict[str, object]:
@@ -96,8 +135,35 @@ def test_user_docs_stand_alone():
     for name, text in texts.items():
         for needle in ("SPEC §", "SPEC.md", "../shared", "shared/data", "SOURCES.md"):
             assert needle not in text, f"{name} mentions {needle!r}"
-    for link in re.findall(r"\]\(((?!https?:|#)[^)#]+)", README.read_text()):
-        assert (ROOT / link).exists(), f"README links to missing {link}"
+    for path in USER_DOCS:
+        text = path.read_text()
+        assert not re.search(r"\bSPEC\b", text), f"{path.name} mentions SPEC"
+        hits = re.findall(r"(?:/work/|/tmp/|/root/|/home/|/Users/)[^\s\"'`)]*", text)
+        assert not hits, f"{path.name} holds machine paths: {sorted(set(hits))[:5]}"
+
+
+def test_user_docs_links_resolve():
+    """Every relative link of README.md and docs/*.md points at a file of the repository, and every #anchor into a
+    Markdown file at one of its headings."""
+    problems = []
+    for path in USER_DOCS:
+        for target in _relative_links(path):
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            name = f"{path.relative_to(ROOT)} -> {target}"
+            if not dest.exists():
+                problems.append(f"{name}: no such file")
+            elif ROOT not in dest.parents and dest != ROOT:
+                problems.append(f"{name}: outside the repository")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                problems.append(f"{name}: no heading with that anchor")
+    assert not problems, "\n".join(problems)
+
+
+def test_anchor_rule():
+    assert _anchors(README) >= {"what-bang-is", "quickstart", "train-a-model-with-bang", "citation-and-license"}
+    assert "what-bang-does-and-does-not-buy--read-before-citing-robustness-numbers" in _anchors(
+        ROOT / "docs" / "robustness.md")
 
 
 def test_committed_notebook_outputs_hold_no_machine_paths():
@@ -112,19 +178,27 @@ def test_committed_notebook_outputs_hold_no_machine_paths():
 
 
 def test_readme_top_has_what_users_need_first():
+    """The README is the front door: what BANG is, the quickstart, one training example, the findings, the map of
+    the docs, then how to cite; everything else lives in docs/."""
     text = README.read_text()
-    order = ["## Quickstart", "## What BANG is", "### Two ways to compute it", "## Train a model with BANG",
-             "## What the experiments reproduce", "## Data and the authors' weights", "## Notebooks",
-             "## Documentation, citation, license", "## BANG in your own training loop"]
+    order = ["# bang-jax\n", "## Quickstart", "## What BANG is", "## Train a model with BANG", "## What we found",
+             "## Documentation", "## Citation and license"]
     positions = [text.index(h) for h in order]
     assert positions == sorted(positions)
-    quickstart = re.search(r"## Quickstart\n\n```bash\n(.*?)```", text, re.S).group(1).strip().splitlines()
-    assert quickstart == ['pip install -e . && python -m experiments.mnist',
-                          'pip install -e ".[test]" && python -m pytest']
+    assert [h for h in re.findall(r"^#{1,2} .+$", _without_code(text), re.M)] == [h.strip() for h in order]
+    before, block = re.search(r"## Quickstart\n(.*?)```bash\n(.*?)```", text, re.S).groups()
+    assert "python -m bang_jax.data download mnist" in before and "BANG_DATA_DIR" in before
+    assert block.strip().splitlines() == ['pip install -e . && python -m experiments.mnist',
+                                          'pip install -e ".[test]" && python -m pytest']
     for symbol in ("κ_i", "n_i", "m = max", "ε_i", "ratio", "β"):
-        assert symbol in text[: positions[3]], f"{symbol} is not defined in 'What BANG is'"
+        assert symbol in text[: positions[3]], f"{symbol} is not defined before 'Train a model with BANG'"
+    documentation = text[positions[5]: positions[6]]
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"(docs/{page.name})" in documentation, f"the README's Documentation table misses docs/{page.name}"
     assert "@inproceedings{" in text and "(LICENSE)" in text and (ROOT / "LICENSE").exists()
     assert "BSD 2-Clause" in (ROOT / "LICENSE").read_text()
+    assert "(CITATION.cff)" in text and "cff-version: 1.2.0" in (ROOT / "CITATION.cff").read_text()
+    assert len(text.splitlines()) <= 150, "the README is a front door: move details into docs/"
 
 
 def test_committed_notebooks_hold_outputs_and_pictures():
@@ -140,7 +214,7 @@ def test_committed_notebooks_hold_outputs_and_pictures():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# README code blocks.
+# Code blocks of README.md and docs/*.md.
 
 
 def _shrink(source: str) -> str:
@@ -148,21 +222,25 @@ def _shrink(source: str) -> str:
     return re.sub(r"\bsteps=(\d[\d_]*)", r"steps=min(\1, 20)", source)
 
 
-README_BLOCKS = _python_blocks(README.read_text())
+DOC_BLOCKS = [(path.relative_to(ROOT).as_posix(), line, source)
+              for path in USER_DOCS for line, source in _python_blocks(path.read_text())]
 
 
-@pytest.mark.parametrize("line,source", README_BLOCKS, ids=[f"README-line-{n}" for n, _ in README_BLOCKS])
-def test_readme_python_block_runs(line, source, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("doc,line,source", DOC_BLOCKS, ids=[f"{d}-line-{n}" for d, n, _ in DOC_BLOCKS])
+def test_docs_python_block_runs(doc, line, source, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # blocks may write run directories
-    namespace = {"__name__": "__readme__"}
+    namespace = {"__name__": "__docs__"}
     with jax.numpy_rank_promotion("allow"), warnings.catch_warnings():
         warnings.simplefilter("ignore", bang_jax.data.DataFallbackWarning)  # no data: the announced subset
-        exec(compile(_shrink(source), f"README.md:{line}", "exec"), namespace)  # noqa: S102
+        exec(compile(_shrink(source), f"{doc}:{line}", "exec"), namespace)  # noqa: S102
     capsys.readouterr()
 
 
-def test_readme_has_python_examples():
-    assert len(README_BLOCKS) >= 4
+def test_docs_have_python_examples():
+    assert [d for d, _, _ in DOC_BLOCKS].count("README.md") >= 1
+    assert len(DOC_BLOCKS) >= 5
+    skipped = sum(len(re.findall(r"```python", p.read_text())) for p in USER_DOCS) - len(DOC_BLOCKS)
+    assert skipped <= 2, "more than two code blocks are marked not to run: make them runnable"
 
 
 # ------------------------------------------------------------------------------------------------------------

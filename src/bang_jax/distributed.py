@@ -9,40 +9,261 @@ result is that of single-device training up to the order of floating-point addit
 Several processes (hosts) join with :func:`initialize` (``jax.distributed.initialize``; on CPU with gloo
 collectives). Every process runs the same command, holds the same data and feeds its devices' share of every global
 batch; only process 0 writes files (:func:`is_writer`).
+
+Failing fast. JAX's coordination service ends a process whose peers are missing or lost with a C++ abort after
+minutes. Here every wait is bounded by one timeout (``timeout``, default :data:`DEFAULT_TIMEOUT` s: joining,
+and the heartbeat that notices a lost peer); :func:`agree` checks right after joining that every process runs the
+same settings; and the experiments run a multi-process command under :func:`supervise`, which turns the service's
+fatal errors into one line naming the cause (the lost process id, the coordinator that did not answer) and makes
+SIGTERM end a process cleanly.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["initialize", "is_writer", "make_mesh", "put_batch", "put_models", "put_replicated"]
+__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "Terminated", "agree", "initialize", "is_multiprocess",
+           "is_writer", "lost_peer_message", "lost_processes", "make_mesh", "put_batch", "put_models",
+           "put_replicated", "supervise", "terminate_cleanly"]
+
+DEFAULT_TIMEOUT = 60  # seconds: joining a run, and noticing a lost peer
+_KEY = "bang_jax/settings/"
+
+
+class DistributedError(RuntimeError):
+    """A multi-process run that cannot go on (peers missing, settings differ); the message says which."""
+
+
+class Terminated(Exception):  # noqa: N818 - it is a signal, like KeyboardInterrupt
+    """Raised in the main thread on SIGTERM (see :func:`terminate_cleanly`)."""
+
+
+def is_multiprocess(coordinator: str | None = None) -> bool:
+    """Whether this command joins a multi-process run (a coordinator given, or JAX's environment variable)."""
+    return bool(coordinator) or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def _check_address(coordinator: str) -> None:
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator must be HOST:PORT with a port in 1–65535 (or 'auto'), got {coordinator!r}")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """Joins a multi-process run (all three arguments, or JAX's environment variables, or nothing: one process).
+               process_id: int | None = None, *, timeout: int = DEFAULT_TIMEOUT) -> None:
+    """Joins a multi-process run: all three arguments; ``coordinator="auto"`` (the cluster's environment: SLURM,
+    Cloud TPU pods, …, read by ``jax.distributed.initialize()``); JAX's environment variables; or nothing (one
+    process, nothing to do).
 
-    Must be called before any other JAX call. On CPU, collectives between processes go through gloo.
+    Must be called before any other JAX call. On CPU, collectives between processes go through gloo. ``timeout``
+    (seconds) bounds the wait for the other processes and the coordinator, and how long a silent peer may go
+    unnoticed; past it JAX ends the process (run it under :func:`supervise` for a one-line reason).
     """
-    given = [v is not None for v in (coordinator, num_processes, process_id)]
-    if any(given) and not all(given):
-        raise ValueError("a multi-process run needs --coordinator HOST:PORT, --num-processes N and --process-id I "
-                         "together")
-    if all(given):
-        if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id must be in [0, {num_processes}) and --num-processes positive, got "
-                             f"{process_id} of {num_processes}")
-        if ":" not in coordinator:
-            raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
-    elif not os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
+        raise ValueError(f"--distributed-timeout must be a positive number of seconds, got {timeout!r}")
+    if coordinator == "auto":
+        if num_processes is not None or process_id is not None:
+            raise ValueError("--coordinator auto reads the process count and id from the cluster: leave out "
+                             "--num-processes and --process-id")
+        coordinator = None
+    else:
+        given = [v is not None for v in (coordinator, num_processes, process_id)]
+        if any(given) and not all(given):
+            raise ValueError("a multi-process run needs --coordinator HOST:PORT, --num-processes N and "
+                             "--process-id I together (or --coordinator auto on a cluster)")
+        if all(given):
+            if num_processes < 1 or not 0 <= process_id < num_processes:
+                raise ValueError(f"--process-id must be in [0, {num_processes}) and --num-processes positive, got "
+                                 f"{process_id} of {num_processes}")
+            _check_address(coordinator)
+        elif not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by the CPU backend
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout,
+                               heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout)
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # noqa: PLC0415 - the coordination service's client
+
+    return jax_distributed.global_state.client
+
+
+def agree(settings: str, *, timeout: int = DEFAULT_TIMEOUT, describe=None) -> None:
+    """Checks that every process of the run has the same ``settings`` (a string, e.g. the run's config as JSON);
+    raises :class:`DistributedError` naming the first process that differs (with ``describe(mine, theirs)``, a
+    description of the difference) or that did not answer within ``timeout`` seconds. One process: nothing to do.
+    """
+    if jax.process_count() == 1:
+        return
+    client = _client()
+    me = jax.process_index()
+    client.key_value_set(_KEY + str(me), settings)
+    for other in range(jax.process_count()):
+        if other == me:
+            continue
+        try:
+            theirs = client.blocking_key_value_get(_KEY + str(other), timeout * 1000)
+        except Exception:  # noqa: BLE001 - the service's timeout error
+            raise DistributedError(f"process {other} did not share its settings within {timeout} s "
+                                   "(--distributed-timeout)") from None
+        if theirs != settings:
+            what = describe(settings, theirs) if describe is not None else ""
+            what = f" (process {other} → process {me}: {what})" if what else ""
+            raise DistributedError(
+                f"process {other} runs with other settings than process {me}{what}; every "
+                "process must run the same command (only --process-id differs)")
+
+
+def lost_processes(timeout: int = DEFAULT_TIMEOUT) -> list[int]:
+    """The ids of the processes that left the run, waiting up to ``timeout`` seconds for the coordination service
+    to notice (a collective that failed because a peer died usually fails before its heartbeat times out)."""
+    if jax.process_count() == 1:
+        return []
+    everyone = list(range(jax.process_count()))
+    deadline = time.monotonic() + timeout + 5
+    while time.monotonic() < deadline:
+        try:
+            live = set(_client().get_live_nodes(everyone))
+        except Exception:  # noqa: BLE001 - the coordinator itself (process 0) is gone
+            return [0] if jax.process_index() != 0 else []
+        gone = [p for p in everyone if p not in live]
+        if gone:
+            return gone
+        time.sleep(1)
+    return []
+
+
+def lost_peer_message(err: Exception, timeout: int = DEFAULT_TIMEOUT) -> str:
+    """One line for a collective that failed in a multi-process run: which process was lost, if the service
+    knows within ``timeout`` seconds."""
+    gone = lost_processes(timeout)
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if gone:
+        return (f"process {', '.join(map(str, gone))} left the run (lost mid-work); process {jax.process_index()} "
+                f"stops too ({first})")
+    return f"a collective between the processes failed: {first}"
+
+
+def terminate_cleanly(grace: float = 10.0) -> None:
+    """SIGTERM raises :class:`Terminated` in the main thread (so the command can say where it stopped); if the main
+    thread is blocked (e.g. in a collective with a lost peer) the process exits with status 143 after ``grace``
+    seconds. Call from the main thread; replaces any earlier SIGTERM handler (JAX's preemption notifier, which
+    would otherwise swallow the signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watchdog():
+        while True:
+            data = os.read(read, 64)
+            if signal.SIGTERM in data:
+                time.sleep(grace)
+                sys.stderr.write("\nterminated (SIGTERM)\n")
+                sys.stderr.flush()
+                os._exit(143)
+
+    threading.Thread(target=watchdog, daemon=True, name="sigterm-watchdog").start()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The supervisor: one line instead of the coordination service's C++ abort.
+
+_LOG = re.compile(r"^[EWI]\d{4} \d\d:\d\d:\d\d")  # the service's own log lines
+_TASK = re.compile(r"/task:(\d+)|Task (\d+) heartbeat timeout")
+
+
+def _reason(log: str, coordinator: str, num_processes: int | None, timeout: int, process_id: int | None) -> str:
+    """One line for a fatal error of the coordination service, from the end of the process's log."""
+    tasks = {int(a or b) for a, b in _TASK.findall(log)}
+    for m in re.finditer(r"stopped sending heartbeats\):\s*\n((?:\s*\d+\s*\n)+)", log + "\n"):
+        tasks |= {int(t) for t in m.group(1).split()}
+    tasks = sorted(tasks)
+    if "RegisterTask" in log or "Connect" in log and "DEADLINE_EXCEEDED" in log:
+        count = f"all {num_processes} processes" if num_processes else "all processes"
+        return (f"could not start the multi-process run: {count} must join the coordinator at {coordinator} "
+                f"within {timeout} s (--distributed-timeout); check that every process was started, with the same "
+                "--coordinator and --num-processes, and that process 0 is reachable there")
+    if tasks:
+        who = ", ".join(map(str, tasks))
+        return (f"process {who} left the run (it stopped responding; --distributed-timeout {timeout} s); see its "
+                "own output for why")
+    if process_id not in (None, 0) and ("UNAVAILABLE" in log or "Connection" in log or "Socket" in log):
+        return (f"process 0 (the coordinator, {coordinator}) left the run or cannot be reached; see its own output "
+                "for why")
+    if "heartbeat" in log.lower() or "UNAVAILABLE" in log or "Connection" in log:
+        return (f"a peer process stopped responding or the coordinator at {coordinator} went away; see the other "
+                "processes' output for why")
+    return "the JAX distributed service stopped the run (see the lines above)"
+
+
+def supervise(command: list[str], *, coordinator: str, num_processes: int | None, process_id: int | None,
+              timeout: int, last_checkpoint=lambda: "") -> int:
+    """Runs ``command`` (this same command, marked as supervised) as a child process and returns its exit status.
+
+    Its output passes through, except the coordination service's fatal C++ abort (the ``F…`` line and its stack),
+    which becomes one ``error:`` line naming the cause. SIGTERM and Ctrl-C are passed to the child, which stops
+    cleanly; a child that does not stop within ``timeout`` seconds is killed.
+    """
+    env = dict(os.environ, BANG_JAX_SUPERVISED="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the service's error log lines; its fatal ones still come
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
+
+    def forward(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    fatal, done, tail, partial = False, False, [], b""
+    try:
+        while True:
+            chunk = os.read(child.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            partial += chunk
+            *lines, partial = partial.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                tail = (tail + [line])[-400:]
+                if re.match(r"^F\d{4} ", line):
+                    fatal = True
+                if not (fatal or done or _LOG.match(line)):
+                    sys.stderr.write(line + "\n")
+                done = done or line.startswith(("error: ", "terminated", "interrupted"))  # the rest is noise
+            if partial and not fatal and b"\r" in partial:  # progress bars redraw without a newline
+                head, _, partial = partial.rpartition(b"\r")
+                sys.stderr.write(head.decode(errors="replace") + "\r")
+            sys.stderr.flush()
+        rc = child.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:
+            child.kill()
+    if fatal or rc == -signal.SIGABRT:
+        who = f"process {process_id}: " if process_id is not None else ""
+        print(f"error: {who}{_reason(chr(10).join(tail), coordinator, num_processes, timeout, process_id)}"
+              f"{last_checkpoint()}", file=sys.stderr)
+        return 1
+    return 128 - rc if rc < 0 else rc
 
 
 def is_writer() -> bool:
