@@ -38,10 +38,10 @@ def _hyper(value, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def write_table(path: Path, title: str, results: list[dict], paper: dict[str, dict], note: str = "") -> str:
-    """A Markdown table laid out like the paper's Table 1/2, our row above the paper's for each model."""
+def table_lines(results: list[dict], paper: dict[str, dict]) -> list[str]:
+    """The Markdown table of the paper's Table 1/2 layout, our row above the paper's for each model."""
     head = "| model | β | ε | ratio | source | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [f"# {title}", "", head, "|" + " --- |" * (5 + len(COLUMNS))]
+    lines = [head, "|" + " --- |" * (5 + len(COLUMNS))]
     for r in results:
         beta, eps, ratio = (_hyper(r[k], digits) for k, digits in (("beta", 2), ("epsilon", 3), ("ratio", 2)))
         if r.get("status", "ok") != "ok":  # a diverged model: its status instead of numbers
@@ -56,6 +56,12 @@ def write_table(path: Path, title: str, results: list[dict], paper: dict[str, di
                 + " | ".join(_cell(paper[r["id"]], k, kind) for k, _, kind in COLUMNS)
                 + " |"
             )
+    return lines
+
+
+def write_table(path: Path, title: str, results: list[dict], paper: dict[str, dict], note: str = "") -> str:
+    """``# title``, :func:`table_lines` and the note, written to ``path``; returns the text."""
+    lines = [f"# {title}", "", *table_lines(results, paper)]
     if note:
         lines += ["", note]
     text = "\n".join(lines) + "\n"

@@ -242,3 +242,57 @@ def test_cli_fetches_the_real_mnist_files_and_they_load(server, tmp_path, data_d
     assert "Warning" not in proc.stderr
     ds = data_lib.load_mnist(tmp_path, source="files")
     assert ds.train_images.shape == (60000, 28, 28, 1) and ds.comparable_to_paper
+
+
+def _serve_caffe(server, contents: dict[str, bytes]):
+    for path in dl.SOURCES["bang_caffe"].files:
+        folder, name = path.rsplit("/", 1)
+        server.other.setdefault("/files/" + folder, {})[name] = contents[name]
+
+
+def test_released_weights_download_checks_each_file(server, tmp_path):
+    """``download bang_caffe`` fetches the four files from their sub-paths, saves them under their names and
+    checks each raw file's SHA-256; a wrong file is refused and what the call created is removed."""
+    fake = {Path(p).name: f"weights of {p}".encode() for p in dl.SOURCES["bang_caffe"].files}
+    sums = {name: hashlib.sha256(body).hexdigest() for name, body in fake.items()}
+    _serve_caffe(server, fake)
+    folder = dl.download("bang_caffe", tmp_path / "d", urls=[server.url], checksums=sums, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(fake)
+    assert all((folder / n).read_bytes() == b for n, b in fake.items())
+    # The real table refuses these bytes, and the folders this call made are gone again.
+    with pytest.raises(dl.DownloadError, match="checksum mismatch"):
+        dl.download("bang_caffe", tmp_path / "new" / "deeper", urls=[server.url], progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_fetches_the_real_released_weights(server, tmp_path, data_dir):
+    from bang_jax.caffe import check_caffe_weights
+
+    real = {}
+    for name in ("lenet.caffemodel.h5", "lenet_bang.caffemodel.h5", "cifar10.caffemodel.h5",
+                 "cifar10_bang.caffemodel.h5"):
+        path = Path(data_dir) / "bang_caffe" / name
+        if not path.is_file():
+            pytest.skip(f"{path} not available")
+        real[name] = path.read_bytes()
+    _serve_caffe(server, real)
+    proc = _cli(["bang_caffe", "--dir", str(tmp_path), "--url", server.url, "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    assert "bang_caffe: 4 files verified in" in proc.stderr
+    for name in real:
+        check_caffe_weights(tmp_path / "bang_caffe" / name)
+
+
+def test_cli_unusable_dir_is_one_line_before_any_download(server, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for target in (afile, afile / "sub"):
+        proc = _cli(["mnist", "--dir", str(target), "--url", server.url, "--no-progress"])
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"error: --dir {target}: {afile} is a file, not a folder"]
+    assert server.requests == []
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        proc = _cli(["mnist", "--dir", str(ro), "--url", server.url, "--no-progress"])
+        assert proc.returncode == 2 and "is not writable" in proc.stderr, proc.stderr

@@ -3,6 +3,7 @@
 From the command line::
 
     python -m bang_jax.data download mnist            # or fashion_mnist, cifar10
+    python -m bang_jax.data download bang_caffe       # the authors' four released Caffe weight files
     python -m bang_jax.data download cifar10 --dir ~/data
     export BANG_DATA_DIR=~/data                       # what load_mnist() & co. and the experiments read
 
@@ -18,7 +19,13 @@ What ends up where (``DIR`` is ``--dir``, else ``$BANG_DATA_DIR``, else ``./data
 * ``DIR/mnist/`` and ``DIR/fashion_mnist/``: the four IDX files, gzipped as published
   (``train-images-idx3-ubyte.gz`` …);
 * ``DIR/cifar10/``: ``data_batch_1.bin`` … ``data_batch_5.bin``, ``test_batch.bin`` and ``batches.meta.txt``,
-  taken out of the published ``cifar-10-binary.tar.gz`` (the archive is deleted once they verify).
+  taken out of the published ``cifar-10-binary.tar.gz`` (the archive is deleted once they verify);
+* ``DIR/bang_caffe/``: the BANG authors' released weights (LeNet R0 and B1, CIFAR-10-quick R0 and B0,
+  ``*.caffemodel.h5``) from their Caffe fork on GitHub, pinned to the commit that added them, each checked against
+  the SHA-256 in :data:`bang_jax.caffe.RELEASED_WEIGHTS`; read them with ``python -m bang_jax.evaluate
+  --caffe-weights DIR/bang_caffe/lenet_bang.caffemodel.h5``.
+
+A download that fails removes the folders it created (a cut file's ``.part`` stays, to resume from).
 """
 
 from __future__ import annotations
@@ -59,14 +66,18 @@ class Source:
       urls: base URLs (ending in ``/``), tried in order: the publisher's first, then mirrors.
       archive_dir: for an archive (CIFAR-10), the folder inside it that holds the data files.
       extra_members: archive members copied without a checksum (CIFAR-10's class names).
+      raw: the files are checked as they are (not gunzipped), against ``checksums`` keyed by their base name;
+        ``files`` may then hold sub-paths of the base URL (saved under their base name).
     """
 
     files: tuple[str, ...]
     urls: tuple[str, ...]
     archive_dir: str | None = None
     extra_members: tuple[str, ...] = ()
+    raw: bool = False
 
 
+_CAFFE_COMMIT = "a63bc240a38454e6a70dbfe4324151045d7efcb4"
 _IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
               "t10k-labels-idx1-ubyte.gz")
 
@@ -85,7 +96,22 @@ SOURCES: dict[str, Source] = {
     # Krizhevsky: the "CIFAR-10 binary version" on the CIFAR page.
     "cifar10": Source(("cifar-10-binary.tar.gz",), ("https://www.cs.toronto.edu/~kriz/",),
                       archive_dir="cifar-10-batches-bin", extra_members=("batches.meta.txt",)),
+    # Rozsa et al.: their Caffe fork on GitHub, at the commit that added BANG and the released models.
+    "bang_caffe": Source(
+        ("models/mnist/lenet.caffemodel.h5", "models/mnist/lenet_bang.caffemodel.h5",
+         "models/cifar10/cifar10.caffemodel.h5", "models/cifar10/cifar10_bang.caffemodel.h5"),
+        (f"https://raw.githubusercontent.com/arozsa23/caffe/{_CAFFE_COMMIT}/",
+         f"https://github.com/arozsa23/caffe/raw/{_CAFFE_COMMIT}/"),
+        raw=True),
 }
+
+
+def _checksums(name: str) -> dict[str, str]:
+    if name == "bang_caffe":
+        from bang_jax.caffe import RELEASED_WEIGHTS  # noqa: PLC0415
+
+        return {file: digest for file, (digest, _) in RELEASED_WEIGHTS.items()}
+    return dict(data_lib._CHECKSUMS[name])
 
 
 def _default_dir() -> Path:
@@ -196,7 +222,7 @@ def download(name: str, directory: str | os.PathLike | None = None, *, urls: Seq
     """Fetches and verifies ``name``'s official files into ``directory/name``; returns that folder.
 
     Args:
-      name: ``'mnist'``, ``'fashion_mnist'`` or ``'cifar10'``.
+      name: ``'mnist'``, ``'fashion_mnist'``, ``'cifar10'`` or ``'bang_caffe'`` (the authors' released weights).
       directory: the data root (default ``$BANG_DATA_DIR``, else ``./data``); the files go into its ``name``
         subfolder, where :func:`bang_jax.load_dataset` looks for them.
       urls: base URLs to try instead of :data:`SOURCES` (a private mirror, a test server).
@@ -214,23 +240,38 @@ def download(name: str, directory: str | os.PathLike | None = None, *, urls: Seq
     source = SOURCES[name]
     urls = tuple(urls) if urls else source.urls
     urls = tuple(u if u.endswith("/") else u + "/" for u in urls)
-    checksums = dict(data_lib._CHECKSUMS[name] if checksums is None else checksums)
+    checksums = _checksums(name) if checksums is None else dict(checksums)
     target = Path(directory if directory is not None else _default_dir()).expanduser() / name
+    created = [p for p in (target, *target.parents) if not p.exists()]  # removed again if the download fails
     target.mkdir(parents=True, exist_ok=True)
-    options = dict(progress=progress, timeout=timeout, retries=retries)
+    try:
+        return _download_into(name, source, target, urls, checksums,
+                              dict(progress=progress, timeout=timeout, retries=retries))
+    except BaseException:
+        for folder in created:  # deepest first; a folder holding a .part to resume from stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
+
+def _download_into(name, source, target: Path, urls, checksums, options) -> Path:
     if source.archive_dir is None:
         for file in source.files:
-            dest = target / file
-            expected = checksums[file.removesuffix(".gz")]
+            base = Path(file).name
+            dest = target / base
+            expected = checksums[base if source.raw else file.removesuffix(".gz")]
+            gzipped = not source.raw
             if dest.exists():
                 try:
-                    _verify(dest, expected)
-                    print(f"{name}/{file}: already there, checksum ok", file=sys.stderr)
+                    _verify(dest, expected, gzipped=gzipped and dest.name.endswith(".gz"))
+                    print(f"{name}/{base}: already there, checksum ok", file=sys.stderr)
                     continue
                 except DownloadError:
-                    print(f"{name}/{file}: present but fails its checksum; fetching it again", file=sys.stderr)
-            _fetch_verified(name, file, dest, urls, lambda p, e=expected: _verify(p, e, gzipped=True), **options)
+                    print(f"{name}/{base}: present but fails its checksum; fetching it again", file=sys.stderr)
+            _fetch_verified(name, file, dest, urls, lambda p, e=expected, g=gzipped: _verify(p, e, gzipped=g),
+                            **options)
         return target
 
     wanted = {f"{source.archive_dir}/{base}": base for base in checksums}
@@ -286,12 +327,24 @@ def download(name: str, directory: str | os.PathLike | None = None, *, urls: Seq
     return target
 
 
+def _unusable(root: Path) -> str | None:
+    """Why files cannot be written under ``root`` (checked before any download), or None."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bang_jax.data download NAME [--dir DIR]``; returns the exit status (2 on a user error)."""
     p = argparse.ArgumentParser(
         prog="python -m bang_jax.data",
-        description="Fetch the official MNIST, Fashion-MNIST or CIFAR-10 files, with a progress bar, SHA-256 "
-                    "checks and resumable downloads.")
+        description="Fetch the official MNIST, Fashion-MNIST or CIFAR-10 files, or the BANG authors' released "
+                    "Caffe weights (bang_caffe), with a progress bar, SHA-256 checks and resumable downloads.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch and verify a dataset's official files")
     d.add_argument("datasets", nargs="+", metavar="NAME", help=f"{' | '.join(SOURCES)} (several allowed)")
@@ -304,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
     root = Path(args.dir).expanduser() if args.dir else _default_dir()
+    problem = _unusable(root)
+    if problem:
+        print(f"error: --dir {root}: {problem}", file=sys.stderr)
+        return 2
     try:
         for name in args.datasets:
             folder = download(name, root, urls=args.urls, progress=not args.no_progress)
@@ -312,6 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DownloadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk filled up, a folder vanished …
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume the download", file=sys.stderr)
+        return 130
     root_abs = root.resolve()
     env = data_lib.resolve_data_dir(None)
     if env is None or env.resolve() != root_abs:

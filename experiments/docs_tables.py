@@ -1,0 +1,347 @@
+"""Every measured number in the docs comes from a committed results file: this script writes those tables.
+
+Results live under ``docs/results/<name>/``: the run's ``results.json`` (and ``seeds.json``, ``noise.json``,
+``timings.json`` where the run made them) plus ``meta.json`` — the exact command, the code version (git commit),
+the machine and the date. Markdown files hold marked blocks::
+
+    <!-- results: table mnist-default -->
+    (generated; do not edit)
+    <!-- /results -->
+
+and ``python -m experiments.docs_tables`` rewrites every block from the results files (``--check``: only say
+which blocks differ, exit 1 if any; the test suite runs that check, so a hand-edited number or a changed results
+file without regenerated docs fails CI). ``python -m experiments.docs_tables collect RUN NAME --command "…"``
+copies a finished run directory (or an ``evaluate --json`` file) into ``docs/results/NAME`` with its metadata,
+with machine paths taken out.
+
+Generators (the first word of a block's spec): ``table NAME`` (Table-1/2 style, ours above the paper's),
+``seeds NAME`` (mean ± sd over seeds and the per-seed values), ``released`` (the authors' four released models),
+``summary`` (the README's findings table), ``runtime NAME`` (the run's measured time and machine), ``meta NAME``
+(the command, code version and machine of a results file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path("docs") / "results"
+BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+RELEASED = {  # results folder: (row label, paper table, paper row)
+    "released-lenet-r0": ("LeNet R0", "mnist", "R0"),
+    "released-lenet-b1": ("LeNet B1", "mnist", "B1"),
+    "released-cifar-r0": ("CIFAR R0", "cifar10", "R0"),
+    "released-cifar-b0": ("CIFAR B0", "cifar10", "B0"),
+}
+
+
+class DocsError(ValueError):
+    """A block that cannot be generated (unknown generator, missing results file)."""
+
+
+def _paper(dataset: str) -> dict:
+    from experiments.paper_tables import TABLE1, TABLE2  # noqa: PLC0415
+
+    return {"mnist": TABLE1, "cifar10": TABLE2}[dataset]
+
+
+def _load(root: Path, name: str, file: str, required: bool = True):
+    path = root / RESULTS / name / file
+    if not path.exists():
+        if required:
+            raise DocsError(f"{RESULTS / name / file} does not exist (collect the run first)")
+        return None
+    return json.loads(path.read_text())
+
+
+def _pct(v, digits=2):
+    return "–" if v is None else f"{v:.{digits}f}%"
+
+
+def _num(v, digits=2):
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def _mean_std(row, key, digits=2):
+    m, s = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Generators: each returns the Markdown between the markers.
+
+
+def gen_meta(root: Path, name: str) -> str:
+    meta = _load(root, name, "meta.json")
+    return (f"Made by `{meta['command']}` (code {meta['code_version']}, {meta['date']}) on {meta['machine']}; "
+            f"results in [`{RESULTS / name}`]({_rel(root, name)}).\n")
+
+
+def _rel(root: Path, name: str) -> str:
+    return f"results/{name}/"
+
+
+def gen_runtime(root: Path, name: str) -> str:
+    meta = _load(root, name, "meta.json")
+    t = meta.get("seconds") or {}
+    total = t.get("total")
+    parts = ", ".join(f"{k.removesuffix('_seconds')} {v:,.0f} s" for k, v in t.items()
+                      if k.endswith("_seconds") and v >= 1)
+    return (f"{total:,.0f} s ({total / 60:.0f} min) on {meta['machine']}" + (f" — {parts}" if parts else "")
+            + f"; `{meta['command']}`\n")
+
+
+def gen_table(root: Path, name: str) -> str:
+    from experiments.reports import table_lines  # noqa: PLC0415
+
+    results = _load(root, name, "results.json")
+    meta = _load(root, name, "meta.json")
+    return "\n".join(table_lines(results, _paper(meta["dataset"]))) + "\n"
+
+
+def gen_seeds(root: Path, name: str) -> str:
+    from experiments import seeds as seeds_lib  # noqa: PLC0415
+
+    summary = _load(root, name, "seeds.json")
+    meta = _load(root, name, "meta.json")
+    text = seeds_lib.table(summary, "", _paper(meta["dataset"]))
+    return text.split("\n", 2)[2]  # without the title line
+
+
+def gen_released(root: Path) -> str:
+    lines = ["| weights | accuracy | FGS rate | FGS PASS | FGS L∞ | FGS blank | FGS-exact rate (L∞) | HC1 rate | "
+             "HC1 PASS | HC1 L∞ |", "|" + " --- |" * 10]
+    for name, (label, dataset, row) in RELEASED.items():
+        results = _load(root, name, "results.json", required=False)
+        if results is None:
+            continue
+        r = results[0]
+        lines.append(f"| {label} ours ({r['attacked']:,} attacked) | {_pct(r['accuracy'])} | {_pct(r.get('fgs_rate'))}"
+                     f" | {_num(r.get('fgs_pass_mean'), 4)} | {_mean_std(r, 'fgs_linf')} | "
+                     f"{r.get('fgs_blank', 0):,} | {_pct(r.get('fgs_exact_rate'))} "
+                     f"({_num(r.get('fgs_exact_linf_mean'))}) | {_pct(r.get('hc1_rate'))} | "
+                     f"{_num(r.get('hc1_pass_mean'), 4)} | {_mean_std(r, 'hc1_linf')} |")
+        p = _paper(dataset)[row]
+        lines.append(f"| {label} paper | {_pct(p.get('accuracy'))} | {_pct(p.get('fgs_rate'))} | "
+                     f"{_num(p.get('fgs_pass_mean'), 4)} | {_mean_std(p, 'fgs_linf')} | — | — | "
+                     f"{_pct(p.get('hc1_rate'))} | {_num(p.get('hc1_pass_mean'), 4)} | {_mean_std(p, 'hc1_linf')} |")
+    machines = sorted({_load(root, n, "meta.json")["machine"] for n in RELEASED
+                       if (root / RESULTS / n / "meta.json").exists()})
+    return "\n".join(lines) + f"\n\nMeasured on {', '.join(machines)}; commands and results in " \
+        f"[`docs/results/released-*`](results/).\n"
+
+
+def gen_summary(root: Path) -> str:
+    """The README's findings: the released weights and the seeded default MNIST run, where their files exist."""
+    rows = []
+    rel = {n: (_load(root, n, "results.json", required=False) or [None])[0] for n in RELEASED}
+    paper = {n: _paper(d)[r] for n, (_, d, r) in RELEASED.items()}
+    if all(rel.values()):
+        rows.append(("accuracy of the authors' released weights: LeNet R0 / B1, CIFAR R0 / B0",
+                     " / ".join(_pct(paper[n]["accuracy"]).rstrip("%") for n in RELEASED) + "%",
+                     " / ".join(_pct(rel[n]["accuracy"]).rstrip("%") for n in RELEASED) + "%"))
+    for n, label in (("released-lenet-r0", "released LeNet R0"), ("released-lenet-b1", "released LeNet B1"),
+                     ("released-cifar-b0", "released CIFAR B0")):
+        if rel[n]:
+            rows.append((f"{label}: FGS success (mean L∞)",
+                         f"{_pct(paper[n]['fgs_rate'])} ({_num(paper[n]['fgs_linf_mean'])})",
+                         f"{_pct(rel[n]['fgs_rate'])} ({_num(rel[n]['fgs_linf_mean'])})"))
+    if rel["released-lenet-b1"]:
+        r, p = rel["released-lenet-b1"], paper["released-lenet-b1"]
+        rows.append(("released LeNet B1: HC1 success (mean L∞)",
+                     f"{_pct(p['hc1_rate'])} ({_num(p['hc1_linf_mean'])})",
+                     f"{_pct(r['hc1_rate'])} ({_num(r['hc1_linf_mean'])}), searched to t ≤ {r['hc1_max_step']:,}"))
+        rows.append(("not in the paper — released LeNet B1: FGS with the exact gradient (mean L∞)", "–",
+                     f"{_pct(r['fgs_exact_rate'])} ({_num(r['fgs_exact_linf_mean'])})"))
+    seeds = _load(root, "mnist-seeds", "seeds.json", required=False)
+    if seeds:
+        by = {e["id"]: e for e in seeds}
+        n = min(e["n_seeds"] for e in seeds)
+        pt = _paper("mnist")
+
+        def ms(row, key, pct):
+            m = by[row]["measures"][key]
+            text = f"{m['mean']:.2f} ± {m['std']:.2f}" if m["std"] is not None else f"{m['mean']:.2f}"
+            return text + ("%" if pct else "") + (" \\*" if m.get("differs") else "")
+
+        for key, label, pct in (("accuracy", "accuracy", True), ("fgs_rate", "FGS success", True),
+                                ("fgs_exact_rate", "FGS-exact success (not in the paper)", True),
+                                ("hc1_linf_mean", "HC1 mean L∞", False)):
+            ref = " / ".join(_num(pt[r].get(key)) + ("%" if pct else "") if pt[r].get(key) is not None else "–"
+                             for r in ("R0", "B1"))
+            rows.append((f"LeNets trained here (default preset, {n} seeds, mean ± sd): {label} R0 / B1", ref,
+                         f"{ms('R0', key, pct)} / {ms('B1', key, pct)}"))
+    lines = ["| | paper | ours |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if seeds:
+        lines += ["", "\\* B1 differs from R0 beyond the seed spread (Welch's t-test, p < 0.05). Files: "
+                  "[`docs/results/`](docs/results/)."]
+    return "\n".join(lines) + "\n"
+
+
+GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "table": gen_table, "seeds": gen_seeds,
+              "released": gen_released, "summary": gen_summary}
+
+
+def generate(root: Path, spec: str) -> str:
+    words = spec.split()
+    if not words or words[0] not in GENERATORS:
+        raise DocsError(f"unknown generator in <!-- results: {spec} -->; known: {', '.join(GENERATORS)}")
+    try:
+        return GENERATORS[words[0]](root, *words[1:])
+    except TypeError as err:
+        raise DocsError(f"<!-- results: {spec} -->: {err}") from None
+
+
+def documents(root: Path) -> list[Path]:
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.exists()]
+
+
+def render(root: Path = ROOT) -> dict[Path, str]:
+    """{document: its text with every block regenerated}."""
+    out = {}
+    for path in documents(root):
+        text = path.read_text()
+        out[path] = BLOCK.sub(lambda m: m.group(1) + generate(root, m.group("spec").strip()) + m.group(4), text)
+    return out
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """The blocks whose text differs from what the results files give ("file: spec")."""
+    problems = []
+    for path, new in render(root).items():
+        old_blocks = {m.start(): (m.group("spec"), m.group("body")) for m in BLOCK.finditer(path.read_text())}
+        new_blocks = [(m.group("spec"), m.group("body")) for m in BLOCK.finditer(new)]
+        for (spec, body), (_, fresh) in zip(old_blocks.values(), new_blocks):
+            if body != fresh:
+                problems.append(f"{path.relative_to(root)}: <!-- results: {spec} -->")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Collecting a run.
+
+
+def _scrub(obj, data_dir: str | None):
+    """Machine paths out: a data source under the data folder becomes $BANG_DATA_DIR/…, any other absolute path its
+    last component."""
+    if isinstance(obj, dict):
+        return {k: _scrub(v, data_dir) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub(v, data_dir) for v in obj]
+    if isinstance(obj, str):
+        if data_dir and data_dir in obj:
+            obj = obj.replace(data_dir.rstrip("/"), "$BANG_DATA_DIR")
+        return re.sub(r"(?<![\w$])/(?:[\w.+-]+/)+([\w.+-]+)", r"…/\1", obj)
+    return obj
+
+
+def machine() -> str:
+    import jax  # noqa: PLC0415
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    devices = jax.devices()
+    kind = devices[0].device_kind if devices[0].platform != "cpu" else f"{os.cpu_count()}-core CPU ({cpu})"
+    return f"{kind}, jax {jax.__version__} ({jax.default_backend()})"
+
+
+def collect(source: Path, name: str, command: str, *, code_version: str | None = None, dataset: str | None = None,
+            root: Path = ROOT, seconds: float | None = None) -> Path:
+    """Copies a run directory or an ``evaluate --json`` file into ``docs/results/NAME`` (paths scrubbed)."""
+    dest = root / RESULTS / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    data_dir = os.environ.get("BANG_DATA_DIR")
+    data_dir = str(Path(data_dir).resolve()) if data_dir else None
+    timings = {}
+    if source.is_dir():
+        config = json.loads((source / "config.json").read_text())
+        dataset = dataset or config["dataset"]
+        for file in ("results.json", "seeds.json", "noise.json", "timings.json"):
+            if (source / file).exists():
+                obj = _scrub(json.loads((source / file).read_text()), data_dir)
+                (dest / file).write_text(json.dumps(obj, indent=2) + "\n")
+        for file in ("seeds.png", "fig1_hc1.png", "noise.png", "curves.png"):
+            if (source / file).exists():
+                shutil.copy(source / file, dest / file)
+        if (source / "timings.json").exists():
+            timings = json.loads((source / "timings.json").read_text())
+        config_copy = _scrub({k: v for k, v in config.items() if k != "command"}, data_dir)
+        (dest / "config.json").write_text(json.dumps(config_copy, indent=2) + "\n")
+    else:
+        if dataset is None:
+            raise DocsError("collect from an evaluate --json file needs --dataset")
+        obj = _scrub(json.loads(source.read_text()), data_dir)
+        (dest / "results.json").write_text(json.dumps(obj if isinstance(obj, list) else [obj], indent=2) + "\n")
+    if code_version is None:
+        code_version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                      text=True).stdout.strip() or "unknown"
+    total = seconds if seconds is not None else timings.get("last_command_seconds")
+    meta = {"command": command, "code_version": code_version, "machine": machine(), "dataset": dataset,
+            "date": datetime.date.today().isoformat(),
+            "seconds": ({k: v for k, v in timings.items() if k.endswith("_seconds") and k != "last_command_seconds"}
+                        | ({"total": total} if total is not None else {}))}
+    (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return dest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.docs_tables", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    p.add_argument("--check", action="store_true", help="only list the blocks that differ (exit 1 if any)")
+    c = sub.add_parser("collect", help="copy a run directory or an evaluate --json file into docs/results/NAME")
+    c.add_argument("source", type=Path)
+    c.add_argument("name")
+    c.add_argument("--command", required=True, help="the exact command that made it")
+    c.add_argument("--code-version", help="git commit of the code that made it (default: this checkout's HEAD)")
+    c.add_argument("--dataset", choices=("mnist", "cifar10"))
+    c.add_argument("--seconds", type=float, help="the measured run time (default: the run's timings.json)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "collect":
+            if not args.source.exists():
+                raise DocsError(f"{args.source} does not exist")
+            dest = collect(args.source, args.name, args.command, code_version=args.code_version,
+                           dataset=args.dataset, seconds=args.seconds)
+            print(f"wrote {dest.relative_to(ROOT)}; now run python -m experiments.docs_tables", file=sys.stderr)
+            return 0
+        if args.check:
+            problems = stale()
+            for line in problems:
+                print(f"stale: {line}", file=sys.stderr)
+            if problems:
+                print("run python -m experiments.docs_tables to regenerate them", file=sys.stderr)
+            return 1 if problems else 0
+        changed = 0
+        for path, text in render().items():
+            if path.read_text() != text:
+                path.write_text(text)
+                changed += 1
+                print(f"rewrote {path.relative_to(ROOT)}", file=sys.stderr)
+        print(f"{changed} file(s) changed", file=sys.stderr)
+        return 0
+    except DocsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The docs' measured numbers are generated from committed results files (experiments/docs_tables.py)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from experiments import docs_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_docs_equal_what_the_results_files_give():
+    """A hand-edited number in a marked block, or a results file changed without regenerating, fails here."""
+    problems = docs_tables.stale(ROOT)
+    assert not problems, "stale blocks (run python -m experiments.docs_tables): " + "; ".join(problems)
+
+
+def test_every_results_folder_says_how_it_was_made():
+    for folder in sorted((ROOT / "docs" / "results").glob("*/")):
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["command"].startswith("python -m "), folder
+        assert meta["code_version"] and meta["machine"] and meta["date"], folder
+        text = "".join(p.read_text() for p in folder.glob("*.json"))
+        for needle in ("/work/", "/tmp/", "/home/", "/root/", "/Users/"):
+            assert needle not in text, f"{folder.name} holds a machine path ({needle})"
+
+
+def _fake_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    rows = [{"id": "R0", "beta": 1.0, "epsilon": 0.0, "ratio": 1.0, "accuracy": 99.21, "fgs_rate": 93.6,
+             "data_source": "files:/data/somewhere/mnist"},
+            {"id": "B1", "beta": 1.0, "epsilon": 0.815, "ratio": 1.0, "accuracy": 99.2, "fgs_rate": 2.11}]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(rows))
+    (run / "config.json").write_text(json.dumps({"dataset": "mnist", "command": "/abs/path/mnist.py"}))
+    (run / "timings.json").write_text(json.dumps({"train_seconds": 600.0, "last_command_seconds": 900.0}))
+    return root, run
+
+
+def test_a_changed_number_is_caught_and_regenerated(tmp_path, monkeypatch):
+    root, run = _fake_tree(tmp_path)
+    monkeypatch.setenv("BANG_DATA_DIR", "/data/somewhere")
+    docs_tables.collect(run, "demo", "python -m experiments.mnist", code_version="abc1234", root=root)
+    saved = json.loads((root / "docs" / "results" / "demo" / "results.json").read_text())
+    assert saved[0]["data_source"] == "files:$BANG_DATA_DIR/mnist"
+    meta = json.loads((root / "docs" / "results" / "demo" / "meta.json").read_text())
+    assert meta["seconds"] == {"train_seconds": 600.0, "total": 900.0} and meta["code_version"] == "abc1234"
+    doc = root / "docs" / "page.md"
+    doc.write_text("text\n<!-- results: table demo -->\nold\n<!-- /results -->\nand <!-- results: runtime demo -->"
+                   "\n<!-- /results -->\n")
+    assert len(docs_tables.stale(root)) == 2
+    for path, text in docs_tables.render(root).items():
+        path.write_text(text)
+    assert docs_tables.stale(root) == []
+    text = doc.read_text()
+    assert "| R0 | 1.00 | 0.000 | 1.00 | ours | 99.21% | 93.60% |" in text and "| R0 | | | | paper | 99.16%" in text
+    assert "900 s (15 min)" in text
+    # A hand-edited number is caught...
+    doc.write_text(text.replace("99.21%", "99.31%"))
+    assert docs_tables.stale(root) == ["docs/page.md: <!-- results: table demo -->"]
+    # ... and so is a results file changed without regenerating the docs.
+    doc.write_text(text)
+    saved[0]["accuracy"] = 98.0
+    (root / "docs" / "results" / "demo" / "results.json").write_text(json.dumps(saved))
+    assert docs_tables.stale(root) == ["docs/page.md: <!-- results: table demo -->"]
+
+
+def test_unknown_generator_or_missing_results_is_an_error(tmp_path):
+    root, _ = _fake_tree(tmp_path)
+    (root / "README.md").write_text("<!-- results: nosuch x -->\n<!-- /results -->\n")
+    with pytest.raises(docs_tables.DocsError, match="unknown generator"):
+        docs_tables.render(root)
+    (root / "README.md").write_text("<!-- results: table missing -->\n<!-- /results -->\n")
+    with pytest.raises(docs_tables.DocsError, match="does not exist"):
+        docs_tables.render(root)
+    shutil.rmtree(root)
