@@ -132,11 +132,11 @@ def test_real_mnist_and_cifar(mnist, cifar10):
     )
 
 
-def test_real_fashion_mnist_if_installed():
-    d = Path("/usr/share/datasets/fashion-mnist")
+def test_real_fashion_mnist_if_present(data_dir):
+    d = Path(data_dir) / "fashion_mnist"
     if not d.is_dir():
-        pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    ds = load_dataset("fashion_mnist", d.parent, source="files")
+        pytest.skip(f"no Fashion-MNIST files in {d} (python -m bang_jax.data download fashion_mnist)")
+    ds = load_dataset("fashion_mnist", data_dir, source="files")
     np.testing.assert_array_equal(np.bincount(ds.train_labels), [6000] * 10)
 
 
@@ -172,3 +172,15 @@ def test_a_flipped_byte_inside_a_gzip_stream_names_the_file(tmp_path):
         (d / f"{name}.gz").write_bytes(bytes(broken))
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
         load_dataset("mnist", tmp_path)
+
+
+def test_messages_name_the_knob_of_where_they_are_raised(monkeypatch, tmp_path):
+    """Python callers read ``data_dir=``, command-line users ``--data-dir``; no raw tensorflow-datasets error text."""
+    monkeypatch.delenv("BANG_DATA_DIR", raising=False)
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar10")
+    assert "data_dir=" in str(info.value) and "--data-dir" not in str(info.value)
+    assert "KeyError" not in str(info.value) and "download cifar10" in str(info.value)
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar10", knob="--data-dir")
+    assert "--data-dir" in str(info.value) and "data_dir=" not in str(info.value)

