@@ -196,14 +196,16 @@ def stage_figures(run: Run) -> None:
         preds = [np.argmax(predict(model, variables[n], test_x), axis=1) for n in pair]
         idx = np.flatnonzero((preds[0] == test_y) & (preds[1] == test_y))[: cfg.figure_images]
         x, y = np.asarray(test_x[idx], np.float32), np.asarray(test_y[idx])
-        adv = {}
+        adv, fooled_into, failed = {}, {}, {}
         for name in pair:
             fn = jax.jit(lambda v, variables=variables[name]: model.apply(variables, v))
             d, blank = hot_cold_direction(fn, x, y)
-            adv[name] = line_search_attack(fn, x, y, d, blank=blank, max_step=cfg.eval.hc1_max_step,
-                                           progress=False).adversarial
+            res = line_search_attack(fn, x, y, d, blank=blank, max_step=cfg.eval.hc1_max_step, progress=False)
+            adv[name], failed[name] = res.adversarial, ~res.success
+            fooled_into[name] = np.argmax(np.asarray(fn(res.adversarial)), axis=-1)
         reports.plot_hc1_examples(run.out / "fig1_hc1.png", x, adv,
-                                  f"minimal HC1 perturbations: {pair[0]} vs {pair[1]}")
+                                  f"minimal HC1 perturbations: {pair[0]} vs {pair[1]}",
+                                  predicted=fooled_into, failed=failed, labels=y)
         run.written.append("fig1_hc1.png")
     curves = {r["id"]: r["curves"] for r in results if r.get("curves")}
     if curves:
@@ -489,7 +491,7 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
         json.dumps(cfg.to_json() | {"stages": stages, "out": str(out)}, sort_keys=True),
         timeout=args.distributed_timeout, describe=_describe_difference)
     module = DATASETS[dataset]
-    if (cfg.preset in ("paper", "grid") or len(cfg.seeds) > 1) and "train" in stages:
+    if (cfg.preset in ("paper", "grid", "full") or len(cfg.seeds) > 1) and "train" in stages:
         est = len(cfg.models) * cfg.train.steps * module.STEP_SECONDS_CPU / 60
         print(
             f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -78,17 +79,45 @@ def _plt():
     return plt
 
 
-def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray], title: str):
+def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray], title: str, *,
+                      predicted: dict[str, np.ndarray] | None = None, failed: dict[str, np.ndarray] | None = None,
+                      labels=None):
     """Fig. 1: originals and, per model, the minimal HC1 adversarial image and its perturbation.
 
-    All perturbation panels share one symmetric colour scale (the largest |perturbation| of any model) and one
-    colour bar, so models can be compared. Returns the figure.
+    Rows: the originals, then per model its adversarial images and their perturbations (adversarial − original;
+    the channel mean for colour images); one column per image, every panel the same size. All perturbation
+    panels share one symmetric colour scale (the largest |perturbation| of any model) and one colour bar, in its
+    own column on the right, so models can be compared.
+
+    ``predicted`` (optional, per model): the class each adversarial image is classified as, written "→ k" under
+    it. ``failed`` (optional, per model, bool per image): no adversarial was found; such images say "failed"
+    instead of their L∞. Where ``failed`` does not name a model, an image counts as failed when its adversarial
+    equals the original everywhere (what the line search returns when it finds nothing). ``labels`` (optional):
+    the true classes, written above the originals. Writes ``path`` (PNG) and returns the figure.
     """
     plt = _plt()
     names = list(adversarial)
+    originals = np.asarray(originals, np.float32)
     n = len(originals)
     rows = 1 + 2 * len(names)
-    fig, axes = plt.subplots(rows, n, figsize=(1.4 * n, 1.5 * rows), squeeze=False)
+    predicted, failed = predicted or {}, failed or {}
+    advs = {name: np.asarray(adversarial[name], np.float32) for name in names}
+    deltas = {name: advs[name] - originals for name in names}
+    fails = {
+        name: np.asarray(failed[name], bool).reshape(n) if name in failed
+        else ~np.any(deltas[name].reshape(n, -1) != 0, axis=1)
+        for name in names
+    }
+    lim = max([1.0] + [float(np.abs(d).max()) for d in deltas.values()])  # one colour scale for every panel
+
+    cell, gap, bar = 1.25, 0.12, 0.14  # inches: an image panel; the space before the colour bar; its width
+    width = n * cell + gap + bar + 2.1  # and room for the row labels and the colour bar's ticks and label
+    height = rows * (cell + 0.3) + 0.6
+    fig = plt.figure(figsize=(width, height), layout="constrained")
+    # one column per image, an empty spacer and a narrow last column for the colour bar: every image cell has
+    # the same size, and the colour bar never covers an image
+    grid = fig.add_gridspec(rows, n + 2, width_ratios=[cell] * n + [gap, bar])
+    axes = np.array([[fig.add_subplot(grid[i, j]) for j in range(n)] for i in range(rows)])
 
     def show(ax, img):
         """A pixel image: grayscale for one channel, RGB otherwise."""
@@ -96,31 +125,54 @@ def plot_hc1_examples(path: Path, originals, adversarial: dict[str, np.ndarray],
         if img.shape[-1] == 1:
             ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
         else:
-            ax.imshow(img.astype(np.uint8))
+            ax.imshow(np.rint(img).astype(np.uint8))
 
-    deltas = {name: np.asarray(adversarial[name], np.float32) - np.asarray(originals, np.float32) for name in names}
-    lim = max([1.0] + [float(np.abs(d).max()) for d in deltas.values()])  # one colour scale for every panel
     mappable = None
     for j in range(n):
         show(axes[0, j], originals[j])
+        if labels is not None:
+            axes[0, j].set_title(f"class {int(np.asarray(labels)[j])}", fontsize=8)
         for i, name in enumerate(names):
-            show(axes[1 + 2 * i, j], adversarial[name][j])
+            ax_adv, ax_pert = axes[1 + 2 * i, j], axes[2 + 2 * i, j]
+            show(ax_adv, advs[name][j])
             delta = deltas[name][j]
-            mappable = axes[2 + 2 * i, j].imshow(delta.mean(axis=-1), cmap="RdBu_r", vmin=-lim, vmax=lim)
-            axes[2 + 2 * i, j].set_xlabel(f"L∞ {np.abs(delta).max():.0f}", fontsize=7)
+            mappable = ax_pert.imshow(delta.mean(axis=-1), cmap="RdBu_r", vmin=-lim, vmax=lim)
+            if fails[name][j]:
+                ax_adv.set_xlabel("no adversarial", fontsize=8, color="tab:red")
+                ax_pert.set_xlabel("failed", fontsize=8, color="tab:red", fontweight="bold")
+            else:
+                if name in predicted:
+                    ax_adv.set_xlabel(f"→ {int(np.asarray(predicted[name])[j])}", fontsize=8)
+                ax_pert.set_xlabel(f"L∞ {np.abs(delta).max():.0f}", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
+
+    def row_label(name, what):
+        return textwrap.fill(name, 14) + "\n" + what
+
     axes[0, 0].set_ylabel("original", fontsize=8)
     for i, name in enumerate(names):
-        axes[1 + 2 * i, 0].set_ylabel(f"{name} HC1", fontsize=8)
-        axes[2 + 2 * i, 0].set_ylabel(f"{name} pert.", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        axes[1 + 2 * i, 0].set_ylabel(row_label(name, "HC1 adversarial"), fontsize=8)
+        axes[2 + 2 * i, 0].set_ylabel(row_label(name, "perturbation"), fontsize=8)
     if mappable is not None:
-        fig.colorbar(
-            mappable, ax=axes[2::2, :].ravel().tolist(), shrink=0.8, label="perturbation (pixels; channel mean)"
-        )
+        cax = fig.add_subplot(grid[2:, n + 1])  # beside the perturbation rows, in a column of its own
+        colour_bar = fig.colorbar(mappable, cax=cax)
+        colour_bar.set_label("perturbation\n(pixels; channel mean)", fontsize=8)
+        colour_bar.ax.tick_params(labelsize=7)
+    fig.suptitle(textwrap.fill(title, max(20, int((n * cell + 1.2) * 72 / 10 / 0.65))), fontsize=10)
+    # The images keep their aspect, so a layout cell wider (or taller) than its image leaves a gap: shrink the
+    # figure by what is spare until the cells fit the images (the margins are text, fixed in inches).
+    aspect = originals.shape[1] / originals.shape[2]  # height / width of an image
+    for _ in range(3):
+        fig.draw_without_rendering()
+        box = axes[0, 0].get_position(original=True)
+        cw, ch = box.width * fig.get_figwidth(), box.height * fig.get_figheight()
+        spare_w, spare_h = max(0.0, cw - ch / aspect), max(0.0, ch - cw * aspect)
+        if spare_w < 0.02 and spare_h < 0.02:
+            break
+        fig.set_size_inches(fig.get_figwidth() - spare_w * (n * cell + gap + bar) / cell,
+                            fig.get_figheight() - spare_h * rows)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fig

@@ -1,6 +1,7 @@
 """Square attack, minimal-budget PGD, robustness curves and the masking report on models with known answers."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,14 @@ from bang_jax.attacks import (
     square_attack,
     square_fraction,
 )
-from bang_jax.robustness import main as robustness_main, masking_report, plot_curves, robustness_curves
+from bang_jax.robustness import (
+    ATTACK_LABELS,
+    ATTACKS,
+    main as robustness_main,
+    masking_report,
+    plot_curves,
+    robustness_curves,
+)
 
 
 def linear_model(scale=1.0, quantise=None):
@@ -216,14 +224,61 @@ def test_masking_report_verdicts():
 
 
 def test_plot_curves_and_cli(tmp_path):
+    import matplotlib.image
+
     x, y = dataset()
     c = robustness_curves(linear_model(), x, y, (0, 8, 32), attacks=("fgs", "pgd_margin"), pgd_steps=5)
     out = plot_curves({"A": c, "B": {"curves": c}}, tmp_path / "c.png")
-    assert out.stat().st_size > 1000
+    assert out == tmp_path / "c.png" and out.stat().st_size > 1000
+    assert matplotlib.image.imread(out).shape[1] >= 900
     (tmp_path / "a.json").write_text(json.dumps(c))
     (tmp_path / "b.json").write_text(json.dumps({"curves": c}))
     robustness_main([str(tmp_path / "d.png"), str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--names", "R0,B1"])
     assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def _fake_curves(k, attacks=ATTACKS):
+    """Curves as :func:`robustness_curves` returns them, without attacking: decaying, a little apart."""
+    eps = [0, 4, 8, 16, 24, 32, 48, 64]
+    decay = lambda scale: [99.0 * math.exp(-e / scale) for e in eps]  # noqa: E731
+    return {"epsilons": eps, "images": 100,
+            "attacks": {a: {"robust_accuracy": decay(20 + 5 * j + 3 * k)} for j, a in enumerate(attacks)},
+            "best": {"robust_accuracy": decay(18)}}
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 4])
+@pytest.mark.parametrize("title", [None, "mnist: robust accuracy vs L∞ budget"])
+def test_plot_curves_legend_is_outside_the_panels_and_inside_the_image(tmp_path, models, title):
+    import matplotlib.image
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from bang_jax.robustness import _CURVE_DPI, _curves_figure
+
+    curves = {f"LeNet model {k} ({'regular' if k % 2 == 0 else 'BANG'})": _fake_curves(k) for k in range(models)}
+    fig = _curves_figure(curves, title=title)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [ATTACK_LABELS[a] for a in ATTACKS] + ["best of all"]
+    box, inside = legend.get_window_extent(renderer), fig.bbox
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    assert len(panels) == models
+    for ax in panels:  # the legend covers no panel, so no curve
+        a = ax.get_window_extent(renderer)
+        assert box.x0 >= a.x1 or box.x1 <= a.x0 or box.y0 >= a.y1 or box.y1 <= a.y0
+        assert ax.get_legend() is None
+    # nothing is drawn outside the figure (so the tight crop only trims white margins)
+    tight = fig.get_tightbbox(renderer)  # inches
+    assert tight.x0 >= -0.01 and tight.y0 >= -0.01
+    assert tight.x1 <= fig.get_figwidth() + 0.01 and tight.y1 <= fig.get_figheight() + 0.01
+    out = plot_curves(curves, tmp_path / "c.png", title=title)
+    png = matplotlib.image.imread(out)
+    assert png.shape[1] >= 900
+    np.testing.assert_allclose(png.shape[:2], (tight.height * _CURVE_DPI + 30, tight.width * _CURVE_DPI + 30), atol=3)
+    if models == 4:  # four models wrap into 2 × 2
+        assert len({round(ax.get_position().x0, 3) for ax in panels}) == 2
 
 
 def test_evaluate_model_square_pgd_min_and_curves_are_json():

@@ -662,7 +662,11 @@ def _main(args):
         _print_row(config, row.get("id", row.get("model")), n, dataset, row)
     if args.plot:
         curves = {r.get("id", r.get("model")): r["curves"] for r in rows if "curves" in r}
-        print(f"wrote {plot_curves(curves, args.plot)}", file=sys.stderr)
+        if curves:
+            print(f"wrote {plot_curves(curves, args.plot, title=f'{dataset}: robust accuracy vs L∞ budget')}",
+                  file=sys.stderr)
+        else:  # every model diverged: nothing was attacked
+            print(f"WARNING: no curves to plot; {args.plot} not written", file=sys.stderr)
     if args.json:
         atomic_write(
             args.json, results_bytes(result) if args.run_dir else (json.dumps(result, indent=2) + "\n").encode()
