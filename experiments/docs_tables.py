@@ -16,8 +16,9 @@ with machine paths taken out.
 
 Generators (the first word of a block's spec): ``table NAME`` (Table-1/2 style, ours above the paper's),
 ``seeds NAME`` (mean ± sd over seeds and the per-seed values), ``released`` (the authors' four released models),
-``summary`` (the README's findings table), ``runtime NAME`` (the run's measured time and machine), ``meta NAME``
-(the command, code version and machine of a results file).
+``summary`` (the README's findings table), ``runtime NAME`` (the run's measured time and machine), ``runtimes``
+(every results file's run time: the docs' one table of run times), ``meta NAME`` (the command, code version and
+machine of a results file).
 """
 
 from __future__ import annotations
@@ -100,6 +101,22 @@ def gen_runtime(root: Path, name: str) -> str:
                       if k.endswith("_seconds") and v >= 1)
     return (f"{total:,.0f} s ({total / 60:.0f} min) on {meta['machine']}" + (f" — {parts}" if parts else "")
             + f"; `{meta['command']}`\n")
+
+
+def gen_runtimes(root: Path) -> str:
+    """Every results file's measured run time, command, machine and code version: the one table of run times."""
+    lines = ["| command | time | stages | machine, conditions | code |", "| --- | --- | --- | --- | --- |"]
+    for meta_path in sorted((root / RESULTS).glob("*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        t = meta.get("seconds") or {}
+        if t.get("total") is None:
+            continue
+        stages = ", ".join(f"{k.removesuffix('_seconds')} {v:,.0f} s" for k, v in t.items()
+                           if k.endswith("_seconds") and v >= 1) or "–"
+        lines.append(f"| `{meta['command']}` | **{t['total']:,.0f} s** ({t['total'] / 60:.0f} min) | {stages} | "
+                     f"{meta['machine']}{'; ' + meta['note'] if meta.get('note') else ''} | "
+                     f"{meta['code_version']}, {meta['date']} |")
+    return "\n".join(lines) + "\n"
 
 
 def gen_table(root: Path, name: str) -> str:
@@ -189,8 +206,8 @@ def gen_summary(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "table": gen_table, "seeds": gen_seeds,
-              "released": gen_released, "summary": gen_summary}
+GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
+              "seeds": gen_seeds, "released": gen_released, "summary": gen_summary}
 
 
 def generate(root: Path, spec: str) -> str:
@@ -263,7 +280,7 @@ def machine() -> str:
 
 
 def collect(source: Path, name: str, command: str, *, code_version: str | None = None, dataset: str | None = None,
-            root: Path = ROOT, seconds: float | None = None) -> Path:
+            root: Path = ROOT, seconds: float | None = None, note: str = "") -> Path:
     """Copies a run directory or an ``evaluate --json`` file into ``docs/results/NAME`` (paths scrubbed)."""
     dest = root / RESULTS / name
     if dest.exists():
@@ -296,7 +313,7 @@ def collect(source: Path, name: str, command: str, *, code_version: str | None =
                                       text=True).stdout.strip() or "unknown"
     total = seconds if seconds is not None else timings.get("last_command_seconds")
     meta = {"command": command, "code_version": code_version, "machine": machine(), "dataset": dataset,
-            "date": datetime.date.today().isoformat(),
+            "date": datetime.date.today().isoformat(), "note": note,
             "seconds": ({k: v for k, v in timings.items() if k.endswith("_seconds") and k != "last_command_seconds"}
                         | ({"total": total} if total is not None else {}))}
     (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -314,13 +331,14 @@ def main(argv=None) -> int:
     c.add_argument("--code-version", help="git commit of the code that made it (default: this checkout's HEAD)")
     c.add_argument("--dataset", choices=("mnist", "cifar10"))
     c.add_argument("--seconds", type=float, help="the measured run time (default: the run's timings.json)")
+    c.add_argument("--note", default="", help="conditions of the measurement (e.g. 'CPU shared with another run')")
     args = p.parse_args(argv)
     try:
         if args.cmd == "collect":
             if not args.source.exists():
                 raise DocsError(f"{args.source} does not exist")
             dest = collect(args.source, args.name, args.command, code_version=args.code_version,
-                           dataset=args.dataset, seconds=args.seconds)
+                           dataset=args.dataset, seconds=args.seconds, note=args.note)
             print(f"wrote {dest.relative_to(ROOT)}; now run python -m experiments.docs_tables", file=sys.stderr)
             return 0
         if args.check:
