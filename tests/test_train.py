@@ -1,9 +1,11 @@
 """Training loop: data order, reproducibility, checkpoint/resume, regular = BANG with ε = 0."""
 
+import dataclasses
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -239,3 +241,37 @@ def test_model_health_marks_models_whose_numbers_mean_nothing(tiny_data):
     assert guess["status"] == "no better than chance" and "chance 10.0%" in guess["status_detail"]
     row = evaluate_model(model, variables, x, labels, attacks=("fgs",))
     assert row["status"] == "no better than chance" and "fgs_rate" not in row
+
+
+def test_augmentation_is_seeded_by_iteration_and_resumes_bit_identically(tmp_path, tiny_data):
+    """Random crops and flips: a real change of the batch, the same for the same (data seed, iteration), and a run
+    stopped and resumed ends with the weights of an uninterrupted one."""
+    from bang_jax.data import augment_batch
+
+    x = jnp.arange(2 * 6 * 6 * 1, dtype=jnp.float32).reshape(2, 6, 6, 1) + 1
+    key = jax.random.PRNGKey(3)
+    a = augment_batch(x, key, kind="crop", pad=2)
+    assert a.shape == x.shape and not np.array_equal(a, x)
+    np.testing.assert_array_equal(a, augment_batch(x, key, kind="crop", pad=2))
+    # every output is a window of the zero-padded image
+    padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    for i in range(2):
+        assert any(np.array_equal(a[i], padded[i, r:r + 6, c:c + 6]) for r in range(5) for c in range(5))
+    flips = [augment_batch(x, jax.random.PRNGKey(k), kind="crop_flip", pad=0) for k in range(8)]
+    assert any(np.array_equal(f[0], x[0, :, ::-1]) for f in flips) and any(np.array_equal(f[0], x[0]) for f in flips)
+    np.testing.assert_array_equal(augment_batch(x, key, kind="none"), x)
+    with pytest.raises(ValueError, match="augment"):
+        TrainConfig(solver=LENET_SOLVER, steps=4, batch_size=8, augment="rotate")
+
+    cfg = TrainConfig(solver=LENET_SOLVER, steps=12, batch_size=8, augment="crop_flip", augment_pad=3)
+    models = [ModelSpec(name="R0", seed=0), ModelSpec(name="B", seed=1, bang=BangConfig(epsilon=0.8))]
+    whole = train(LeNet(), tiny_data, models, cfg, tmp_path / "whole", [], progress=False)
+    train(LeNet(), tiny_data, models, cfg, tmp_path / "split", [Checkpoint(6), StopAfter(6)], progress=False)
+    resumed = train(LeNet(), tiny_data, models, cfg, tmp_path / "split", [Checkpoint(6, resume=True)],
+                    progress=False)
+    plain = train(LeNet(), tiny_data, models, dataclasses.replace(cfg, augment="none"), tmp_path / "plain", [],
+                  progress=False)
+    for w, r, p in zip(whole.variables, resumed.variables, plain.variables):
+        for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(r)):
+            np.testing.assert_array_equal(a, b)
+        assert any(not np.array_equal(a, c) for a, c in zip(jax.tree.leaves(w), jax.tree.leaves(p)))

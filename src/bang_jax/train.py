@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bang_jax import checkpoint as ckpt_lib, distributed
+from bang_jax import checkpoint as ckpt_lib, data as data_lib, distributed
 from bang_jax.balance import BangConfig, bang
 from bang_jax.data import batch_indices
 from bang_jax.gradients import bang_grad, per_example_grads, plain_grad
@@ -102,6 +102,8 @@ class TrainConfig:
     data_seed: int = 0
     method: str = "single_pass"
     model_batching: str = "loop"
+    augment: str = "none"  # "crop" / "crop_flip": random crops (+ flips) of every batch (data.augment_batch)
+    augment_pad: int = 4
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -110,6 +112,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.order not in ("sequential", "shuffled"):
             raise ValueError(f"order must be 'sequential' or 'shuffled', got {self.order!r}")
+        if self.augment not in data_lib.AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {data_lib.AUGMENTATIONS}, got {self.augment!r}")
+        if isinstance(self.augment_pad, bool) or not isinstance(self.augment_pad, (int, np.integer)) or \
+                self.augment_pad < 0:
+            raise ValueError(f"augment_pad must be a non-negative integer, got {self.augment_pad!r}")
         if self.method not in GRADIENT_METHODS:
             raise ValueError(f"method must be one of {GRADIENT_METHODS}, got {self.method!r}")
         if self.model_batching not in MODEL_BATCHINGS:
@@ -273,9 +280,15 @@ def make_train_step(model: nn.Module, config: TrainConfig, steps_per_dispatch: i
     # off by ~0.3, no error; jax 0.10.2, CPU). Its batch therefore stays whole on every device: exact, not faster.
     batch_spec = (None,) if method == "per_example" else ("data",)
 
+    augment_key = jax.random.PRNGKey(config.data_seed)
+
     def step(states, consts, images, labels, idx):
         def body(states, idx_b):
-            batch = constrain(jnp.take(images, idx_b, axis=0).astype(jnp.float32), *batch_spec)
+            batch = jnp.take(images, idx_b, axis=0).astype(jnp.float32)
+            if config.augment != "none":  # one draw per iteration, shared by all models, from (data seed, iteration)
+                key = jax.random.fold_in(augment_key, states.step.reshape(-1)[0])
+                batch = data_lib.augment_batch(batch, key, kind=config.augment, pad=int(config.augment_pad))
+            batch = constrain(batch, *batch_spec)
             labels_b = constrain(jnp.take(labels, idx_b, axis=0), *batch_spec)
             return many_steps(states, consts, batch, labels_b)
 

@@ -33,8 +33,10 @@ import numpy as np
 
 __all__ = [
     "DataError",
+    "AUGMENTATIONS",
     "DataFallbackWarning",
     "Dataset",
+    "augment_batch",
     "batch_indices",
     "load_cifar10",
     "load_dataset",
@@ -389,6 +391,42 @@ def load_cifar10(data_dir=None, **kwargs) -> Dataset:
 def mean_image(images: np.ndarray) -> np.ndarray:
     """Per-pixel mean image (float32 ``[H, W, C]``) of uint8 images, as Caffe's ``compute_image_mean``."""
     return np.mean(np.asarray(images), axis=0, dtype=np.float64).astype(np.float32)
+
+
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+
+
+def augment_batch(images, key, *, kind: str = "crop_flip", pad: int = 4):
+    """Random crops (and horizontal flips) of a batch ``[B, H, W, C]``, the standard CIFAR augmentation, jittable.
+
+    ``'crop'``: each image is zero-padded by ``pad`` pixels on every side and an ``H × W`` window is cut at a
+    uniformly random offset; ``'crop_flip'`` then mirrors each image left–right with probability ½; ``'none'``
+    returns the batch unchanged. Everything is drawn from ``key`` (per image: ``fold_in``-free splits of one key),
+    so the same key gives the same batch — training derives it from the data seed and the iteration, so a resumed
+    run sees exactly the batches of an uninterrupted one.
+    """
+    import jax  # noqa: PLC0415 - keeps this module importable without initialising JAX
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
+    if kind == "none":
+        return images
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"augment pad must be a non-negative integer, got {pad!r}")
+    n, h, w, c = images.shape
+    k_off, k_flip = jax.random.split(key)
+    offsets = jax.random.randint(k_off, (n, 2), 0, 2 * pad + 1)
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def crop(img, off):
+        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+
+    out = jax.vmap(crop)(padded, offsets)
+    if kind == "crop_flip":
+        flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+        out = jnp.where(flip[:, None, None, None], out[:, :, ::-1, :], out)
+    return out
 
 
 def batch_indices(
