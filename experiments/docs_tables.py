@@ -18,7 +18,8 @@ Generators (the first word of a block's spec): ``table NAME`` (Table-1/2 style, 
 ``seeds NAME`` (mean ± sd over seeds and the per-seed values), ``released`` (the authors' four released models),
 ``summary`` (the README's findings table), ``runtime NAME`` (the run's measured time and machine), ``runtimes``
 (every results file's run time: the docs' one table of run times), ``meta NAME`` (the command, code version and
-machine of a results file).
+machine of a results file), ``value NAME ROW KEY [DIGITS]`` (one number inside a sentence:
+``<!-- results: value mnist-seeds B1 hc1_pass_mean 3 -->…<!-- /results -->``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("docs") / "results"
-BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n?)(?P<body>.*?)(<!-- /results -->)", re.S)
 RELEASED = {  # results folder: (row label, paper table, paper row)
     "released-lenet-r0": ("LeNet R0", "mnist", "R0"),
     "released-lenet-b1": ("LeNet B1", "mnist", "B1"),
@@ -117,6 +118,35 @@ def gen_runtimes(root: Path) -> str:
                      f"{meta['machine']}{'; ' + meta['note'] if meta.get('note') else ''} | "
                      f"{meta['code_version']}, {meta['date']} |")
     return "\n".join(lines) + "\n"
+
+
+def gen_value(root: Path, name: str, row: str, key: str, digits: str = "2") -> str:
+    """One number for running text: ``mean ± sd (n seeds)`` of a row of a seeded run, or a row's value (``row``
+    ``-`` = the first row; keys ending in ``_rate`` or ``accuracy`` get a %)."""
+    pct = "%" if key.endswith("_rate") or key == "accuracy" else ""
+    d = int(digits)
+    summary = _load(root, name, "seeds.json", required=False)
+    if summary is not None:
+        entry = next((e for e in summary if e["id"] == row), None)
+        if entry is None:
+            raise DocsError(f"{RESULTS / name}/seeds.json has no row {row}")
+        m = entry["measures"].get(key)
+        if m is None or m["mean"] is None:
+            raise DocsError(f"{RESULTS / name}/seeds.json: row {row} has no {key}")
+        sd = f" ± {m['std']:.{d}f}" if m["std"] is not None else ""
+        return f"{m['mean']:.{d}f}{sd}{pct} ({m['n']} seeds)"
+    results = _load(root, name, "results.json")
+    r = results[0] if row == "-" else next((x for x in results if x["id"] == row), None)
+    if r is None or r.get(key) is None:
+        raise DocsError(f"{RESULTS / name}/results.json: no {key} for row {row}")
+    return f"{r[key]:.{d}f}{pct}"
+
+
+def gen_hc1cap(root: Path, name: str) -> str:
+    """HC1 at several search caps (one row per cap), as running text."""
+    rows = sorted(_load(root, name, "results.json"), key=lambda r: r["hc1_max_step"])
+    return "; ".join(f"t ≤ {r['hc1_max_step']:,}: HC1 fools {_pct(r['hc1_rate'])} of {r['attacked']:,} images, "
+                     f"PASS {_mean_std(r, 'hc1_pass', 4)}, L∞ {_num(r['hc1_linf_mean'])}" for r in rows) + "."
 
 
 def gen_table(root: Path, name: str) -> str:
@@ -207,7 +237,8 @@ def gen_summary(root: Path) -> str:
 
 
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
-              "seeds": gen_seeds, "released": gen_released, "summary": gen_summary}
+              "seeds": gen_seeds, "released": gen_released, "summary": gen_summary, "value": gen_value,
+              "hc1cap": gen_hc1cap}
 
 
 def generate(root: Path, spec: str) -> str:

@@ -51,14 +51,15 @@ def test_a_changed_number_is_caught_and_regenerated(tmp_path, monkeypatch):
     assert meta["seconds"] == {"train_seconds": 600.0, "total": 900.0} and meta["code_version"] == "abc1234"
     doc = root / "docs" / "page.md"
     doc.write_text("text\n<!-- results: table demo -->\nold\n<!-- /results -->\nand <!-- results: runtime demo -->"
-                   "\n<!-- /results -->\n")
-    assert len(docs_tables.stale(root)) == 2
+                   "\n<!-- /results -->\nB1 is <!-- results: value demo B1 accuracy 1 -->?<!-- /results --> accurate.\n")
+    assert len(docs_tables.stale(root)) == 3
     for path, text in docs_tables.render(root).items():
         path.write_text(text)
     assert docs_tables.stale(root) == []
     text = doc.read_text()
     assert "| R0 | 1.00 | 0.000 | 1.00 | ours | 99.21% | 93.60% |" in text and "| R0 | | | | paper | 99.16%" in text
     assert "900 s (15 min)" in text
+    assert "B1 is <!-- results: value demo B1 accuracy 1 -->99.2%<!-- /results --> accurate." in text
     # A hand-edited number is caught...
     doc.write_text(text.replace("99.21%", "99.31%"))
     assert docs_tables.stale(root) == ["docs/page.md: <!-- results: table demo -->"]

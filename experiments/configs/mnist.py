@@ -6,7 +6,8 @@ Presets (``python -m experiments.mnist --preset NAME``):
   (Caffe "inv" lr 0.01, γ 1e-4, power 0.75, momentum 0.9, weight decay 5e-4, batch 64, 10,000 iterations,
   sequential data order); FGS (paper rule and exact gradient), HC1 and PASS on the whole test set; a lighter
   noise study (10 images per class, 100 copies, σ = 0…100 step 10, snapshots every 1,000 iterations); Fig. 1.
-  Hardware: a 2-core CPU. Runtime: about 15 minutes (measured 915 s: training 630 s, attacks 204 s, noise 78 s).
+  Hardware: a 2-core CPU. Runtime: about 25 minutes; the measured time and machine are in docs/reproducing.md
+  (Run times, generated from docs/results/mnist-default).
   Expected: R0 ≈ 99.3% / B1 ≈ 99.2% accuracy; paper-rule FGS ≈ 94% on R0 and ≈ 2% on B1; exact FGS ≈ 99.9% on
   both; HC1 L∞ ≈ 120 (R0) vs ≈ 210 (B1).
 * ``smoke`` — the same pipeline in miniature (60 iterations, 500 test images, tiny noise study); used by the
