@@ -249,8 +249,8 @@ def stage_report(run: Run) -> str:
         title = f"{module.TITLE} ({cfg.preset} preset)"
         table = seeds_lib.table(summary, title, PAPER_TABLES[cfg.dataset], note)
         seeds_lib.write(run.out, summary, table)
-        seeds_lib.plot(summary, run.out / "seeds.png", title)
-        run.written += ["seeds.json", "seeds.md", "seeds.png"]
+        drawn = seeds_lib.plot(summary, run.out / "seeds.png", title)
+        run.written += ["seeds.json", "seeds.md"] + (["seeds.png"] if drawn is not None else [])
     return table
 
 

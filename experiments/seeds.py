@@ -58,8 +58,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     except ValueError:
         raise SeedsError(f"--seeds must be a count or comma-separated integers, got {text!r}") from None
     if len(items) == 1:  # a count
-        if values[0] < 1:
-            raise SeedsError(f"--seeds: the number of seeds must be at least 1, got {values[0]}")
+        if not 1 <= values[0] <= 1000:
+            raise SeedsError(f"--seeds: the number of seeds must be between 1 and 1000, got {values[0]}")
         return tuple(range(values[0]))
     if any(v < 0 for v in values):
         raise SeedsError(f"--seeds: seeds must be non-negative, got {text!r}")
@@ -124,6 +124,10 @@ def _welch_p(a: np.ndarray, b: np.ndarray) -> float | None:
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def _present(values) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None], float)
+
+
 def summarize(results: list[dict]) -> list[dict]:
     """Per row (models grouped by their name without the seed suffix, in first-seen order): the seeds, the
     per-seed values and mean ± sample standard deviation of every measure, and for BANG rows the Welch p value
@@ -142,21 +146,21 @@ def summarize(results: list[dict]) -> list[dict]:
             "unhealthy": {r["id"]: r.get("status") for r in members if r not in ok}, "measures": {},
         }
         for key, _, _ in present:
-            values = [r.get(key) for r in ok if r.get(key) is not None]
-            arr = np.asarray(values, float)
+            values = [r.get(key) for r in ok]  # aligned with the healthy models; None where a seed has no value
+            arr = np.asarray([v for v in values if v is not None], float)
             entry["measures"][key] = {
-                "values": values, "n": len(values),
+                "values": values, "n": len(arr),
                 "mean": float(arr.mean()) if len(arr) else None,
                 "std": float(arr.std(ddof=1)) if len(arr) > 1 else None,
             }
         out.append(entry)
     regular = next((e for e in out if e["regular"]), None)
     for e in out:
-        if regular is None or e is regular:
+        if regular is None or e["regular"]:
             continue
         e["versus"] = regular["id"]
         for key, m in e["measures"].items():
-            p = _welch_p(np.asarray(m["values"], float), np.asarray(regular["measures"][key]["values"], float))
+            p = _welch_p(_present(m["values"]), _present(regular["measures"][key]["values"]))
             m["p_vs_regular"] = p
             m["differs"] = p is not None and p < ALPHA
     return out
@@ -177,8 +181,11 @@ def _cell(m: dict, kind: str) -> str:
 
 def table(summary: list[dict], title: str, paper: dict[str, dict] | None = None, note: str = "") -> str:
     """Markdown: mean ± sd over seeds per row (the paper's single run below it), then the per-seed values."""
-    present = [m for m in MEASURES if any(m[0] in e["measures"] for e in summary)]
+    present = [m for m in MEASURES if any(e["measures"].get(m[0], {}).get("n") for e in summary)]
     n = sorted({e["n_seeds"] for e in summary})
+    if not present:
+        status = "; ".join(f"{name}: {st}" for e in summary for name, st in e["unhealthy"].items())
+        return f"# {title}\n\nNo healthy model has results, nothing to summarise ({status or 'no models'}).\n"
     n_text = str(n[0]) if len(n) == 1 else "/".join(map(str, n))
     lines = [f"# {title}: mean ± standard deviation over {n_text} seeds", "",
              "| model | β | ε | ratio | seeds | source | " + " | ".join(m[1] for m in present) + " |",
@@ -220,6 +227,8 @@ def plot(summary: list[dict], path: Path, title: str):
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     present = [m for m in MEASURES if any(e["measures"].get(m[0], {}).get("n") for e in summary)]
+    if not present:  # no healthy model has any measure: nothing to draw
+        return None
     cols = min(4, len(present))
     nrows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.9 * nrows), squeeze=False)
@@ -232,12 +241,12 @@ def plot(summary: list[dict], path: Path, title: str):
             ax.bar(i, m["mean"], yerr=m["std"] or 0, color="C0" if e["regular"] else "C1", alpha=0.45,
                    capsize=4, width=0.6)
             jitter = np.linspace(-0.15, 0.15, m["n"]) if m["n"] > 1 else np.zeros(1)
-            ax.scatter(i + jitter, m["values"], s=12, color="black", zorder=3)
+            ax.scatter(i + jitter, _present(m["values"]), s=12, color="black", zorder=3)
             if m.get("differs"):
                 ax.annotate("*", (i, m["mean"]), textcoords="offset points", xytext=(0, 8), ha="center",
                             fontsize=14)
-        lo = min(min(e["measures"][key]["values"]) for e in summary if e["measures"].get(key, {}).get("n"))
-        hi = max(max(e["measures"][key]["values"]) for e in summary if e["measures"].get(key, {}).get("n"))
+        lo = min(_present(e["measures"][key]["values"]).min() for e in summary if e["measures"].get(key, {}).get("n"))
+        hi = max(_present(e["measures"][key]["values"]).max() for e in summary if e["measures"].get(key, {}).get("n"))
         if kind == "pct" and lo > 50:  # accuracies near 100 %: zoom, and say so on the axis
             pad = max(0.2, (hi - lo) * 0.5)
             ax.set_ylim(lo - pad, min(100.0, hi + pad))

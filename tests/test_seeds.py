@@ -19,7 +19,8 @@ def test_parse_seeds():
     assert seeds.parse_seeds("5") == (0, 1, 2, 3, 4)
     assert seeds.parse_seeds("0,2, 7") == (0, 2, 7)
     assert seeds.parse_seeds("3,") == (3,)
-    for bad, match in (("", "empty"), ("0", "at least 1"), ("a,b", "integers"), ("1,1", "twice"),
+    for bad, match in (("", "empty"), ("0", "between 1 and 1000"), ("5000000", "between 1 and 1000"),
+                       ("a,b", "integers"), ("1,1", "twice"),
                        ("-1,2", "non-negative")):
         with pytest.raises(seeds.SeedsError, match=match):
             seeds.parse_seeds(bad)
@@ -99,3 +100,21 @@ def test_seeded_run_end_to_end_resume_and_evaluate(tmp_path):
     res = subprocess.run([sys.executable, "-m", "bang_jax.evaluate", "--run-dir", str(out), "--models", "B1@s1",
                           "--attacks", "fgs", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "B1@s1" in res.stdout, res.stderr[-2000:]
+
+
+def test_missing_values_stay_with_their_seed_and_nothing_healthy_is_no_crash(tmp_path):
+    results = [_row("R0@s0", 99.0, 93.0), _row("R0@s1", 99.2, 94.0), _row("R0@s2", 99.1, 93.5)]
+    for r, v in zip(results, (None, 0.3, 0.5)):
+        r["fgs_pass_mean"] = v
+    summary = seeds.summarize(results)
+    assert summary[0]["measures"]["fgs_pass_mean"]["values"] == [None, 0.3, 0.5]
+    assert summary[0]["measures"]["fgs_pass_mean"]["n"] == 2
+    per_seed = seeds.table(summary, "T").split("Per seed:")[1]
+    assert "| R0@s0 | 99.00% | 93.00% | – |" in per_seed and "| R0@s1 | 99.20% | 94.00% | 0.3000 |" in per_seed
+    dead = seeds.summarize([_row("R0@s0", None, None, status="diverged"), _row("B1@s0", None, None, "non-finite")])
+    assert "No healthy model" in seeds.table(dead, "T")
+    assert seeds.plot(dead, tmp_path / "x.png", "T") is None
+    # Regular rows are never marked against each other.
+    two_regular = seeds.summarize([_row("R0@s0", 99.0, 93.0), _row("R0@s1", 99.1, 93.2),
+                                   _row("R1@s0", 90.0, 50.0), _row("R1@s1", 90.1, 50.2)])
+    assert "versus" not in two_regular[1]
