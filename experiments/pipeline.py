@@ -407,11 +407,13 @@ def run_command(dataset: str, argv=None, description: str = "") -> list[dict] | 
         # A multi-process run works in a child process, so that the coordination service's fatal aborts (missing or
         # lost peers) end in one line naming the cause instead of a C++ stack.
         command = [sys.executable, "-m", f"experiments.{dataset}", *(sys.argv[1:] if argv is None else argv)]
+        here = str(Path(__file__).resolve().parents[1])  # the child imports this same experiments package
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
         raise SystemExit(distributed.supervise(
             command, coordinator=args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
             num_processes=args.num_processes, process_id=args.process_id, timeout=args.distributed_timeout,
-            last_checkpoint=lambda: _last_checkpoint(args)))
-    code = 0
+            last_checkpoint=lambda: _last_checkpoint(args), env=env))
+    code, message, result = 0, "", None
     try:
         try:
             distributed.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -419,25 +421,25 @@ def run_command(dataset: str, argv=None, description: str = "") -> list[dict] | 
         except ValueError as err:
             raise ConfigError(str(err)) from None
         distributed.terminate_cleanly()
-        return _run(dataset, args)
+        result = _run(dataset, args)
     except USER_ERRORS as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        code = 2
+        code, message = 2, str(err)
     except (KeyboardInterrupt, distributed.Terminated) as err:
         if args.debug:
             raise
         what = "interrupted" if isinstance(err, KeyboardInterrupt) else "terminated (SIGTERM)"
         print(f"\n{what}{_last_checkpoint(args)}", file=sys.stderr)
-        code = 130 if isinstance(err, KeyboardInterrupt) else 143
+        code, message = (130 if isinstance(err, KeyboardInterrupt) else 143), what
     except OSError as err:  # disk full, a read-only or vanished folder, …: the files written so far stay whole
         if args.debug:
             raise
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         print(f"error: {err.strerror or err}{where}; every file written so far is whole (atomic writes)"
               f"{_last_checkpoint(args)}", file=sys.stderr)
-        code = 1
+        code, message = 1, f"{err.strerror or err}{where}"
     except jax.errors.JaxRuntimeError as err:
         if args.debug or jax.process_count() == 1:
             raise
@@ -445,11 +447,20 @@ def run_command(dataset: str, argv=None, description: str = "") -> list[dict] | 
               f"{distributed.lost_peer_message(err, args.distributed_timeout)}{_last_checkpoint(args)}",
               file=sys.stderr)
         code = 1
-    if jax.process_count() > 1:  # the other processes may be gone: no shutdown handshake with them
+    if jax.process_count() > 1:
+        try:  # process 0 works on after training (evaluation, figures): the others wait for its end
+            distributed.finish(code, message, timeout=args.distributed_timeout)
+        except distributed.DistributedError as err:
+            print(f"error: process {jax.process_index()}: {err}", file=sys.stderr)
+            code = code or 1
+        except (KeyboardInterrupt, distributed.Terminated):
+            code = code or 143
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
+        os._exit(code)  # no shutdown barrier with peers that may be gone
+    if code:
+        raise SystemExit(code)
+    return result
 
 
 def _last_checkpoint(args) -> str:
@@ -465,8 +476,8 @@ def _last_checkpoint(args) -> str:
 
 def _describe_difference(mine: str, theirs: str) -> str:
     a, b = json.loads(mine), json.loads(theirs)
-    diffs = [f"{k}: {b.get(k)} here vs {a.get(k)}" for k in ("stages", "out") if a.get(k) != b.get(k)]
-    strip = ("stages", "out")
+    strip = ("stages", "out", "resume", "overwrite", "start_iteration")
+    diffs = [f"{k}: {b.get(k)} → {a.get(k)}" for k in strip if a.get(k) != b.get(k)]
     try:
         diffs += differences({k: v for k, v in b.items() if k not in strip},
                              ExperimentConfig.from_json({k: v for k, v in a.items() if k not in strip}))
@@ -487,9 +498,12 @@ def _probe_writable(out: Path) -> None:
 
 def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
     cfg, out, stages, saved = configure(dataset, args)
-    distributed.agree(  # every process of a multi-process run has the same settings
-        json.dumps(cfg.to_json() | {"stages": stages, "out": str(out)}, sort_keys=True),
-        timeout=args.distributed_timeout, describe=_describe_difference)
+    if distributed.is_multiprocess(args.coordinator):  # every process has the same settings and the same start
+        info = ckpt_lib.checkpoint_info(out) if args.resume else None
+        shared = {"stages": stages, "out": str(out), "resume": args.resume, "overwrite": args.overwrite,
+                  "start_iteration": info.get("iteration") if info else None}
+        distributed.agree(json.dumps(cfg.to_json() | {"data_dir": None} | shared, sort_keys=True),
+                          timeout=args.distributed_timeout, describe=_describe_difference)
     module = DATASETS[dataset]
     if (cfg.preset in ("paper", "grid", "full") or len(cfg.seeds) > 1) and "train" in stages:
         est = len(cfg.models) * cfg.train.steps * module.STEP_SECONDS_CPU / 60

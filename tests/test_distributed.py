@@ -325,3 +325,26 @@ def test_multiprocess_lost_peer_and_sigterm(tmp_path):
     assert "continue with --resume" in outs[0][1]
     assert procs[1].returncode == 1 and len(_errors(outs[1][1])) == 1, outs[1][1][-2000:]
     assert "Traceback" not in outs[0][1] + outs[1][1]
+
+
+def test_multiprocess_run_finishes_when_process_0_works_longer_than_the_timeout(tmp_path):
+    """Process 1 is done after training while process 0 still evaluates (longer than --distributed-timeout): both
+    end with status 0 and the run is whole. A run that process 0 refuses is named by process 1."""
+    out = tmp_path / "run"
+    extra = ("--steps", "20", "--test-limit", "300", "--noise-every", "0", "--figure-images", "0")
+    port = _free_port()
+    t0 = time.monotonic()
+    procs = [_cli(out, i, port, *extra, timeout_s=3) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert time.monotonic() - t0 > 3
+    assert (out / "results.json").exists() and (out / "table1.md").exists()
+    # Process 0 refuses (the run exists, no --resume): process 1 says why instead of timing out.
+    port = _free_port()
+    procs = [_cli(out, i, port, *extra) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert procs[0].returncode == 2 and "already holds a run" in _errors(outs[0][1])[0], outs[0][1][-2000:]
+    lines = _errors(outs[1][1])
+    assert procs[1].returncode == 2 and len(lines) == 1, outs[1][1][-2000:]
+    assert "process 0 stopped" in lines[0] and "already holds a run" in lines[0], lines

@@ -35,17 +35,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["DEFAULT_TIMEOUT", "DistributedError", "Terminated", "agree", "initialize", "is_multiprocess",
            "is_writer", "lost_peer_message", "lost_processes", "make_mesh", "put_batch", "put_models",
-           "put_replicated", "supervise", "terminate_cleanly"]
+           "put_replicated", "supervise", "terminate_cleanly", "finish"]
 
 DEFAULT_TIMEOUT = 60  # seconds: joining a run, and noticing a lost peer
 _KEY = "bang_jax/settings/"
+_DONE = "bang_jax/done"
+_ACK = "bang_jax/ack/"
+_FAILED = "\x00failed: "  # a settings value saying the process stopped before it could share its settings
 
 
 class DistributedError(RuntimeError):
     """A multi-process run that cannot go on (peers missing, settings differ); the message says which."""
 
 
-class Terminated(Exception):  # noqa: N818 - it is a signal, like KeyboardInterrupt
+class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt: no `except Exception` eats it
     """Raised in the main thread on SIGTERM (see :func:`terminate_cleanly`)."""
 
 
@@ -70,8 +73,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     (seconds) bounds the wait for the other processes and the coordinator, and how long a silent peer may go
     unnoticed; past it JAX ends the process (run it under :func:`supervise` for a one-line reason).
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
-        raise ValueError(f"--distributed-timeout must be a positive number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86_400:
+        raise ValueError(f"--distributed-timeout must be a number of seconds from 1 to 86400, got {timeout!r}")
     if coordinator == "auto":
         if num_processes is not None or process_id is not None:
             raise ValueError("--coordinator auto reads the process count and id from the cluster: leave out "
@@ -118,12 +121,60 @@ def agree(settings: str, *, timeout: int = DEFAULT_TIMEOUT, describe=None) -> No
         except Exception:  # noqa: BLE001 - the service's timeout error
             raise DistributedError(f"process {other} did not share its settings within {timeout} s "
                                    "(--distributed-timeout)") from None
+        if theirs.startswith(_FAILED):
+            raise DistributedError(f"process {other} stopped: {theirs.removeprefix(_FAILED)}")
         if theirs != settings:
             what = describe(settings, theirs) if describe is not None else ""
             what = f" (process {other} → process {me}: {what})" if what else ""
             raise DistributedError(
                 f"process {other} runs with other settings than process {me}{what}; every "
                 "process must run the same command (only --process-id differs)")
+
+
+def _set(key: str, value: str) -> None:
+    try:
+        _client().key_value_set(key, value, allow_overwrite=True)
+    except Exception:  # noqa: BLE001 - the service may be gone already; nothing more to tell
+        pass
+
+
+def finish(code: int, message: str = "", *, timeout: int = DEFAULT_TIMEOUT) -> None:
+    """The end of a multi-process command, called by every process (nothing to do with one process).
+
+    A process that failed publishes ``message`` in place of its settings, so peers still waiting in :func:`agree`
+    name the real cause. Process 0 (which hosts the coordination service and works longest: it alone evaluates and
+    writes the run) announces its end and waits up to ``timeout`` s for the others to see it; the others, done with
+    their share, wait for that announcement — however long process 0's later stages take — instead of leaving
+    (JAX's shutdown barrier would otherwise end process 0 mid-evaluation) and stop early only if process 0 is
+    gone.
+    """
+    if jax.process_count() == 1:
+        return
+    me = jax.process_index()
+    if code and message:
+        _set(_KEY + str(me), _FAILED + message)
+    client = _client()
+    if me == 0:
+        _set(_DONE, str(code))
+        for other in range(1, jax.process_count()):
+            try:
+                client.blocking_key_value_get(_ACK + str(other), timeout * 1000)
+            except Exception:  # noqa: BLE001 - a peer that is gone does not answer; process 0 is done anyway
+                pass
+        return
+    while True:
+        try:
+            client.blocking_key_value_get(_DONE, 60_000)
+            break
+        except Exception:  # noqa: BLE001 - not yet (or process 0 is gone: checked next)
+            try:
+                if 0 not in client.get_live_nodes([0]):
+                    raise DistributedError("process 0 left the run before it finished") from None
+            except DistributedError:
+                raise
+            except Exception:  # noqa: BLE001 - the service (hosted by process 0) is gone
+                raise DistributedError("process 0 left the run before it finished") from None
+    _set(_ACK + str(me), "1")
 
 
 def lost_processes(timeout: int = DEFAULT_TIMEOUT) -> list[int]:
@@ -156,17 +207,23 @@ def lost_peer_message(err: Exception, timeout: int = DEFAULT_TIMEOUT) -> str:
     return f"a collective between the processes failed: {first}"
 
 
+_TERMINATION_INSTALLED = False
+
+
 def terminate_cleanly(grace: float = 10.0) -> None:
     """SIGTERM raises :class:`Terminated` in the main thread (so the command can say where it stopped); if the main
     thread is blocked (e.g. in a collective with a lost peer) the process exits with status 143 after ``grace``
     seconds. Call from the main thread; replaces any earlier SIGTERM handler (JAX's preemption notifier, which
     would otherwise swallow the signal)."""
-    if threading.current_thread() is not threading.main_thread():
+    global _TERMINATION_INSTALLED
+    if threading.current_thread() is not threading.main_thread() or _TERMINATION_INSTALLED:
         return
+    _TERMINATION_INSTALLED = True
     read, write = os.pipe()
     os.set_blocking(write, False)
 
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, lambda *_: None)  # one-shot: a second SIGTERM must not interrupt the exit
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
@@ -196,7 +253,7 @@ def _reason(log: str, coordinator: str, num_processes: int | None, timeout: int,
     tasks = {int(a or b) for a, b in _TASK.findall(log)}
     for m in re.finditer(r"stopped sending heartbeats\):\s*\n((?:\s*\d+\s*\n)+)", log + "\n"):
         tasks |= {int(t) for t in m.group(1).split()}
-    tasks = sorted(tasks)
+    tasks = sorted(tasks - {process_id})
     if "RegisterTask" in log or "Connect" in log and "DEADLINE_EXCEEDED" in log:
         count = f"all {num_processes} processes" if num_processes else "all processes"
         return (f"could not start the multi-process run: {count} must join the coordinator at {coordinator} "
@@ -215,21 +272,37 @@ def _reason(log: str, coordinator: str, num_processes: int | None, timeout: int,
     return "the JAX distributed service stopped the run (see the lines above)"
 
 
+_FATAL_START = re.compile(rb"(?:^|[\r\s])F\d{4} \d\d:\d\d:\d\d")  # the service's fatal log line, also after a bar
+
+
 def supervise(command: list[str], *, coordinator: str, num_processes: int | None, process_id: int | None,
-              timeout: int, last_checkpoint=lambda: "") -> int:
+              timeout: int, last_checkpoint=lambda: "", env: dict | None = None) -> int:
     """Runs ``command`` (this same command, marked as supervised) as a child process and returns its exit status.
 
-    Its output passes through, except the coordination service's fatal C++ abort (the ``F…`` line and its stack),
-    which becomes one ``error:`` line naming the cause. SIGTERM and Ctrl-C are passed to the child, which stops
-    cleanly; a child that does not stop within ``timeout`` seconds is killed.
+    Its output passes through byte for byte, except the coordination service's fatal C++ abort (the ``F…`` line
+    and its stack) and its log lines, which become one ``error:`` line naming the cause. SIGTERM and Ctrl-C are
+    passed to the child (in its own session, so it gets each signal once), which stops cleanly; a child that has
+    not stopped ``timeout`` seconds after the signal is killed.
     """
-    env = dict(os.environ, BANG_JAX_SUPERVISED="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ if env is None else env, BANG_JAX_SUPERVISED="1", PYTHONUNBUFFERED="1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the service's error log lines; its fatal ones still come
-    child = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+
+    def write(data: bytes) -> None:
+        sys.stderr.flush()
+        if out is not None:
+            out.write(data)
+            out.flush()
+        else:
+            sys.stderr.write(data.decode(errors="replace"))
 
     def forward(signum, frame):
         if child.poll() is None:
             child.send_signal(signum)
+            killer = threading.Timer(timeout, lambda: child.poll() is None and child.kill())
+            killer.daemon = True
+            killer.start()
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     fatal, done, tail, partial = False, False, [], b""
@@ -243,15 +316,19 @@ def supervise(command: list[str], *, coordinator: str, num_processes: int | None
             for raw in lines:
                 line = raw.decode(errors="replace")
                 tail = (tail + [line])[-400:]
-                if re.match(r"^F\d{4} ", line):
+                m = None if fatal else _FATAL_START.search(raw)
+                if m is not None:
                     fatal = True
+                    if m.start() > 0 and not done:
+                        write(raw[: m.start()].rstrip(b"\r ") + b"\n")  # what a progress bar drew before it
                 if not (fatal or done or _LOG.match(line)):
-                    sys.stderr.write(line + "\n")
+                    write(raw + b"\n")
                 done = done or line.startswith(("error: ", "terminated", "interrupted"))  # the rest is noise
-            if partial and not fatal and b"\r" in partial:  # progress bars redraw without a newline
+            if partial and not (fatal or done) and b"\r" in partial:  # progress bars redraw without a newline
                 head, _, partial = partial.rpartition(b"\r")
-                sys.stderr.write(head.decode(errors="replace") + "\r")
-            sys.stderr.flush()
+                write(head + b"\r")
+        if partial and not (fatal or done or _FATAL_START.search(partial)):
+            write(partial)  # the last line, without a newline
         rc = child.wait()
     finally:
         for sig, handler in old.items():
