@@ -37,13 +37,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("docs") / "results"
-BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n?)(?P<body>.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n?)(?P<body>(?:(?!<!-- results:).)*?)(<!-- /results -->)",
+                   re.S)
+OPENER = re.compile(r"<!-- results: ")
 RELEASED = {  # results folder: (row label, paper table, paper row)
     "released-lenet-r0": ("LeNet R0", "mnist", "R0"),
     "released-lenet-b1": ("LeNet B1", "mnist", "B1"),
     "released-cifar-r0": ("CIFAR R0", "cifar10", "R0"),
     "released-cifar-b0": ("CIFAR B0", "cifar10", "B0"),
 }
+
+
+STAGE_NAMES = ("train", "evaluate", "noise", "figures", "report")
 
 
 class DocsError(ValueError):
@@ -99,7 +104,7 @@ def gen_runtime(root: Path, name: str) -> str:
     t = meta.get("seconds") or {}
     total = t.get("total")
     parts = ", ".join(f"{k.removesuffix('_seconds')} {v:,.0f} s" for k, v in t.items()
-                      if k.endswith("_seconds") and v >= 1)
+                      if k.removesuffix("_seconds") in STAGE_NAMES and v >= 1)
     return (f"{total:,.0f} s ({total / 60:.0f} min) on {meta['machine']}" + (f" — {parts}" if parts else "")
             + f"; `{meta['command']}`\n")
 
@@ -113,7 +118,7 @@ def gen_runtimes(root: Path) -> str:
         if t.get("total") is None:
             continue
         stages = ", ".join(f"{k.removesuffix('_seconds')} {v:,.0f} s" for k, v in t.items()
-                           if k.endswith("_seconds") and v >= 1) or "–"
+                           if k.removesuffix("_seconds") in STAGE_NAMES and v >= 1) or "–"
         lines.append(f"| `{meta['command']}` | **{t['total']:,.0f} s** ({t['total'] / 60:.0f} min) | {stages} | "
                      f"{meta['machine']}{'; ' + meta['note'] if meta.get('note') else ''} | "
                      f"{meta['code_version']}, {meta['date']} |")
@@ -260,6 +265,9 @@ def render(root: Path = ROOT) -> dict[Path, str]:
     out = {}
     for path in documents(root):
         text = path.read_text()
+        if len(OPENER.findall(text)) != len(BLOCK.findall(text)):
+            raise DocsError(f"{path.relative_to(root)}: a <!-- results: … --> block is not closed by "
+                            "<!-- /results --> before the next one")
         out[path] = BLOCK.sub(lambda m: m.group(1) + generate(root, m.group("spec").strip()) + m.group(4), text)
     return out
 
@@ -288,9 +296,11 @@ def _scrub(obj, data_dir: str | None):
     if isinstance(obj, list):
         return [_scrub(v, data_dir) for v in obj]
     if isinstance(obj, str):
-        if data_dir and data_dir in obj:
-            obj = obj.replace(data_dir.rstrip("/"), "$BANG_DATA_DIR")
-        return re.sub(r"(?<![\w$])/(?:[\w.+-]+/)+([\w.+-]+)", r"…/\1", obj)
+        base = (data_dir or "").rstrip("/")
+        if base:  # the data folder itself or a path under it, not a longer name that starts the same
+            obj = re.sub(re.escape(base) + r"(?=/|$|\s|\")", "$BANG_DATA_DIR", obj)
+        # any other absolute path: its last component (URLs and ~/ paths are left alone)
+        return re.sub(r"(?<![\w$/~.])/(?:[\w.+-]+/)+([\w.+-]+)", r"…/\1", obj)
     return obj
 
 
@@ -313,6 +323,12 @@ def machine() -> str:
 def collect(source: Path, name: str, command: str, *, code_version: str | None = None, dataset: str | None = None,
             root: Path = ROOT, seconds: float | None = None, note: str = "") -> Path:
     """Copies a run directory or an ``evaluate --json`` file into ``docs/results/NAME`` (paths scrubbed)."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) or ".." in name:
+        raise DocsError(f"results name {name!r}: use letters, digits, '.', '_' and '-' (a folder under {RESULTS})")
+    if source.is_dir() and not (source / "config.json").is_file():
+        raise DocsError(f"{source} is not a run directory (no config.json)")
+    if not source.is_dir():
+        json.loads(source.read_text())  # a readable JSON file, before anything is replaced
     dest = root / RESULTS / name
     if dest.exists():
         shutil.rmtree(dest)
@@ -387,7 +403,7 @@ def main(argv=None) -> int:
                 print(f"rewrote {path.relative_to(ROOT)}", file=sys.stderr)
         print(f"{changed} file(s) changed", file=sys.stderr)
         return 0
-    except DocsError as err:
+    except (DocsError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

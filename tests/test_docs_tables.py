@@ -51,7 +51,8 @@ def test_a_changed_number_is_caught_and_regenerated(tmp_path, monkeypatch):
     assert meta["seconds"] == {"train_seconds": 600.0, "total": 900.0} and meta["code_version"] == "abc1234"
     doc = root / "docs" / "page.md"
     doc.write_text("text\n<!-- results: table demo -->\nold\n<!-- /results -->\nand <!-- results: runtime demo -->"
-                   "\n<!-- /results -->\nB1 is <!-- results: value demo B1 accuracy 1 -->?<!-- /results --> accurate.\n")
+                   "\n<!-- /results -->\nB1 is <!-- results: value demo B1 accuracy 1 -->?<!-- /results -->"
+                   " accurate.\n")
     assert len(docs_tables.stale(root)) == 3
     for path, text in docs_tables.render(root).items():
         path.write_text(text)
@@ -79,3 +80,32 @@ def test_unknown_generator_or_missing_results_is_an_error(tmp_path):
     with pytest.raises(docs_tables.DocsError, match="does not exist"):
         docs_tables.render(root)
     shutil.rmtree(root)
+
+
+def test_scrub_takes_out_machine_paths_only():
+    scrub = docs_tables._scrub
+    assert scrub("files:/data/x/mnist", "/data/x") == "files:$BANG_DATA_DIR/mnist"
+    assert scrub("files:/data/xy/mnist", "/data/x") == "files:…/mnist"  # not the data folder: only its last part
+    for kept in ("https://github.com/a/b/raw/x.h5", "ratio 1/2 on 2026-12-02", "~/tensorflow_datasets/mnist/3.0.1"):
+        assert scrub(kept, "/data/x") == kept
+    assert scrub({"a": ["/home/me/run/results.json"]}, None) == {"a": ["…/results.json"]}
+
+
+def test_collect_refuses_bad_names_and_sources_before_touching_anything(tmp_path):
+    root, run = _fake_tree(tmp_path)
+    keep = root / "docs" / "results" / "old"
+    keep.mkdir(parents=True)
+    (keep / "meta.json").write_text("{}")
+    for name in ("", "..", "../x", "a/b", "."):
+        with pytest.raises(docs_tables.DocsError, match="results name"):
+            docs_tables.collect(run, name, "python -m x", root=root)
+    with pytest.raises(docs_tables.DocsError, match="not a run directory"):
+        docs_tables.collect(tmp_path / "repo", "old", "python -m x", root=root)
+    assert (keep / "meta.json").exists() and (root / "docs").is_dir()
+
+
+def test_an_unclosed_block_is_an_error_not_a_swallowed_neighbour(tmp_path):
+    root, _ = _fake_tree(tmp_path)
+    (root / "README.md").write_text("<!-- results: runtimes -->\nopen\n<!-- results: runtimes -->\n<!-- /results -->\n")
+    with pytest.raises(docs_tables.DocsError, match="not closed"):
+        docs_tables.render(root)

@@ -357,10 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
     root = Path(args.dir).expanduser() if args.dir else _default_dir()
-    problem = _unusable(root)
-    if problem:
-        print(f"error: --dir {root}: {problem}", file=sys.stderr)
-        return 2
+    for name in args.datasets:  # a folder that already holds a dataset is only written if a file must be fetched
+        folder = root / name.lower().replace("-", "_")
+        problem = _unusable(root) if not folder.is_dir() else None
+        if problem:
+            print(f"error: --dir {root}: {problem}", file=sys.stderr)
+            return 2
     try:
         for name in args.datasets:
             folder = download(name, root, urls=args.urls, progress=not args.no_progress)
