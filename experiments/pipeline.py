@@ -544,6 +544,9 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
         "backend": jax.default_backend(),
         "command": " ".join(sys.argv),
     }
+    if saved is not None and not args.overwrite and saved.get("command"):  # the command that made the run stays
+        config["command"] = saved["command"]
+        config["later_commands"] = [*saved.get("later_commands", []), " ".join(sys.argv)]
     run.write_json("config.json", config)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() and saved is not None else {}
