@@ -19,7 +19,8 @@ Generators (the first word of a block's spec): ``table NAME`` (Table-1/2 style, 
 ``summary`` (the README's findings table), ``runtime NAME`` (the run's measured time and machine), ``runtimes``
 (every results file's run time: the docs' one table of run times), ``meta NAME`` (the command, code version and
 machine of a results file), ``value NAME ROW KEY [DIGITS]`` (one number inside a sentence:
-``<!-- results: value mnist-seeds B1 hc1_pass_mean 3 -->…<!-- /results -->``).
+``<!-- results: value mnist-seeds B1 hc1_pass_mean 3 -->…<!-- /results -->``), ``pgd NAME…`` (PGD success per budget
+and loss), ``hc1cap NAME`` (HC1 at several search caps).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n?)(?P<body>(?:(?!<!-- 
                    re.S)
 OPENER = re.compile(r"<!-- results: ")
 RELEASED = {  # results folder: (row label, paper table, paper row)
+    # (also: released-lenet-r0-pgd / -b1-pgd, PGD on the first 1,000 images; released-lenet-b1-hc1cap)
     "released-lenet-r0": ("LeNet R0", "mnist", "R0"),
     "released-lenet-b1": ("LeNet B1", "mnist", "B1"),
     "released-cifar-r0": ("CIFAR R0", "cifar10", "R0"),
@@ -147,6 +149,26 @@ def gen_value(root: Path, name: str, row: str, key: str, digits: str = "2") -> s
     return f"{r[key]:.{d}f}{pct}"
 
 
+def gen_pgd(root: Path, *names: str) -> str:
+    """PGD success rate per budget, margin and cross-entropy loss, for each named results file (one column pair
+    per model); the higher of a model's two rates in bold where the margin loss wins."""
+    rows = {n: _load(root, n, "results.json")[0] for n in names}
+    budgets = sorted({float(k.rsplit("_eps", 1)[1]) for r in rows.values() for k in r
+                      if k.startswith("pgd_margin_rate_eps")})
+    labels = {n: RELEASED.get(n.removesuffix("-pgd"), (n,))[0] for n in names}
+    head = "| ε (pixels) | " + " | ".join(f"{labels[n]} margin | {labels[n]} CE" for n in names) + " |"
+    lines = [head, "|" + " --- |" * (1 + 2 * len(names))]
+    for eps in budgets:
+        cells = []
+        for n in names:
+            margin, ce = rows[n].get(f"pgd_margin_rate_eps{eps:g}"), rows[n].get(f"pgd_ce_rate_eps{eps:g}")
+            cells += [_pct(margin), _pct(ce)]
+        lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
+    r = rows[names[0]]
+    return "\n".join(lines) + f"\n\n{r['attacked']:,} attacked images of the first {r['test_images']:,}; " \
+        "files: " + ", ".join(f"[`{n}`](results/{n}/)" for n in names) + ".\n"
+
+
 def gen_hc1cap(root: Path, name: str) -> str:
     """HC1 at several search caps (one row per cap), as running text."""
     rows = sorted(_load(root, name, "results.json"), key=lambda r: r["hc1_max_step"])
@@ -243,7 +265,7 @@ def gen_summary(root: Path) -> str:
 
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
               "seeds": gen_seeds, "released": gen_released, "summary": gen_summary, "value": gen_value,
-              "hc1cap": gen_hc1cap}
+              "hc1cap": gen_hc1cap, "pgd": gen_pgd}
 
 
 def generate(root: Path, spec: str) -> str:
