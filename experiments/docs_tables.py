@@ -164,9 +164,10 @@ def gen_pgd(root: Path, *names: str) -> str:
             margin, ce = rows[n].get(f"pgd_margin_rate_eps{eps:g}"), rows[n].get(f"pgd_ce_rate_eps{eps:g}")
             cells += [_pct(margin), _pct(ce)]
         lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
-    r = rows[names[0]]
-    return "\n".join(lines) + f"\n\n{r['attacked']:,} attacked images of the first {r['test_images']:,}; " \
-        "files: " + ", ".join(f"[`{n}`](results/{n}/)" for n in names) + ".\n"
+    attacked = ", ".join(f"{labels[n]} {rows[n]['attacked']:,}" for n in names)
+    files = ", ".join(f"[`{n}`](results/{n}/)" for n in names)
+    return "\n".join(lines) + f"\n\nRates are of the correctly classified images attacked ({attacked} of the " \
+        f"first {rows[names[0]]['test_images']:,}); files: {files}.\n"
 
 
 def gen_hc1cap(root: Path, name: str) -> str:
