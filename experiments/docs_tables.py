@@ -257,6 +257,17 @@ def gen_summary(root: Path) -> str:
                              for r in ("R0", "B1"))
             rows.append((f"LeNets trained here (default preset, {n} seeds, mean ± sd): {label} R0 / B1", ref,
                          f"{ms('R0', key, pct)} / {ms('B1', key, pct)}"))
+    default = _load(root, "mnist-default", "results.json", required=False)
+    if default and not seeds:  # one run of the default preset
+        by = {r["id"]: r for r in default}
+        pt = _paper("mnist")
+        for key, label, pct in (("accuracy", "accuracy", True), ("fgs_rate", "FGS success", True),
+                                ("fgs_exact_rate", "FGS-exact success (not in the paper)", True),
+                                ("hc1_linf_mean", "HC1 mean L∞", False)):
+            unit = "%" if pct else ""
+            ref = " / ".join(_num(pt[r].get(key)) + unit if pt[r].get(key) is not None else "–" for r in ("R0", "B1"))
+            rows.append((f"LeNets trained here (default preset, one run): {label} R0 / B1", ref,
+                         " / ".join(_num(by[r].get(key)) + unit for r in ("R0", "B1"))))
     lines = ["| | paper | ours |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     if seeds:
         lines += ["", "\\* B1 differs from R0 beyond the seed spread (Welch's t-test, p < 0.05). Files: "
