@@ -198,7 +198,7 @@ def test_readme_top_has_what_users_need_first():
     assert "@inproceedings{" in text and "(LICENSE)" in text and (ROOT / "LICENSE").exists()
     assert "BSD 2-Clause" in (ROOT / "LICENSE").read_text()
     assert "(CITATION.cff)" in text and "cff-version: 1.2.0" in (ROOT / "CITATION.cff").read_text()
-    assert len(text.splitlines()) <= 150, "the README is a front door: move details into docs/"
+    assert len(text.splitlines()) <= 175, "the README is a front door: move details into docs/"
 
 
 def test_committed_notebooks_hold_outputs_and_pictures():
