@@ -212,7 +212,7 @@ def stage_figures(run: Run) -> None:
         shown = {n: curves[n] for n in (pair or list(curves)[:4]) if n in curves}
         plot_curves(shown, run.out / "curves.png", title=f"{cfg.dataset}: robust accuracy vs L∞ budget")
         run.written.append("curves.png")
-    bang_models = [m for m in cfg.models if m.is_bang]
+    bang_models = [m for m in seeds_lib.rows(cfg.models, cfg.seeds) if m.is_bang]  # grid rows, not seed copies
     if len(bang_models) > 4 and results:
         reports.plot_grid(run.out / "grid.png", results, f"{cfg.dataset}: BANG β×ε grid")
         run.written.append("grid.png")
