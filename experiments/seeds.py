@@ -27,21 +27,12 @@ import numpy as np
 
 from bang_jax.checkpoint import atomic_write
 from bang_jax.train import ModelSpec
+from experiments.reports import COLUMNS
 
 SEED_STRIDE = 1000  # seed k of a row: the row's seed + SEED_STRIDE·k (rows' own seeds stay far below it)
 SEP = "@s"
 ALPHA = 0.05
-# The measures summarised over seeds: (results.json key, label, kind). Keys missing from every row are left out.
-MEASURES = [
-    ("accuracy", "Accuracy", "pct"),
-    ("fgs_rate", "FGS rate", "pct"),
-    ("fgs_pass_mean", "FGS PASS", "pass"),
-    ("fgs_linf_mean", "FGS L∞", "linf"),
-    ("fgs_exact_rate", "FGS-exact rate", "pct"),
-    ("hc1_rate", "HC1 rate", "pct"),
-    ("hc1_pass_mean", "HC1 PASS", "pass"),
-    ("hc1_linf_mean", "HC1 L∞", "linf"),
-]
+MEASURES = COLUMNS  # the measures summarised over seeds: the columns of the paper-style table
 
 
 class SeedsError(ValueError):
