@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bang_jax import checkpoint as ckpt_lib, data as data_lib, distributed, models as models_lib
@@ -35,7 +36,17 @@ from bang_jax.attacks import hot_cold_direction, line_search_attack
 from bang_jax.evaluate import evaluate_run, predict, results_bytes, run_models
 from bang_jax.noise import noise_study, plot_noise_study
 from bang_jax.robustness import plot_curves
-from bang_jax.train import Checkpoint, LogMetrics, Snapshots, TrainingDiverged, init_states, train
+from bang_jax.train import (
+    MUTABLE_COLLECTIONS,
+    Checkpoint,
+    LogMetrics,
+    Snapshots,
+    TrainingDiverged,
+    init_states,
+    snapshot_tree,
+    snapshot_variables,
+    train,
+)
 from experiments import reports, seeds as seeds_lib
 from experiments.config import (
     EVALUATION_ONLY,
@@ -81,7 +92,8 @@ class Run:
 
     @property
     def model(self):
-        return models_lib.MODELS[self.cfg.model]()
+        name = self.cfg.model
+        return models_lib.MODELS[name]() if name in models_lib.MODELS else models_lib.load_model(name)
 
     @property
     def data(self) -> data_lib.Dataset:
@@ -97,7 +109,7 @@ class Run:
         """The model's non-param variables (CIFAR-quick: the training-set mean image)."""
         if self._consts is None:
             _, variables = models_lib.build(self.cfg.model, self.data.train_images)
-            self._consts = {k: v for k, v in variables.items() if k != "params"}
+            self._consts = {k: v for k, v in variables.items() if k != "params" and k not in MUTABLE_COLLECTIONS}
         return self._consts
 
     def test_set(self):
@@ -166,10 +178,9 @@ def stage_noise(run: Run) -> None:
     names = [m.name for m in cfg.models]
     snaps = {n: [] for n in pair}
     for it in expected:
-        stacked = ckpt_lib.load_snapshot(run.out, it, template.params)
+        stacked = ckpt_lib.load_snapshot(run.out, it, snapshot_tree(template))
         for n in pair:
-            i = names.index(n)
-            snaps[n].append((it, {**run.consts, "params": jax.tree.map(lambda x, i=i: x[i], stacked)}))
+            snaps[n].append((it, snapshot_variables(stacked, names.index(n), run.consts, template)))
     test_x, test_y = run.test_set()
     model = run.model
     try:
@@ -272,6 +283,9 @@ def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
         help="comma-separated: table rows (R0,B1), NAME(beta=…, epsilon=…, ratio=…) with "
         "numbers or {layer: number} mappings, or NAME:BETA:EPSILON[:RATIO]",
     )
+    p.add_argument("--model", metavar="NAME|PKG.MOD:FN",
+                   help=f"the network: {module.get_config().model} (default) or your own linen or NNX model as "
+                   "package.module:function (docs/training.md#your-own-model-in-the-experiments)")
     p.add_argument("--seed-offset", type=int, default=0, help="added to every model's init/dropout seed")
     p.add_argument("--seeds", metavar="N|S0,S1,…",
                    help="train every model once per seed (a count, 5 = seeds 0-4, or a list) and report mean ± sd "
@@ -324,6 +338,10 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
             raise ConfigError(f"{out} holds a '{cfg.preset}' run; --preset {args.preset} does not match it")
     else:
         cfg = module.get_config(args.preset or "default")
+    if args.model is not None:
+        if not args.model.strip():
+            raise ConfigError("--model is empty; name a bundled model or package.module:function")
+        cfg = dataclasses.replace(cfg, model=args.model.strip())
     if args.models is not None and not args.models.strip():
         raise ConfigError("--models is empty; name the models (e.g. R0,B1) or leave the flag out")
     try:
@@ -363,8 +381,23 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
 
 
 def _check_per_layer_values(cfg: ExperimentConfig) -> None:
-    """Per-layer hyperparameters must name the model's layers (checked on shapes only, before any work)."""
-    params = models_lib.build(cfg.model, abstract=True)[1]["params"]
+    """The model must build and give one score per class; per-layer hyperparameters must name its layers (checked
+    on shapes only, before any work)."""
+    shape = models_lib.DATASET_SHAPES[cfg.dataset]
+    try:
+        model, variables = models_lib.build(cfg.model, abstract=True, input_shape=shape)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--model {cfg.model}: {err}") from None
+    try:
+        sample = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+        out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, sample)
+    except Exception as err:  # noqa: BLE001 - the user's model may raise anything on our input
+        raise ConfigError(f"--model {cfg.model}: calling it on [N, {', '.join(map(str, shape))}] images failed: "
+                          f"{type(err).__name__}: {err}") from None
+    if getattr(out, "shape", None) != (2, 10):
+        raise ConfigError(f"--model {cfg.model}: it must return [N, 10] logits for {cfg.dataset} images "
+                          f"[N, {', '.join(map(str, shape))}], got {getattr(out, 'shape', type(out).__name__)}")
+    params = variables["params"]
     for m in cfg.models:
         try:
             m.bang.broadcast(params)

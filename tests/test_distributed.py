@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,6 +296,7 @@ def _wait_training(out, procs, limit=240):
         time.sleep(1)
 
 
+@pytest.mark.slow  # ≈1 min: two 2-process runs; the startup faults run in CI
 def test_multiprocess_lost_peer_and_sigterm(tmp_path):
     """A peer killed mid-training is named by the survivor; SIGTERM ends a process cleanly (exit 143) and its
     peer stops with one line; nothing hangs."""
@@ -328,6 +330,7 @@ def test_multiprocess_lost_peer_and_sigterm(tmp_path):
     assert "Traceback" not in outs[0][1] + outs[1][1]
 
 
+@pytest.mark.slow  # ≈1 min: two 2-process runs
 def test_multiprocess_run_finishes_when_process_0_works_longer_than_the_timeout(tmp_path):
     """Process 1 is done after training while process 0 still evaluates (longer than --distributed-timeout): both
     end with status 0 and the run is whole. A run that process 0 refuses is named by process 1."""

@@ -144,6 +144,7 @@ def _final_params(out):
     return raw["state"]
 
 
+@pytest.mark.slow  # ≈1 min: three runs; test_train resumes in-process
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -167,6 +168,7 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
 
 
+@pytest.mark.slow  # 40 s: vmapped grid; test_train checks vmap = loop
 def test_grid_preset_trains_vmapped_models_and_plots(tmp_path):
     out = tmp_path / "grid"
     models = "R0,a:1.0:0.78,b:1.0:0.84,c:1.6:0.78,d:1.6:0.84,e:1.3:0.81"

@@ -75,6 +75,7 @@ def _mnist(out, *extra):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # ≈1.5 min: four CLI runs; the seed logic is tested above
 def test_seeded_run_end_to_end_resume_and_evaluate(tmp_path):
     out = tmp_path / "seeded"
     res = _mnist(out, "--seeds", "2")

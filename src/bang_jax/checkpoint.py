@@ -39,6 +39,7 @@ __all__ = [
     "checkpoint_info",
     "list_snapshots",
     "load_params",
+    "load_variables",
     "load_snapshot",
     "load_state",
     "RUN_CONFIG_VERSION",
@@ -238,6 +239,14 @@ def load_params(workdir: str | os.PathLike) -> tuple[list[str], dict, dict]:
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {Path(workdir) / STATE} lacks {err}") from err
     return names, params, info
+
+
+def load_variables(workdir: str | os.PathLike) -> tuple[list[str], dict, dict]:
+    """Like :func:`load_params`, with the params and what training updates besides them (BatchNorm statistics)
+    together as stacked Flax variables: ``(names, {'params': ..., 'batch_stats': ...}, description)``."""
+    names, params, info = load_params(workdir)
+    state, _ = _read_checkpoint(workdir)
+    return names, {**(state.get("model_state") or {}), "params": params}, info
 
 
 def remove_stale_temporaries(workdir: str | os.PathLike) -> list[Path]:

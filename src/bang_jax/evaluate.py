@@ -50,7 +50,7 @@ from bang_jax.attacks import (
 )
 from bang_jax.balance import BangConfig
 from bang_jax.caffe import check_caffe_weights, load_caffe_weights
-from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, read_run_config
+from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, load_variables, read_run_config
 from bang_jax.core import check_finite
 from bang_jax.data import DataError, load_dataset, load_run_data, mean_image, source_kind
 from bang_jax.metrics import pass_scores
@@ -453,7 +453,7 @@ def run_models(run_dir, data, *, models=None, allow_unfinished=False):
     if recorded and source_kind(recorded) != source_kind(data.source):
         raise DataError(f"{run_dir} was made with {recorded}, not {data.source}: evaluate it on its own data "
                         "(bang_jax.data.load_run_data)")
-    names, params, info = load_params(run_dir)
+    names, stacked, info = load_variables(run_dir)
     unknown = [n for n in models or [] if n not in names]
     if unknown:
         raise ValueError(f"models {', '.join(unknown)} not in {run_dir} (it has {', '.join(names)})")
@@ -464,14 +464,14 @@ def run_models(run_dir, data, *, models=None, allow_unfinished=False):
             raise CheckpointError(message + ": finish it with --resume")
         print(f"note: {message}; evaluating the weights of its last checkpoint", file=sys.stderr)
     module, variables = build(config["model"], data.train_images)
-    consts = {k: v for k, v in variables.items() if k != "params"}
+    consts = {k: v for k, v in variables.items() if k not in stacked}
     specs = {m["name"]: m for m in config["models"]}
     out = []
     for i, name in enumerate(names):
         if models and name not in models:
             continue
-        p = jax.tree.map(lambda x, i=i: np.asarray(x[i]), params)
-        out.append((specs.get(name, {"name": name}), module, {**consts, "params": p}))
+        picked = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
+        out.append((specs.get(name, {"name": name}), module, {**consts, **picked}))
     return config, out, info.get("iteration")
 
 

@@ -15,6 +15,9 @@ as in Caffe, so the authors' weights load without permuting ``ip1``.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import math
 import warnings
 from typing import Any
@@ -27,8 +30,8 @@ from jax import lax
 
 from bang_jax.data import mean_image
 
-__all__ = ["INPUT_SHAPES", "MODELS", "CifarQuick", "LeNet", "build", "caffe_avg_pool", "caffe_max_pool",
-           "set_mean_image"]
+__all__ = ["DATASET_SHAPES", "INPUT_SHAPES", "MODELS", "CifarQuick", "LeNet", "build", "caffe_avg_pool",
+           "caffe_max_pool", "load_model", "set_mean_image"]
 
 
 def _ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -176,29 +179,92 @@ def set_mean_image(variables: dict, mean_image) -> dict:
 # The bundled models by the names the experiments' configs use, and the image shape each takes.
 MODELS = {"lenet": LeNet, "cifar_quick": CifarQuick}
 INPUT_SHAPES = {"lenet": (28, 28, 1), "cifar_quick": (32, 32, 3)}
+DATASET_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
-def build(name: str, train_images=None, *, abstract: bool = False) -> tuple[nn.Module, dict]:
-    """``(module, variables)`` of a bundled model: the one place the paper's models are built.
+@functools.cache
+def load_model(target: str):
+    """Your own model, named ``'package.module:function'`` (``--model`` of the experiments).
+
+    The function (or class) is imported and:
+
+    * if it takes ``rngs=``, it is an NNX factory: each trained model is built by ``function(rngs=nnx.Rngs(key))``
+      from its own seed (returned as a :class:`bang_jax.nnx.Functional`);
+    * otherwise it is called without arguments and must return a ``flax.linen.Module`` (initialised per seed by
+      ``init``) or an ``nnx.Module`` (every trained model then starts from its weights).
+
+    The model takes ``[N, H, W, C]`` float32 images in pixel units 0..255 (do your own scaling inside) and
+    returns ``[N, classes]`` logits; a linen module's ``__call__`` takes ``train=`` (dropout, BatchNorm). The same
+    object is returned for the same name (compiled steps are cached per model).
+    """
+    from flax import nnx  # noqa: PLC0415
+
+    from bang_jax.nnx import Functional  # noqa: PLC0415
+
+    module_name, _, attr = str(target).partition(":")
+    if not module_name or not attr or not all(p.isidentifier() for p in module_name.split(".") + attr.split(".")):
+        raise ValueError(f"unknown model {target!r}: name a bundled model ({', '.join(MODELS)}) or your own as "
+                         "package.module:function")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model {target!r}: cannot import {module_name} ({err}); run from the folder that holds "
+                         "it or install it") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {target!r}: {module_name} has no attribute {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {target!r}: {attr} is not callable")
+    try:
+        takes_rngs = "rngs" in inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        takes_rngs = False
+    if takes_rngs:
+        return Functional(obj)
+    built = obj()
+    if isinstance(built, nn.Module):
+        params = inspect.signature(type(built).__call__).parameters
+        if "train" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise ValueError(f"model {target!r}: {type(built).__name__}.__call__ must take train= (True in training: "
+                             "dropout on, BatchNorm on batch statistics; False in evaluation)")
+        return built
+    if isinstance(built, nnx.Module):
+        return Functional(built)
+    raise ValueError(f"model {target!r}: {attr}() returned {type(built).__name__}, not a flax.linen Module or an "
+                     "nnx.Module")
+
+
+def build(name: str, train_images=None, *, abstract: bool = False, input_shape=None) -> tuple[Any, dict]:
+    """``(module, variables)`` of a run's model: the one place models are built.
 
     Args:
-      name: ``'lenet'`` or ``'cifar_quick'`` (:data:`MODELS`).
+      name: ``'lenet'`` or ``'cifar_quick'`` (:data:`MODELS`), or your own model as ``'package.module:function'``
+        (:func:`load_model`; an NNX model comes back as a :class:`bang_jax.nnx.Functional`).
       train_images: the training images (pixels); :class:`CifarQuick` then holds their mean image, which it
         subtracts. Without them its mean image is zero (enough for shapes, not for predictions).
-      abstract: shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves, nothing computed).
+      abstract: shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves).
+      input_shape: one image's shape ``(H, W, C)`` for your own linen model (default: the training images').
 
-    The parameters are the model's Caffe-style initialisation with key 0; training draws its own per model.
+    The parameters are the model's initialisation with key 0; training draws its own per model.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; the bundled models are {', '.join(MODELS)}")
-    module = MODELS[name]()
-    sample = jnp.zeros((1,) + INPUT_SHAPES[name], jnp.float32)
+    if name in MODELS:
+        module, shape = MODELS[name](), INPUT_SHAPES[name]
+    else:
+        module = load_model(name)
+        shape = input_shape if input_shape is not None else (None if train_images is None else
+                                                             tuple(np.shape(train_images)[1:]))
+    if shape is None and isinstance(module, nn.Module):
+        raise ValueError(f"model {name!r}: the input shape is needed to initialise it (input_shape=)")
+    sample = jnp.zeros((1,) + tuple(shape), jnp.float32) if shape is not None else None
 
     def init():
         return module.init(jax.random.PRNGKey(0), sample, train=False)
 
     if abstract:
-        return module, jax.eval_shape(init)
+        if isinstance(module, nn.Module):
+            return module, jax.eval_shape(init)
+        return module, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), init())
     variables = init()
     if name == "cifar_quick" and train_images is not None:
         variables = set_mean_image(variables, mean_image(train_images))

@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Callable, Collection
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from bang_jax.balance import BangConfig, as_bang_config
@@ -64,6 +66,7 @@ from bang_jax.linen import WEIGHTED_LAYER_TYPES as LINEN_WEIGHTED_LAYER_TYPES, l
 
 __all__ = [
     "WEIGHTED_LAYER_TYPES",
+    "Functional",
     "bang_grad",
     "per_example_grads",
     "sample_dropout_masks",
@@ -373,3 +376,134 @@ def bang_grad(
     aux = aux._replace(model_state=aux.model_state[0])
     return (grads, aux) if return_aux else grads
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# An NNX model behind linen's functional interface, for bang_jax.train, the experiments and the evaluation.
+
+
+class Functional:
+    """An NNX model seen through linen's functional interface, so that :func:`bang_jax.train.train`, run
+    directories, checkpoints, :func:`bang_jax.evaluate.evaluate_model` and the attacks treat it like a linen module.
+
+    ``Functional(make_model)`` takes a **factory** called as ``make_model(rngs=nnx.Rngs(key))`` (each trained
+    model's seed then sets its own initial weights), or a built ``nnx.Module`` (every trained model then starts
+    from its weights; seeds change the dropout draws only). The model is called as ``model(images)``; training
+    mode is set with Flax's ``model.train()`` / ``model.eval()`` (Dropout's ``deterministic``, BatchNorm's
+    ``use_running_average``), and ``train=`` is passed on too when ``__call__`` takes it.
+
+    * ``init(key, images, train=False)`` returns ``{'params': ..., 'state': ...}``: the ``nnx.Param`` values and
+      every other variable (``nnx.BatchStat``, custom variables) as plain nested dicts of arrays; RNG streams are
+      not part of it (they are reseeded from the ``rngs`` of each training call).
+    * ``apply(variables, images, train=False, rngs=None, mutable=False)``: the outputs; with ``mutable`` also
+      ``{'state': ...}`` after the call (BatchNorm's running statistics in training mode).
+    * ``model(variables)``: the ``nnx.Module`` itself, built from ``variables`` (for your own code).
+
+    Training with BANG uses :func:`bang_grad` on the rebuilt module (BatchNorm in training mode supported).
+    """
+
+    def __init__(self, model):
+        if isinstance(model, Functional):
+            model = model.instance if model.factory is None else model.factory
+        if isinstance(model, nnx.Module):
+            self.factory, self.instance = None, model
+        elif callable(model):
+            self.factory, self.instance = model, None
+        else:
+            raise TypeError(f"Functional takes an nnx.Module or a function returning one, got {type(model).__name__}")
+        self._graphdef = self._templates = None
+        self._takes_train = None
+
+    def __repr__(self) -> str:
+        what = self.factory if self.instance is None else type(self.instance)
+        return f"Functional({getattr(what, '__qualname__', what)})"
+
+    def build(self, key) -> nnx.Module:
+        """A fresh module with initial weights drawn from ``key`` (the instance itself for a built model)."""
+        if self.factory is None:
+            return self.instance
+        try:
+            model = self.factory(rngs=nnx.Rngs(key))
+        except TypeError as err:
+            if "rngs" not in str(err):
+                raise
+            raise TypeError(f"the NNX model factory {getattr(self.factory, '__qualname__', self.factory)} must take "
+                            "rngs= (an nnx.Rngs), so that each trained model's seed sets its initial weights") from err
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"the NNX model factory returned {type(model).__name__}, not an nnx.Module")
+        return model
+
+    def _split(self, model: nnx.Module) -> dict:
+        graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        if self._graphdef is None:
+            self._graphdef, self._templates = graphdef, (params, rngs, rest)
+            self._takes_train = _takes_keyword(model, "train")
+        elif graphdef != self._graphdef:
+            raise ValueError("the NNX model factory built models of different structure for different seeds")
+        variables = {"params": nnx.to_pure_dict(params)}
+        if jax.tree.leaves(rest):
+            variables["state"] = nnx.to_pure_dict(rest)
+        return variables
+
+    def init(self, rngs, *args, train: bool = False, **kwargs) -> dict:
+        """``{'params': ..., 'state': ...}`` of a model built with ``rngs`` (a key, or linen's ``{'params': key}``).
+        The other arguments (linen's sample input) are not needed: an NNX model is built with its shapes."""
+        del args, kwargs, train
+        key = rngs.get("params") if isinstance(rngs, dict) else rngs
+        return self._split(self.build(key))
+
+    def model(self, variables: dict) -> nnx.Module:
+        """The ``nnx.Module`` holding ``variables`` (a new object; RNG streams as built)."""
+        if self._graphdef is None:
+            self._split(self.build(jax.random.PRNGKey(0)))
+        params_t, rngs_t, rest_t = self._templates
+        try:
+            params = _from_pure(params_t, variables["params"])
+            rest = _from_pure(rest_t, variables.get("state", {}))
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"these variables do not fit {self!r}: {err}") from err
+        return nnx.merge(self._graphdef, params, jax.tree.map(lambda a: a, rngs_t), rest)
+
+    def apply(self, variables, *args, train: bool = False, rngs=None, mutable=False, **kwargs):
+        """The model's outputs on ``args`` (and ``{'state': ...}`` after the call when ``mutable``)."""
+        model = self.prepare(variables, train=train, rngs=rngs)
+        if self._takes_train:
+            kwargs = {"train": train, **kwargs}
+        outputs = model(*args, **kwargs)
+        return (outputs, self.state_of(model)) if mutable is not False else outputs
+
+    def prepare(self, variables, *, train: bool, rngs=None) -> nnx.Module:
+        """The module for one call: built from ``variables``, in training or evaluation mode, its RNG streams
+        reseeded from ``rngs`` (``{'dropout': key}`` or a key)."""
+        model = self.model(variables)
+        model.train() if train else model.eval()
+        if rngs is not None:
+            key = rngs.get("dropout", next(iter(rngs.values()))) if isinstance(rngs, dict) else rngs
+            if not jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+                key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+            tags = sorted({node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
+            if tags:
+                nnx.reseed(model, policy="match_shape", **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
+        return model
+
+    @staticmethod
+    def state_of(model: nnx.Module) -> dict:
+        rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))
+        return {"state": nnx.to_pure_dict(rest)} if jax.tree.leaves(rest) else {}
+
+    def call_kwargs(self, train: bool) -> dict:
+        return {"train": train} if self._takes_train else {}
+
+
+def _takes_keyword(model, name: str) -> bool:
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _from_pure(template, pure):
+    state = jax.tree.map(lambda a: a, template)  # new Variable objects: the template is shared by every call
+    nnx.replace_by_pure_dict(state, pure)
+    return state

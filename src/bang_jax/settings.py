@@ -101,8 +101,9 @@ def flag_fields(cls, prefix: str = "", *, skip=frozenset(), aliases: dict | None
         dotted = ".".join(path)
         if dotted in skip:
             continue
-        if dataclasses.is_dataclass(tp):
-            out += flag_fields(tp, dotted + ".", skip=skip, aliases=aliases)
+        inner = _optional_inner(tp)
+        if dataclasses.is_dataclass(tp) or (inner is not None and dataclasses.is_dataclass(inner)):
+            out += flag_fields(inner or tp, dotted + ".", skip=skip, aliases=aliases)
             continue
         flag = "--" + ".".join(p.replace("_", "-") for p in path)
         out.append(FlagField(dest="__".join(path), flag=flag, path=path, type=tp,

@@ -21,6 +21,7 @@ __all__ = [
     "LENET_SOLVER",
     "SolverConfig",
     "caffe_sgd",
+    "cosine_schedule",
     "inv_schedule",
     "multistep_schedule",
 ]
@@ -56,11 +57,25 @@ def multistep_schedule(base_lr: float, steps: Sequence[int], gamma: float = 0.1)
     return schedule
 
 
+def cosine_schedule(base_lr: float, decay_steps: int) -> optax.Schedule:
+    """``base_lr · ½(1 + cos(π·min(it, decay_steps)/decay_steps))``: from ``base_lr`` down to 0 at ``decay_steps``."""
+    _check_positive("base_lr", base_lr)
+    if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or decay_steps < 1:
+        raise ValueError(f"decay_steps must be a positive integer for the cosine policy, got {decay_steps!r}")
+
+    def schedule(count):
+        t = jnp.minimum(jnp.asarray(count, jnp.float32), decay_steps) / decay_steps
+        return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
+    return schedule
+
+
 def caffe_sgd(
     learning_rate: float | optax.Schedule,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     bias_lr_mult: float = 2.0,
+    nesterov: bool = False,
 ) -> optax.GradientTransformation:
     """Caffe's SGD: weight decay on every parameter, lr (× lr_mult, 2 for leaves named ``bias``) inside momentum.
 
@@ -94,14 +109,15 @@ def caffe_sgd(
         optax.add_decayed_weights(weight_decay),
         scale_by_lr_mult(),
         optax.scale_by_schedule(schedule),
-        optax.trace(decay=momentum, nesterov=False),
+        optax.trace(decay=momentum, nesterov=bool(nesterov)),
         optax.scale(-1.0),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    """A Caffe SGD solver (docs/semantics.md). ``policy`` is ``'inv'``, ``'multistep'`` or ``'fixed'``."""
+    """A Caffe SGD solver (docs/semantics.md). ``policy`` is ``'inv'``, ``'multistep'``, ``'fixed'`` or
+    ``'cosine'`` (down to 0 at ``decay_steps``); ``nesterov`` uses Nesterov momentum."""
 
     base_lr: float
     momentum: float = 0.9
@@ -111,13 +127,21 @@ class SolverConfig:
     power: float = 0.0
     stepvalues: tuple[int, ...] = ()
     bias_lr_mult: float = 2.0
+    nesterov: bool = False
+    decay_steps: int = 0  # the cosine policy's length in iterations
 
     def __post_init__(self):
         _check_positive("base_lr", self.base_lr, allow_zero=False)
         for name in ("momentum", "weight_decay", "gamma", "power", "bias_lr_mult"):
             _check_positive(name, getattr(self, name))
-        if self.policy not in ("inv", "multistep", "fixed"):
-            raise ValueError(f"unknown lr policy {self.policy!r} (inv, multistep or fixed)")
+        if self.policy not in ("inv", "multistep", "fixed", "cosine"):
+            raise ValueError(f"unknown lr policy {self.policy!r} (inv, multistep, fixed or cosine)")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be true or false, got {self.nesterov!r}")
+        if isinstance(self.decay_steps, bool) or not isinstance(self.decay_steps, int) or self.decay_steps < 0:
+            raise ValueError(f"decay_steps must be a non-negative integer, got {self.decay_steps!r}")
+        if self.policy == "cosine" and self.decay_steps < 1:
+            raise ValueError("the cosine policy needs decay_steps ≥ 1 (usually the run's steps)")
         object.__setattr__(self, "stepvalues", tuple(int(v) for v in self.stepvalues))
 
     def schedule(self) -> optax.Schedule:
@@ -127,10 +151,12 @@ class SolverConfig:
             return multistep_schedule(self.base_lr, self.stepvalues, self.gamma)
         if self.policy == "fixed":
             return lambda count: jnp.asarray(self.base_lr, jnp.float32)
-        raise ValueError(f"unknown lr policy {self.policy!r} (inv, multistep or fixed)")
+        if self.policy == "cosine":
+            return cosine_schedule(self.base_lr, self.decay_steps)
+        raise ValueError(f"unknown lr policy {self.policy!r} (inv, multistep, fixed or cosine)")
 
     def optimizer(self) -> optax.GradientTransformation:
-        return caffe_sgd(self.schedule(), self.momentum, self.weight_decay, self.bias_lr_mult)
+        return caffe_sgd(self.schedule(), self.momentum, self.weight_decay, self.bias_lr_mult, self.nesterov)
 
 
 # The paper's Caffe solvers: lenet_solver.prototxt and the BANG variant of cifar10_quick_solver.prototxt.

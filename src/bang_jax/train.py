@@ -47,6 +47,7 @@ from bang_jax.solvers import SolverConfig
 
 __all__ = [
     "GRADIENT_METHODS",
+    "MUTABLE_COLLECTIONS",
     "Callback",
     "Checkpoint",
     "LogMetrics",
@@ -58,8 +59,11 @@ __all__ = [
     "TrainState",
     "TrainingDiverged",
     "check_models",
+    "as_trainable",
     "init_states",
     "make_train_step",
+    "snapshot_tree",
+    "snapshot_variables",
     "train",
 ]
 
@@ -95,7 +99,7 @@ class ModelSpec:
 class TrainConfig:
     """How the models of a run are trained (Caffe's ``max_iter`` is ``steps``)."""
 
-    solver: SolverConfig
+    solver: SolverConfig | None  # None: train() is given its own optax optimizer
     steps: int
     batch_size: int
     order: str = "sequential"
@@ -155,6 +159,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     key: jax.Array  # raw uint32 PRNG key data: the model's dropout stream
     bang: BangConfig  # the model's BANG hyperparameters, one float32 scalar per parameter leaf
+    model_state: Any = None  # what training updates besides the weights (BatchNorm statistics), {} if nothing
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -173,37 +178,73 @@ def _record_grad_norm() -> optax.GradientTransformation:
     )
 
 
-def _optimizer(config: TrainConfig, bang_config: BangConfig | None) -> optax.GradientTransformation:
-    """The optimiser chain of a step: ``chain(bang(config), solver)`` for the per-example method, else the solver."""
-    solver = config.solver.optimizer()
+def _optimizer(config: TrainConfig, bang_config: BangConfig | None,
+               optimizer: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+    """The optimiser chain of a step: ``chain(bang(config), solver)`` for the per-example method, else the solver
+    (``optimizer`` when given, else ``config.solver``'s Caffe SGD)."""
+    solver = optimizer if optimizer is not None else config.solver.optimizer()
     if config.method != "per_example":
         return solver
     return optax.chain(bang(config=bang_config if bang_config is not None else BangConfig()), _record_grad_norm(),
                        solver)
 
 
-def init_states(model: nn.Module, sample_images, models: Sequence[ModelSpec], config: TrainConfig):
-    """Initial states of all models stacked on a leading axis, and the shared non-param variables."""
-    tx = _optimizer(config, None)
+MUTABLE_COLLECTIONS = ("batch_stats", "state")  # updated by training (linen BatchNorm; an NNX model's state)
+
+
+def as_trainable(model):
+    """``model`` as :func:`train` runs it: a linen module as it is; an ``nnx.Module``, a function building one
+    from ``rngs=`` or a :class:`bang_jax.nnx.Functional` as a :class:`bang_jax.nnx.Functional`."""
+    from bang_jax import nnx as bnnx  # noqa: PLC0415 - flax.nnx is only loaded for NNX models
+
+    if isinstance(model, nn.Module) or isinstance(model, bnnx.Functional):
+        return model
+    from flax import nnx  # noqa: PLC0415
+
+    if isinstance(model, nnx.Module) or (callable(model) and (not isinstance(model, type)
+                                                               or issubclass(model, nnx.Module))):
+        return bnnx.Functional(model)
+    raise TypeError(f"model must be a flax.linen Module, an nnx.Module or a function returning one from rngs=, got "
+                    f"{type(model).__name__}")
+
+
+def _is_nnx(model) -> bool:
+    return type(model).__name__ == "Functional" and type(model).__module__ == "bang_jax.nnx"
+
+
+def init_states(model, sample_images, models: Sequence[ModelSpec], config: TrainConfig,
+                optimizer: optax.GradientTransformation | None = None):
+    """Initial states of all models stacked on a leading axis, and the shared non-param variables.
+
+    Each model's variables come from ``model.init`` with its seed; the collections training updates
+    (:data:`MUTABLE_COLLECTIONS`: linen's ``batch_stats``, an NNX model's ``state``) go into its state, the others
+    (constants such as CifarQuick's mean image) are shared.
+    """
+    model = as_trainable(model)
+    tx = _optimizer(config, None, optimizer)
     states, consts = [], None
     for spec in models:
         variables = model.init(jax.random.PRNGKey(spec.seed), jnp.asarray(sample_images[:1], jnp.float32),
                                train=False)
+        if "params" not in variables or not jax.tree.leaves(variables["params"]):
+            raise ValueError(f"{model!r} has no parameters to train")
         params = variables["params"]
-        consts = {k: v for k, v in variables.items() if k != "params"}
+        consts = {k: v for k, v in variables.items() if k != "params" and k not in MUTABLE_COLLECTIONS}
         states.append(TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             key=jax.random.fold_in(jax.random.PRNGKey(spec.seed), 1),
             bang=spec.bang.broadcast(params),
+            model_state={k: v for k, v in variables.items() if k in MUTABLE_COLLECTIONS},
         ))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states), consts
 
 
 @functools.lru_cache(maxsize=32)
-def make_train_step(model: nn.Module, config: TrainConfig, steps_per_dispatch: int = 1,
-                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+def make_train_step(model, config: TrainConfig, steps_per_dispatch: int = 1,
+                    mesh: jax.sharding.Mesh | None = None, *, optimizer: optax.GradientTransformation | None = None,
+                    loss_fn: Callable | None = None, correct_fn: Callable | None = None) -> Callable:
     """The jitted ``step(states, consts, images, labels, idx) -> (states, metrics)`` for all models.
 
     Built once per (model, config, steps_per_dispatch, mesh) and cached. ``images`` and ``labels`` are the whole
@@ -214,22 +255,30 @@ def make_train_step(model: nn.Module, config: TrainConfig, steps_per_dispatch: i
     ``mesh`` (:func:`bang_jax.distributed.make_mesh`) every batch is split over its ``data`` axis and the metrics
     come back replicated.
 
+    ``optimizer`` replaces ``config.solver``'s Caffe SGD (the ``lr`` metric is then NaN); ``loss_fn`` /
+    ``correct_fn`` as in :func:`bang_jax.bang_grad`. A model's mutable collections (BatchNorm statistics) are
+    updated by every step and carried in its state.
+
     ``config.model_batching``: ``'loop'`` unrolls the models inside the one program (fastest on CPU for a few
     models), ``'vmap'`` vectorises over them (for large grids, and on accelerators).
 
     Why not ``lax.scan`` over iterations: on the XLA CPU backend a LeNet step inside ``scan`` ran 6× slower
     (119 ms against 20 ms, jax 0.10.2), so the loop over iterations stays in Python with async dispatch.
     """
-    schedule = config.solver.schedule()
+    schedule = config.solver.schedule() if optimizer is None and config.solver is not None else None
     method = config.method
+    nnx_model = _is_nnx(model)
+    losses = {"loss_fn": loss_fn, "correct_fn": correct_fn}
 
     def one_step(state: TrainState, consts, images, labels):
         key = jax.random.fold_in(state.key, state.step)
-        variables = {**consts, "params": state.params}
+        variables = {**consts, **state.model_state, "params": state.params}
+        mutable = {"mutable": list(state.model_state)} if state.model_state else {}
         rngs = {"dropout": key}
-        tx = _optimizer(config, state.bang)
+        tx = _optimizer(config, state.bang, optimizer)
+        model_state = state.model_state
         if method == "per_example":
-            pe = per_example_grads(model.apply, variables, images, labels, rngs=rngs, train=True,
+            pe = per_example_grads(model.apply, variables, images, labels, rngs=rngs, train=True, **losses,
                                    factor_layers=getattr(model, "untied_weighted_layers", False))
             updates, opt_state = tx.update(pe.grads, state.opt_state, state.params, kappa_norms=pe.kappa_norms,
                                            correct=pe.correct)
@@ -239,24 +288,37 @@ def make_train_step(model: nn.Module, config: TrainConfig, steps_per_dispatch: i
         else:
             if method == "plain":
                 grads, aux = plain_grad(model.apply, variables, images, labels, rngs=rngs, return_aux=True,
-                                        train=True)
+                                        train=True, **losses, **mutable)
                 zero_share = jnp.float32(jnp.nan)
+            elif nnx_model:  # BANG on the rebuilt NNX module (its batch statistics are updated in it)
+                from flax import nnx  # noqa: PLC0415
+
+                from bang_jax import nnx as bnnx  # noqa: PLC0415
+
+                net = model.prepare(variables, train=True, rngs=rngs)
+                grads, aux = bnnx.bang_grad(net, images, labels, config=state.bang, return_aux=True, **losses,
+                                            **model.call_kwargs(True))
+                grads = nnx.to_pure_dict(grads)
+                aux = aux._replace(model_state=model.state_of(net))
+                zero_share = jnp.mean(jnp.concatenate(list(aux.layer_kappa_norms.values())) == 0)
             else:
                 grads, aux = bang_grad(model.apply, variables, images, labels, config=state.bang, rngs=rngs,
-                                       return_aux=True, train=True)
+                                       return_aux=True, train=True, **losses, **mutable)
                 zero_share = jnp.mean(jnp.concatenate(list(aux.layer_kappa_norms.values())) == 0)
+            if state.model_state:
+                model_state = {k: aux.model_state[k] for k in state.model_state}
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             loss, correct, grad_norm = aux.loss, aux.correct, optax.tree.norm(grads)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(correct.astype(jnp.float32)),
-            "lr": jnp.asarray(schedule(state.step), jnp.float32),
+            "lr": jnp.asarray(schedule(state.step) if schedule is not None else jnp.nan, jnp.float32),
             "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
             "kappa_zero_share": zero_share,
         }
         new = state._replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state)
+                             opt_state=opt_state, model_state=model_state)
         return new, metrics
 
     if config.model_batching == "vmap":
@@ -476,11 +538,23 @@ class Snapshots(Callback):
             if it > ctx.start:
                 ckpt_lib.snapshot_path(ctx.workdir, it).unlink()
         if ctx.start == 0 and (self.include_start or 0 in self.at):
-            ckpt_lib.save_snapshot(ctx.workdir, 0, ctx.states.params)
+            ckpt_lib.save_snapshot(ctx.workdir, 0, snapshot_tree(ctx.states))
 
     def __call__(self, ctx):
         if ctx.writer:
-            ckpt_lib.save_snapshot(ctx.workdir, ctx.iteration, ctx.states.params)
+            ckpt_lib.save_snapshot(ctx.workdir, ctx.iteration, snapshot_tree(ctx.states))
+
+
+def snapshot_tree(states: TrainState):
+    """What a snapshot holds for all models (stacked): their params, and for models that carry state (BatchNorm
+    statistics) ``{'params': ..., collection: ...}``. :func:`snapshot_variables` reads one model back."""
+    return {"params": states.params, **states.model_state} if states.model_state else states.params
+
+
+def snapshot_variables(tree, m: int, consts: dict, template: TrainState) -> dict:
+    """Model ``m``'s variables from a :func:`snapshot_tree` (``template``: the run's states, for its layout)."""
+    picked = jax.tree.map(lambda x: x[m], tree)
+    return {**consts, **picked} if template.model_state else {**consts, "params": picked}
 
 
 class Checkpoint(Callback):
@@ -595,7 +669,7 @@ def _as_arrays(data) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train(
-    model: nn.Module,
+    model,
     data,
     models: Sequence[ModelSpec],
     config: TrainConfig,
@@ -606,14 +680,22 @@ def train(
     progress: bool = True,
     mesh: jax.sharding.Mesh | None | str = "auto",
     steps_per_dispatch: int | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    loss_fn: Callable | None = None,
+    correct_fn: Callable | None = None,
 ) -> TrainResult:
     """Trains all ``models`` together for ``config.steps`` iterations.
 
     Args:
-      model: a Flax module taking ``(images, train=...)`` and returning logits.
+      model: a linen module called as ``model.apply(variables, images, train=...)``, or an NNX model: an
+        ``nnx.Module`` (every model starts from its weights) or a function building one from ``rngs=`` (each
+        model's seed draws its own initial weights); see :class:`bang_jax.nnx.Functional`. It returns the
+        outputs ``loss_fn`` takes (default: ``[N, classes]`` logits). BatchNorm statistics (linen's
+        ``batch_stats``, NNX's ``nnx.BatchStat``) are updated in training mode and saved with the weights.
       data: a :class:`bang_jax.Dataset` or ``(images [N, H, W, C] uint8, labels [N] ints)``; kept on the device.
       models: the models (``ModelSpec(name=..., seed=..., bang=BangConfig(...))``; regular: ``BangConfig()``).
-      config: the :class:`TrainConfig` (solver, steps, batch size, order, gradient method, model batching).
+      config: the :class:`TrainConfig` (solver, steps, batch size, order, gradient method, model batching,
+        augmentation).
       workdir: where callbacks write (metrics, checkpoints, snapshots); needed by :class:`Checkpoint` and
         :class:`Snapshots`.
       callbacks: periodic work, e.g. ``[LogMetrics(100), Snapshots(every=1000), Checkpoint(1000, resume=True)]``.
@@ -624,6 +706,13 @@ def train(
         ``None`` uses the default device only. The result equals single-device training (up to float rounding).
       steps_per_dispatch: iterations run per call of the jitted step (``lax.scan`` when > 1); default 1 on CPU,
         where a scanned step ran 6× slower (jax 0.10.2), and 8 on GPU/TPU to amortise dispatch.
+      optimizer: your own optax chain instead of ``config.solver``'s Caffe SGD (e.g.
+        ``optax.sgd(optax.cosine_decay_schedule(0.1, steps), momentum=0.9, nesterov=True)``). BANG comes first:
+        the balanced gradient is what the chain receives. It is not part of the checkpoint's description: resume
+        with the same chain.
+      loss_fn: per-example loss ``loss_fn(outputs, labels) -> [N]`` (default softmax cross-entropy on integer
+        labels); correct_fn: ``correct_fn(outputs, labels) -> [N]`` bool (default argmax == label). Both decide
+        which examples count as misclassified for BANG's ``ratio``.
 
     Returns:
       :class:`TrainResult`. All arguments are checked before anything is written or computed. In a
@@ -641,6 +730,17 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     check_models(config, models)
+    model = as_trainable(model)
+    if optimizer is None and config.solver is None:
+        raise ValueError("config.solver is None: pass optimizer= (an optax chain) or a SolverConfig")
+    if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+    for name, fn in (("loss_fn", loss_fn), ("correct_fn", correct_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if _is_nnx(model) and config.method == "per_example":
+        raise ValueError("method 'per_example' is not available for NNX models in train(): use 'single_pass' (the "
+                         "same gradient) or bang_jax.nnx.per_example_grads in your own loop")
     callbacks = sorted(callbacks, key=lambda c: c.order)
     if workdir is None and any(c.needs_workdir for c in callbacks):
         raise ValueError("Checkpoint and Snapshots callbacks need a workdir")
@@ -657,7 +757,7 @@ def train(
         raise ValueError(f"batch_size {config.batch_size} does not divide over the mesh's data axis "
                          f"({mesh.shape['data']} devices)")
 
-    states, init_consts = init_states(model, images, models, config)
+    states, init_consts = init_states(model, images, models, config, optimizer)
     consts = init_consts if consts is None else consts
     ctx = LoopContext(workdir, list(models), config, 0, 0, states, writer=distributed.is_writer())
     if workdir is not None and ctx.writer:
@@ -669,8 +769,9 @@ def train(
     consts = distributed.put_replicated(consts, mesh)
     images_dev = distributed.put_replicated(np.asarray(images), mesh)
     labels_dev = distributed.put_replicated(np.asarray(labels, np.int32), mesh)
-    step_fn = make_train_step(model, config, steps_per_dispatch, mesh)
-    single_fn = make_train_step(model, config, 1, mesh) if steps_per_dispatch > 1 else step_fn
+    custom = {"optimizer": optimizer, "loss_fn": loss_fn, "correct_fn": correct_fn}
+    step_fn = make_train_step(model, config, steps_per_dispatch, mesh, **custom)
+    single_fn = make_train_step(model, config, 1, mesh, **custom) if steps_per_dispatch > 1 else step_fn
 
     t0 = time.perf_counter()
     it = ctx.start
@@ -706,7 +807,9 @@ def train(
         c.on_end(ctx)
     bar.close()
     states = jax.device_get(states)
-    variables = [{**consts, "params": jax.tree.map(lambda x, m=m: x[m], states.params)} for m in range(len(models))]
+    pick = lambda tree, m: jax.tree.map(lambda x: x[m], tree)  # noqa: E731
+    variables = [{**consts, **pick(states.model_state, m), "params": pick(states.params, m)}
+                 for m in range(len(models))]
     return TrainResult(variables, states, ctx.last_metrics, time.perf_counter() - t0, it)
 
 
