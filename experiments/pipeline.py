@@ -92,8 +92,7 @@ class Run:
 
     @property
     def model(self):
-        name = self.cfg.model
-        return models_lib.MODELS[name]() if name in models_lib.MODELS else models_lib.load_model(name)
+        return models_lib.get(self.cfg.model)
 
     @property
     def data(self) -> data_lib.Dataset:

@@ -228,3 +228,25 @@ def test_bad_user_models_are_named_before_any_work(tmp_path, target, message, ca
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_bundled_preact_resnet_builds_checks_its_input_and_trains_with_bang():
+    from bang_jax import models
+    from bang_jax.resnet import PreActResNet
+
+    net, variables = models.build("preact_resnet8")
+    assert set(variables) == {"params", "state"} and models.get("preact_resnet8") is net
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == 77_850
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        PreActResNet(depth=10, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="32, 32, 3"):
+        net.apply(variables, jnp.zeros((1, 28, 28, 1)))
+    rng = np.random.default_rng(1)
+    data = (rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 16))
+    cfg = TrainConfig(solver=SolverConfig(base_lr=0.05, policy="cosine", decay_steps=2, nesterov=True), steps=2,
+                      batch_size=8, augment="crop_flip")
+    res = train(net, data, [ModelSpec(name="B", bang=BangConfig(epsilon=0.8, beta=1.1, ratio=0.5))], cfg,
+                progress=False, mesh=None)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), res.variables[0]["params"],
+                         variables["params"])
+    assert min(jax.tree.leaves(moved)) > 0  # every parameter trained (BatchNorm scales and offsets too)

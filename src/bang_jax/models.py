@@ -30,8 +30,8 @@ from jax import lax
 
 from bang_jax.data import mean_image
 
-__all__ = ["DATASET_SHAPES", "INPUT_SHAPES", "MODELS", "CifarQuick", "LeNet", "build", "caffe_avg_pool",
-           "caffe_max_pool", "load_model", "set_mean_image"]
+__all__ = ["DATASET_SHAPES", "INPUT_SHAPES", "MODELS", "NNX_MODELS", "CifarQuick", "LeNet", "build",
+           "caffe_avg_pool", "caffe_max_pool", "get", "load_model", "set_mean_image"]
 
 
 def _ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -178,8 +178,25 @@ def set_mean_image(variables: dict, mean_image) -> dict:
 
 # The bundled models by the names the experiments' configs use, and the image shape each takes.
 MODELS = {"lenet": LeNet, "cifar_quick": CifarQuick}
-INPUT_SHAPES = {"lenet": (28, 28, 1), "cifar_quick": (32, 32, 3)}
+# Modern networks in NNX (bang_jax.resnet): name -> keyword arguments of PreActResNet.
+NNX_MODELS = {"preact_resnet8": {"depth": 8, "width": 16}, "preact_resnet20": {"depth": 20, "width": 16}}
+INPUT_SHAPES = {"lenet": (28, 28, 1), "cifar_quick": (32, 32, 3), "preact_resnet8": (32, 32, 3),
+                "preact_resnet20": (32, 32, 3)}
 DATASET_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+@functools.cache
+def get(name: str):
+    """The model a run names, one object per name: a bundled linen model (:data:`MODELS`), a bundled NNX network
+    (:data:`NNX_MODELS`, as a :class:`bang_jax.nnx.Functional`) or your own (:func:`load_model`)."""
+    if name in MODELS:
+        return MODELS[name]()
+    if name in NNX_MODELS:
+        from bang_jax.nnx import Functional  # noqa: PLC0415
+        from bang_jax.resnet import PreActResNet  # noqa: PLC0415
+
+        return Functional(functools.partial(PreActResNet, **NNX_MODELS[name]))
+    return load_model(name)
 
 
 @functools.cache
@@ -203,8 +220,8 @@ def load_model(target: str):
 
     module_name, _, attr = str(target).partition(":")
     if not module_name or not attr or not all(p.isidentifier() for p in module_name.split(".") + attr.split(".")):
-        raise ValueError(f"unknown model {target!r}: name a bundled model ({', '.join(MODELS)}) or your own as "
-                         "package.module:function")
+        raise ValueError(f"unknown model {target!r}: name a bundled model ({', '.join([*MODELS, *NNX_MODELS])}) "
+                         "or your own as package.module:function")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as err:
@@ -239,8 +256,9 @@ def build(name: str, train_images=None, *, abstract: bool = False, input_shape=N
     """``(module, variables)`` of a run's model: the one place models are built.
 
     Args:
-      name: ``'lenet'`` or ``'cifar_quick'`` (:data:`MODELS`), or your own model as ``'package.module:function'``
-        (:func:`load_model`; an NNX model comes back as a :class:`bang_jax.nnx.Functional`).
+      name: ``'lenet'`` or ``'cifar_quick'`` (:data:`MODELS`), ``'preact_resnet8'`` / ``'preact_resnet20'``
+        (:data:`NNX_MODELS`), or your own model as ``'package.module:function'`` (:func:`load_model`); an NNX model
+        comes back as a :class:`bang_jax.nnx.Functional`.
       train_images: the training images (pixels); :class:`CifarQuick` then holds their mean image, which it
         subtracts. Without them its mean image is zero (enough for shapes, not for predictions).
       abstract: shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves).
@@ -248,12 +266,10 @@ def build(name: str, train_images=None, *, abstract: bool = False, input_shape=N
 
     The parameters are the model's initialisation with key 0; training draws its own per model.
     """
-    if name in MODELS:
-        module, shape = MODELS[name](), INPUT_SHAPES[name]
-    else:
-        module = load_model(name)
-        shape = input_shape if input_shape is not None else (None if train_images is None else
-                                                             tuple(np.shape(train_images)[1:]))
+    module = get(name)
+    shape = INPUT_SHAPES.get(name, input_shape)
+    if shape is None and train_images is not None:
+        shape = tuple(np.shape(train_images)[1:])
     if shape is None and isinstance(module, nn.Module):
         raise ValueError(f"model {name!r}: the input shape is needed to initialise it (input_shape=)")
     sample = jnp.zeros((1,) + tuple(shape), jnp.float32) if shape is not None else None
