@@ -217,6 +217,24 @@ def gen_released(root: Path) -> str:
         f"[`docs/results/released-*`](results/).\n"
 
 
+ONE_RUN_KEYS = (("accuracy", "accuracy", True), ("fgs_rate", "FGS success", True),
+                ("fgs_exact_rate", "FGS-exact success (not in the paper)", True),
+                ("hc1_linf_mean", "HC1 mean L∞", False))
+
+
+def _one_run(results: list[dict], dataset: str, ids: tuple[str, str], title: str, keys) -> list[tuple]:
+    """Summary rows (label, paper, ours) of one run's two models."""
+    by = {r["id"]: r for r in results}
+    pt = _paper(dataset)
+    rows = []
+    for key, label, pct in keys:
+        unit = "%" if pct else ""
+        ref = " / ".join(_num(pt[r].get(key)) + unit if pt[r].get(key) is not None else "–" for r in ids)
+        ours = " / ".join(_num(by[r].get(key)) + unit if by[r].get(key) is not None else "–" for r in ids)
+        rows.append((f"{title}: {label} {' / '.join(ids)}", ref, ours))
+    return rows
+
+
 def gen_summary(root: Path) -> str:
     """The README's findings: the released weights and the seeded default MNIST run, where their files exist."""
     rows = []
@@ -259,15 +277,12 @@ def gen_summary(root: Path) -> str:
                          f"{ms('R0', key, pct)} / {ms('B1', key, pct)}"))
     default = _load(root, "mnist-default", "results.json", required=False)
     if default and not seeds:  # one run of the default preset
-        by = {r["id"]: r for r in default}
-        pt = _paper("mnist")
-        for key, label, pct in (("accuracy", "accuracy", True), ("fgs_rate", "FGS success", True),
-                                ("fgs_exact_rate", "FGS-exact success (not in the paper)", True),
-                                ("hc1_linf_mean", "HC1 mean L∞", False)):
-            unit = "%" if pct else ""
-            ref = " / ".join(_num(pt[r].get(key)) + unit if pt[r].get(key) is not None else "–" for r in ("R0", "B1"))
-            rows.append((f"LeNets trained here (default preset, one run): {label} R0 / B1", ref,
-                         " / ".join(_num(by[r].get(key)) + unit for r in ("R0", "B1"))))
+        rows += _one_run(default, "mnist", ("R0", "B1"), "LeNets trained here (default preset, one run)",
+                         ONE_RUN_KEYS)
+    cifar = _load(root, "cifar-full", "results.json", required=False)
+    if cifar:
+        rows += _one_run(cifar, "cifar10", ("R0", "B0"), "CIFAR-quick trained here (paper length, one run)",
+                         ONE_RUN_KEYS[:2] + (("fgs_linf_mean", "FGS mean L∞", False),) + ONE_RUN_KEYS[2:])
     lines = ["| | paper | ours |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     if seeds:
         lines += ["", "\\* B1 differs from R0 beyond the seed spread (Welch's t-test, p < 0.05). Files: "
