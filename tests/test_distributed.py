@@ -61,7 +61,8 @@ def _rel(a, b):
 
 
 def test_data_parallel_over_four_devices_equals_one_device(tmp_path):
-    """Regular and BANG models, both gradient paths, 1×4 (loop) and 2×2 (vmap) meshes, against one device.
+    """Regular and BANG models, both gradient paths, 1×4 (loop) and 2×2 (vmap) meshes, and an NNX model with
+    BatchNorm, against one device.
 
     20 steps in float64, and 5 steps in float32 with dropout. (In float32, 20 steps of this run reach a ReLU input
     within rounding of zero, whose sign then differs between the two reduction orders: one unit's gradient changes
@@ -89,13 +90,22 @@ def test_data_parallel_over_four_devices_equals_one_device(tmp_path):
             assert one.states.params["ip1"]["kernel"].dtype == dtype
             key = f"{method}-{batching}-{drop}-{steps}"
             out[key + "-one"], out[key + "-many"] = flat(one), flat(many)
+        # An NNX model with BatchNorm: statistics over the whole batch split over the devices, carried per model.
+        sys.path.insert(0, "tests")
+        from user_models import make_nnx
+        cfg = TrainConfig(solver=LENET_SOLVER, steps=5, batch_size=16)
+        one = train(make_nnx, (images, labels), models(), cfg, progress=False, mesh=None)
+        many = train(make_nnx, (images, labels), models(), cfg, progress=False)
+        for name, res in (("one", one), ("many", many)):
+            out["nnx-bn-" + name] = np.concatenate([flat(res)] + [np.ravel(np.asarray(x))
+                                                                  for x in jax.tree.leaves(res.states.model_state)])
         np.savez(sys.argv[1], **out)
     """
     res = _run(script, tmp_path / "out.npz", devices=4)
     assert res.returncode == 0, res.stderr[-3000:]
     out = np.load(tmp_path / "out.npz")
     keys = sorted({k.rsplit("-", 1)[0] for k in out.files})
-    assert len(keys) == 5
+    assert len(keys) == 6
     for key in keys:
         assert _rel(out[key + "-many"], out[key + "-one"]) < 1e-5, (key, _rel(out[key + "-many"], out[key + "-one"]))
     # the two gradient methods draw different dropout masks, so they really are different runs
