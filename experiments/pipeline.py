@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as flax_linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -393,6 +394,9 @@ def _check_per_layer_values(cfg: ExperimentConfig) -> None:
     except Exception as err:  # noqa: BLE001 - the user's model may raise anything on our input
         raise ConfigError(f"--model {cfg.model}: calling it on [N, {', '.join(map(str, shape))}] images failed: "
                           f"{type(err).__name__}: {err}") from None
+    if cfg.train.method == "per_example" and not isinstance(model, flax_linen.Module):
+        raise ConfigError(f"--method per_example is not available for the NNX model {cfg.model}: use single_pass "
+                          "(the same gradient, from one backward pass)")
     if getattr(out, "shape", None) != (2, 10):
         raise ConfigError(f"--model {cfg.model}: it must return [N, 10] logits for {cfg.dataset} images "
                           f"[N, {', '.join(map(str, shape))}], got {getattr(out, 'shape', type(out).__name__)}")

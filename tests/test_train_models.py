@@ -211,19 +211,20 @@ def test_user_models_by_import_path_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("target, message", [
+    ("user_models:make_nnx --method per_example", "not available for the NNX model"),
     ("user_models:wrong_output", "[N, 10] logits"),
     ("user_models:not_a_model", "not a flax.linen Module"),
     ("user_models:no_train_argument", "must take train="),
     ("user_models:nothing", "has no attribute"),
     ("no_such_package.mod:fn", "cannot import"),
-    ("not a path", "package.module:function"),
+    ("not-a-path", "package.module:function"),
     ("user_models:make_nnx_cifar", "calling it on"),
 ])
 def test_bad_user_models_are_named_before_any_work(tmp_path, target, message, capsys):
     from experiments import mnist
 
     with pytest.raises(SystemExit) as exc:
-        mnist.main(["--preset", "smoke", "--no-progress", "--out", str(tmp_path / "x"), "--model", target])
+        mnist.main(["--preset", "smoke", "--no-progress", "--out", str(tmp_path / "x"), "--model", *target.split()])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
