@@ -251,3 +251,19 @@ def test_the_bundled_preact_resnet_builds_checks_its_input_and_trains_with_bang(
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), res.variables[0]["params"],
                          variables["params"])
     assert min(jax.tree.leaves(moved)) > 0  # every parameter trained (BatchNorm scales and offsets too)
+
+
+def test_a_checkpoint_written_before_train_states_carried_model_state_still_resumes(tmp_path, data):
+    from flax import serialization
+
+    from bang_jax.checkpoint import STATE
+
+    cfg = TrainConfig(solver=SOLVER, steps=6, batch_size=16)
+    full = train(LinenMLP(), data, MODELS, cfg, tmp_path / "full", [Checkpoint(3)], progress=False)
+    train(LinenMLP(), data, MODELS, cfg, tmp_path / "old", [Checkpoint(3), StopAfter(3)], progress=False)
+    path = tmp_path / "old" / STATE
+    raw = serialization.msgpack_restore(path.read_bytes())
+    del raw["state"]["model_state"]  # the layout of earlier versions
+    path.write_bytes(serialization.msgpack_serialize(raw))
+    resumed = train(LinenMLP(), data, MODELS, cfg, tmp_path / "old", [Checkpoint(3, resume=True)], progress=False)
+    jax.tree.map(np.testing.assert_array_equal, resumed.variables, full.variables)

@@ -219,6 +219,10 @@ def checkpoint_info(workdir: str | os.PathLike) -> dict | None:
 def load_state(workdir: str | os.PathLike, template: Any) -> Any:
     """Restores the train state saved in ``workdir`` into the structure of ``template``."""
     state, _ = _read_checkpoint(workdir)
+    fields = getattr(template, "_fields", ())
+    if "model_state" in fields and isinstance(state, dict) and "model_state" not in state \
+            and not jax.tree.leaves(template.model_state):
+        state = {**state, "model_state": {}}  # written before train states carried model state; there is none
     try:
         return serialization.from_state_dict(template, state)
     except Exception as err:  # noqa: BLE001 - flax raises many kinds
