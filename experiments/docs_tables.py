@@ -225,6 +225,9 @@ ONE_RUN_KEYS = (("accuracy", "accuracy", True), ("fgs_rate", "FGS success", True
 def _one_run(results: list[dict], dataset: str, ids: tuple[str, str], title: str, keys) -> list[tuple]:
     """Summary rows (label, paper, ours) of one run's two models."""
     by = {r["id"]: r for r in results}
+    missing = [r for r in ids if r not in by]
+    if missing:
+        raise DocsError(f"the results of '{title}' have no row {', '.join(missing)} (rows: {', '.join(by)})")
     pt = _paper(dataset)
     rows = []
     for key, label, pct in keys:

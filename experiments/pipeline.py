@@ -44,6 +44,7 @@ from bang_jax.train import (
     Snapshots,
     TrainingDiverged,
     init_states,
+    make_train_step,
     snapshot_tree,
     snapshot_variables,
     train,
@@ -184,7 +185,7 @@ def stage_noise(run: Run) -> None:
     test_x, test_y = run.test_set()
     model = run.model
     try:
-        study = noise_study(lambda v, x: model.apply(v, x), snaps, test_x, test_y, cfg.noise_sigmas,
+        study = noise_study(models_lib.eval_apply(model), snaps, test_x, test_y, cfg.noise_sigmas,
                             per_class=cfg.noise_per_class, copies=cfg.noise_copies, progress=run.progress)
     except ValueError as err:  # too few images that every snapshot gets right (very short runs)
         print(f"WARNING: noise study skipped: {err}", file=sys.stderr)
@@ -209,7 +210,8 @@ def stage_figures(run: Run) -> None:
         x, y = np.asarray(test_x[idx], np.float32), np.asarray(test_y[idx])
         adv, fooled_into, failed = {}, {}, {}
         for name in pair:
-            fn = jax.jit(lambda v, variables=variables[name]: model.apply(variables, v))
+            forward = models_lib.eval_apply(model)
+            fn = jax.jit(lambda v, variables=variables[name], forward=forward: forward(variables, v))
             d, blank = hot_cold_direction(fn, x, y)
             res = line_search_attack(fn, x, y, d, blank=blank, max_step=cfg.eval.hc1_max_step, progress=False)
             adv[name], failed[name] = res.adversarial, ~res.success
@@ -388,9 +390,11 @@ def _check_per_layer_values(cfg: ExperimentConfig) -> None:
         model, variables = models_lib.build(cfg.model, abstract=True, input_shape=shape)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--model {cfg.model}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - building the user's model may raise anything
+        raise ConfigError(f"--model {cfg.model}: building it failed: {type(err).__name__}: {err}") from None
     try:
         sample = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
-        out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, sample)
+        out = jax.eval_shape(models_lib.eval_apply(model), variables, sample)
     except Exception as err:  # noqa: BLE001 - the user's model may raise anything on our input
         raise ConfigError(f"--model {cfg.model}: calling it on [N, {', '.join(map(str, shape))}] images failed: "
                           f"{type(err).__name__}: {err}") from None
@@ -400,6 +404,16 @@ def _check_per_layer_values(cfg: ExperimentConfig) -> None:
     if getattr(out, "shape", None) != (2, 10):
         raise ConfigError(f"--model {cfg.model}: it must return [N, 10] logits for {cfg.dataset} images "
                           f"[N, {', '.join(map(str, shape))}], got {getattr(out, 'shape', type(out).__name__)}")
+    if cfg.model not in models_lib.MODELS:  # your own model: trace one training step (shapes only) before any work
+        try:
+            states, consts = init_states(model, np.zeros((1, *shape), np.uint8), cfg.models[:1], cfg.train)
+            batch = min(cfg.train.batch_size, 8)
+            step = make_train_step(model, dataclasses.replace(cfg.train, batch_size=batch), 1, None)
+            jax.eval_shape(step, states, consts, jax.ShapeDtypeStruct((batch, *shape), jnp.uint8),
+                           jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1, batch), jnp.int32))
+        except Exception as err:  # noqa: BLE001 - the user's model may raise anything in training mode
+            raise ConfigError(f"--model {cfg.model}: a training step ({cfg.train.method}) fails: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     params = variables["params"]
     for m in cfg.models:
         try:

@@ -165,7 +165,8 @@ def _broadcast_with_sources(name: str, value: Any, tree: Any) -> Any:
 
     def pick(path, _leaf):
         keys = path_keys(path)
-        matches = [(k, v) for k, v in flat_value.items() if keys[: len(k)] == k]
+        text = tuple(map(str, keys))  # as text: list indices (int keys) come back from JSON as strings
+        matches = [(k, v) for k, v in flat_value.items() if text[: len(k)] == tuple(map(str, k))]
         if len(matches) != 1:
             raise ValueError(
                 f"per-layer {name} does not cover parameter {'/'.join(map(str, keys))} exactly once "

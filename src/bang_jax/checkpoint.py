@@ -232,24 +232,24 @@ def load_state(workdir: str | os.PathLike, template: Any) -> Any:
 def load_params(workdir: str | os.PathLike) -> tuple[list[str], dict, dict]:
     """The checkpoint's model names, its params (numpy, stacked on a leading model axis) and its description.
 
-    Needs no template: for evaluating a run's models without rebuilding its optimiser state.
+    Needs no template. For evaluating a run's models use :func:`load_variables`, which also returns what
+    training updates besides the params (BatchNorm statistics).
     """
-    if not (Path(workdir) / STATE).exists():
-        raise CheckpointError(f"{workdir} has no checkpoint ({STATE}); is it a run directory?")
-    state, info = _read_checkpoint(workdir)
-    try:
-        params = state["params"]
-        names = [m["name"] for m in info["models"]]
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {Path(workdir) / STATE} lacks {err}") from err
-    return names, params, info
+    names, variables, info = load_variables(workdir)
+    return names, variables["params"], info
 
 
 def load_variables(workdir: str | os.PathLike) -> tuple[list[str], dict, dict]:
     """Like :func:`load_params`, with the params and what training updates besides them (BatchNorm statistics)
     together as stacked Flax variables: ``(names, {'params': ..., 'batch_stats': ...}, description)``."""
-    names, params, info = load_params(workdir)
-    state, _ = _read_checkpoint(workdir)
+    if not (Path(workdir) / STATE).exists():
+        raise CheckpointError(f"{workdir} has no checkpoint ({STATE}); is it a run directory?")
+    state, info = _read_checkpoint(workdir)  # one read: params, statistics and description of the same write
+    try:
+        params = state["params"]
+        names = [m["name"] for m in info["models"]]
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {Path(workdir) / STATE} lacks {err}") from err
     return names, {**(state.get("model_state") or {}), "params": params}, info
 
 

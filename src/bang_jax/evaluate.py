@@ -54,7 +54,7 @@ from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, load
 from bang_jax.core import check_finite
 from bang_jax.data import DataError, load_dataset, load_run_data, mean_image, source_kind
 from bang_jax.metrics import pass_scores
-from bang_jax.models import CifarQuick, LeNet, build, warn_if_unit_range
+from bang_jax.models import CifarQuick, LeNet, build, eval_apply, warn_if_unit_range
 from bang_jax.robustness import (
     ATTACKS as CURVE_ATTACKS,
     DEFAULT_EPSILONS,
@@ -94,7 +94,7 @@ def predict(model: nn.Module, variables: dict, images, *, batch_size: int = 1000
 @functools.lru_cache(maxsize=16)
 def _predict_fn(model):
     """A jitted test-mode forward per model definition (cached: evaluating many checkpoints compiles once)."""
-    return jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return jax.jit(eval_apply(model))
 
 
 def evaluate_accuracy(model: nn.Module, variables: dict, images, labels, *, batch_size: int = 1000) -> float:
@@ -257,7 +257,8 @@ def evaluate_model(
     health, logits = _health(model, variables, images, labels)
     if health["status"] != "ok":  # no attack numbers for a model whose numbers would mean nothing
         return health
-    logits_fn = jax.jit(lambda x: model.apply(variables, x))
+    forward = eval_apply(model)
+    logits_fn = jax.jit(lambda x: forward(variables, x))
     correct = np.argmax(logits, axis=1) == np.asarray(labels)
     x = np.asarray(images, np.float32)[correct]
     y = np.asarray(labels, np.int32)[correct]

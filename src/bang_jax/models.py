@@ -31,7 +31,7 @@ from jax import lax
 from bang_jax.data import mean_image
 
 __all__ = ["DATASET_SHAPES", "INPUT_SHAPES", "MODELS", "NNX_MODELS", "CifarQuick", "LeNet", "build",
-           "caffe_avg_pool", "caffe_max_pool", "get", "load_model", "set_mean_image"]
+           "caffe_avg_pool", "caffe_max_pool", "eval_apply", "get", "load_model", "set_mean_image"]
 
 
 def _ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -227,6 +227,8 @@ def load_model(target: str):
     except ImportError as err:
         raise ValueError(f"model {target!r}: cannot import {module_name} ({err}); run from the folder that holds "
                          "it or install it") from None
+    except Exception as err:  # noqa: BLE001 - the user's module may raise anything while it is imported
+        raise ValueError(f"model {target!r}: importing {module_name} failed: {type(err).__name__}: {err}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"model {target!r}: {module_name} has no attribute {attr}")
@@ -239,7 +241,10 @@ def load_model(target: str):
         takes_rngs = False
     if takes_rngs:
         return Functional(obj)
-    built = obj()
+    try:
+        built = obj()
+    except Exception as err:  # noqa: BLE001 - the user's code
+        raise ValueError(f"model {target!r}: {attr}() failed: {type(err).__name__}: {err}") from None
     if isinstance(built, nn.Module):
         params = inspect.signature(type(built).__call__).parameters
         if "train" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -250,6 +255,21 @@ def load_model(target: str):
         return Functional(built)
     raise ValueError(f"model {target!r}: {attr}() returned {type(built).__name__}, not a flax.linen Module or an "
                      "nnx.Module")
+
+
+def eval_apply(model):
+    """``f(variables, images) -> outputs`` in evaluation mode: ``model.apply(variables, images, train=False)``
+    when the model takes ``train`` (dropout off, BatchNorm on its running statistics), else
+    ``model.apply(variables, images)`` — the one way the evaluation, the noise study and the figures call a model."""
+    if isinstance(model, nn.Module):
+        params = inspect.signature(type(model).__call__).parameters
+        takes = "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    else:
+        params = inspect.signature(model.apply).parameters
+        takes = "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if takes:
+        return lambda variables, images: model.apply(variables, images, train=False)
+    return lambda variables, images: model.apply(variables, images)
 
 
 def build(name: str, train_images=None, *, abstract: bool = False, input_shape=None) -> tuple[Any, dict]:

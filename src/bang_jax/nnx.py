@@ -437,6 +437,7 @@ class Functional:
         graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
         if self._graphdef is None:
             self._graphdef, self._templates = graphdef, (params, rngs, rest)
+            self._paths = (set(_paths(nnx.to_pure_dict(params))), set(_paths(nnx.to_pure_dict(rest))))
             self._takes_train = _takes_keyword(model, "train")
         elif graphdef != self._graphdef:
             raise ValueError("the NNX model factory built models of different structure for different seeds")
@@ -457,6 +458,13 @@ class Functional:
         if self._graphdef is None:
             self._split(self.build(jax.random.PRNGKey(0)))
         params_t, rngs_t, rest_t = self._templates
+        for what, given, want in (("params", variables.get("params", {}), self._paths[0]),
+                                  ("state", variables.get("state", {}), self._paths[1])):
+            missing = sorted(want - set(_paths(given)))
+            if missing:  # replace_by_pure_dict would keep the template's values for them, without a word
+                raise ValueError(f"these variables do not fit {self!r}: {what} lacks "
+                                 f"{', '.join('/'.join(p) for p in missing[:3])}{' …' if len(missing) > 3 else ''}"
+                                 + (" (the BatchNorm statistics are in variables['state'])" if what == "state" else ""))
         try:
             params = _from_pure(params_t, variables["params"])
             rest = _from_pure(rest_t, variables.get("state", {}))
@@ -486,10 +494,12 @@ class Functional:
                 nnx.reseed(model, policy="match_shape", **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
         return model
 
-    @staticmethod
-    def state_of(model: nnx.Module) -> dict:
-        rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))
-        return {"state": nnx.to_pure_dict(rest)} if jax.tree.leaves(rest) else {}
+    def state_of(self, model: nnx.Module) -> dict:
+        """``{'state': ...}`` of the model after a call: the variables it was built with (what a call adds, e.g.
+        ``sow``-n intermediates, is left out)."""
+        rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState))))
+        kept = _restrict(rest, self._paths[1])
+        return {"state": kept} if jax.tree.leaves(kept) else {}
 
     def call_kwargs(self, train: bool) -> dict:
         return {"train": train} if self._takes_train else {}
@@ -501,6 +511,27 @@ def _takes_keyword(model, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params
+
+
+def _paths(tree, prefix=()):
+    """The leaf paths of a nested dict, keys as text."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _paths(v, prefix + (str(k),))
+    else:
+        yield prefix
+
+
+def _restrict(tree, paths, prefix=()):
+    """``tree`` with only the leaves at ``paths``."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        p = prefix + (str(k),)
+        if any(q[: len(p)] == p for q in paths):
+            out[k] = _restrict(v, paths, p)
+    return out
 
 
 def _from_pure(template, pure):

@@ -203,9 +203,19 @@ def as_trainable(model):
 
     if isinstance(model, nnx.Module) or (callable(model) and (not isinstance(model, type)
                                                                or issubclass(model, nnx.Module))):
-        return bnnx.Functional(model)
+        try:
+            return _functional(model)  # one object per model: train() calls reuse its compiled step
+        except TypeError:  # unhashable
+            return bnnx.Functional(model)
     raise TypeError(f"model must be a flax.linen Module, an nnx.Module or a function returning one from rngs=, got "
                     f"{type(model).__name__}")
+
+
+@functools.lru_cache(maxsize=32)
+def _functional(model):
+    from bang_jax import nnx as bnnx  # noqa: PLC0415
+
+    return bnnx.Functional(model)
 
 
 def _is_nnx(model) -> bool:
@@ -638,8 +648,22 @@ def _run_info(ctx: LoopContext) -> dict:
             "config": ctx.config.to_json()}
 
 
+def _with_defaults(config: dict) -> dict:
+    """A saved train config with the fields added since it was written at their defaults (they did not exist,
+    so the run used what the default does)."""
+    def fill(d, cls):
+        return {**{f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}, **d}
+
+    out = fill(config, TrainConfig)
+    if isinstance(out.get("solver"), dict):
+        out["solver"] = fill(out["solver"], SolverConfig)
+    return out
+
+
 def _differences(saved: dict, now: dict) -> list[str]:
     """Settings that differ between a checkpoint's description and this run (``steps`` may change)."""
+    if isinstance(saved.get("config"), dict):
+        saved = {**saved, "config": _with_defaults(saved["config"])}
     return ckpt_lib.setting_differences(saved, now, may_change={"iteration", "config.steps"})
 
 
