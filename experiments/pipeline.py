@@ -253,14 +253,17 @@ def stage_report(run: Run) -> str:
     if verdicts:
         note += " Gradient masking — " + " | ".join(verdicts)
     module = run.module
-    table = reports.write_table(
-        run.out / module.TABLE_FILE, f"{module.TITLE} ({cfg.preset} preset)", results, PAPER_TABLES[cfg.dataset], note
-    )
+    paper_model = module.get_config("default").model
+    if cfg.model == paper_model:
+        title, paper = f"{module.TITLE} ({cfg.preset} preset)", PAPER_TABLES[cfg.dataset]
+    else:  # the paper's rows belong to its network, not to this one
+        title, paper = f"{cfg.model} on {cfg.dataset} ({cfg.preset} preset)", {}
+        note += f" Network: {cfg.model}, not the paper's {paper_model}, so no paper rows."
+    table = reports.write_table(run.out / module.TABLE_FILE, title, results, paper, note)
     run.written.append(module.TABLE_FILE)
     if cfg.seeds and results:
         summary = seeds_lib.summarize(results)
-        title = f"{module.TITLE} ({cfg.preset} preset)"
-        table = seeds_lib.table(summary, title, PAPER_TABLES[cfg.dataset], note)
+        table = seeds_lib.table(summary, title, paper, note)
         seeds_lib.write(run.out, summary, table)
         drawn = seeds_lib.plot(summary, run.out / "seeds.png", title)
         run.written += ["seeds.json", "seeds.md"] + (["seeds.png"] if drawn is not None else [])

@@ -204,6 +204,8 @@ def test_user_models_by_import_path_end_to_end(tmp_path):
         assert r["iteration"] == 12 and r["curves"] and r["fgs_rate"] is not None and "pgd" in json.dumps(r)
     names = {p.name for p in out.iterdir()}
     assert {"table1.md", "results.json", "fig1_hc1.png", "curves.png"} <= names, names
+    table = (out / "table1.md").read_text()
+    assert "# user_models:make_nnx on mnist" in table and "| paper |" not in table  # not the paper's network
 
     rows = mnist.main([*common, "--out", str(tmp_path / "linen"), "--model", "user_models:make_linen",
                        "--attacks", "fgs"])
