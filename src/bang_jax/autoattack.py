@@ -1,0 +1,258 @@
+"""AutoAttack's gradient attacks in JAX: APGD on the cross-entropy and on the DLR loss, and targeted APGD.
+
+Croce & Hein (2020), "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
+attacks". APGD is L∞ PGD without a step-size to tune: it starts at step 2ε, adds momentum (α = 0.75), and at
+checkpoints (after 22% of the iterations, then at ever shorter intervals, at least 6%) halves an image's step and
+restarts it from its best point when its loss rose in fewer than 75% of the steps since the last checkpoint, or
+when neither its step was halved nor its best loss improved since then. The losses:
+
+* ``'ce'`` — the cross-entropy;
+* ``'dlr'`` — the Difference of Logits Ratio ``−(z_y − max_{i≠y} z_i) / (z_π1 − z_π3)`` (π: logits sorted
+  descending), invariant to shifting and scaling the logits, so a saturated softmax cannot hide the gradient;
+* ``'dlr_targeted'`` — ``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2)`` towards a target class ``t``.
+
+:func:`apgd_targeted` runs the targeted loss against the 2nd, 3rd, … highest-scoring classes of the clean image in
+turn (AutoAttack's standard: 9 targets, 100 iterations each), attacking only the images still robust.
+
+Every image has its own PRNG stream (the seed folded with its index in the input), so results do not depend on
+batching. Images are ``[N, H, W, C]`` in the model's pixel units, clipped to ``bounds`` (default 0..255); ε is in
+the same units. Success means misclassified (any class but the label), as in AutoAttack.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bang_jax.attacks import PGD_CPU_CHUNK, AttackResult, _image_keys, _per_image_budget, _per_pixel
+
+__all__ = ["APGD_LOSSES", "apgd", "apgd_checkpoints", "apgd_targeted", "dlr_loss", "dlr_targeted_loss"]
+
+APGD_LOSSES = ("ce", "dlr", "dlr_targeted")
+
+
+def dlr_loss(logits, labels):
+    """Per-example DLR loss ``−(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e-12)`` (positive iff misclassified)."""
+    srt = jnp.sort(logits, axis=-1)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+    z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    z_other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
+    return -(z_y - z_other) / (srt[..., -1] - srt[..., -3] + 1e-12)
+
+
+def dlr_targeted_loss(logits, labels, targets):
+    """Per-example targeted DLR loss ``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12)``."""
+    srt = jnp.sort(logits, axis=-1)
+    z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    z_t = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return -(z_y - z_t) / (srt[..., -1] - 0.5 * (srt[..., -3] + srt[..., -4]) + 1e-12)
+
+
+def apgd_checkpoints(n_iter: int) -> np.ndarray:
+    """Booleans ``[n_iter]``: True at the iterations after which APGD checks its step size (the reference
+    implementation's schedule: first after ``max(⌊0.22·n⌋, 1)`` iterations, each interval ``max(⌊0.03·n⌋, 1)``
+    shorter than the last, never below ``max(⌊0.06·n⌋, 1)``)."""
+    flags = np.zeros(n_iter, bool)
+    k, counter = max(int(0.22 * n_iter), 1), 0
+    decr, k_min = max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    for i in range(n_iter):
+        counter += 1
+        if counter == k:
+            flags[i], counter, k = True, 0, max(k - decr, k_min)
+    return flags
+
+
+def _interval_lengths(flags: np.ndarray) -> np.ndarray:
+    """For each checkpoint iteration, the number of iterations since the previous one (else 0)."""
+    out, last = np.zeros(len(flags), np.int32), -1
+    for i in np.flatnonzero(flags):
+        out[i], last = i - last, i
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _make_apgd_fns(logits_fn: Callable, loss: str, n_iter: int, bounds: tuple[float, float]):
+    """Jitted ``start`` and ``steps`` of APGD for ``logits_fn`` (cached per model, loss, iterations, bounds)."""
+    lo, hi = bounds
+    flags = jnp.asarray(apgd_checkpoints(n_iter))
+    lengths = jnp.asarray(_interval_lengths(apgd_checkpoints(n_iter)))
+
+    def losses(x, labels, targets):
+        z = logits_fn(x)
+        if loss == "ce":
+            per = -jnp.take_along_axis(jax.nn.log_softmax(z), labels[:, None], axis=1)[:, 0]
+        elif loss == "dlr":
+            per = dlr_loss(z, labels)
+        else:
+            per = dlr_targeted_loss(z, labels, targets)
+        return jnp.sum(per), (per, z)
+
+    value_and_grad = jax.value_and_grad(losses, has_aux=True)
+
+    def evaluate(x, labels, targets):
+        (_, (per, z)), g = value_and_grad(x, labels, targets)
+        return per, g, jnp.argmax(z, axis=-1) != labels
+
+    @jax.jit
+    def start(seed, index, x0, labels, targets, epsilon):
+        keys = _image_keys(seed, index)
+        t = jax.vmap(lambda k: jax.random.uniform(k, x0.shape[1:], jnp.float32, -1.0, 1.0))(keys)
+        t = t / jnp.max(jnp.abs(t).reshape(t.shape[0], -1), axis=1).reshape((-1,) + (1,) * (x0.ndim - 1))
+        x = jnp.clip(x0 + epsilon * t, lo, hi)
+        per, g, fooled = evaluate(x, labels, targets)
+        b = x0.shape[0]
+        return {
+            "x": x, "x_prev": x, "grad": g, "step": 2.0 * epsilon * jnp.ones_like(x[:, :1, :1, :1]),
+            "x_best": x, "grad_best": g, "loss_best": per, "loss_prev": per, "increases": jnp.zeros(b, jnp.int32),
+            "loss_best_check": per, "reduced_check": jnp.ones(b, bool), "x_adv": x, "fooled": fooled,
+        }
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def steps(k, unroll, i0, state, x0, labels, targets, epsilon):
+        def body(j, s):
+            i = i0 + j
+            alpha = jnp.where(i > 0, 0.75, 1.0)
+            x, x_prev = s["x"], s["x_prev"]
+            z = jnp.clip(jnp.clip(x + s["step"] * jnp.sign(s["grad"]), x0 - epsilon, x0 + epsilon), lo, hi)
+            x_new = x + (z - x) * alpha + (x - x_prev) * (1.0 - alpha)
+            x_new = jnp.clip(jnp.clip(x_new, x0 - epsilon, x0 + epsilon), lo, hi)
+            per, g, fooled = evaluate(x_new, labels, targets)
+            wide = lambda m: m.reshape((-1,) + (1,) * (x0.ndim - 1))  # noqa: E731
+            x_adv = jnp.where(wide(fooled), x_new, s["x_adv"])
+            better = per > s["loss_best"]
+            x_best = jnp.where(wide(better), x_new, s["x_best"])
+            grad_best = jnp.where(wide(better), g, s["grad_best"])
+            loss_best = jnp.where(better, per, s["loss_best"])
+            increases = s["increases"] + (per > s["loss_prev"]).astype(jnp.int32)
+            # the step-size check (only at checkpoint iterations)
+            check = flags[i]
+            oscillating = increases <= 0.75 * lengths[i]
+            no_gain = ~s["reduced_check"] & (s["loss_best_check"] >= loss_best)
+            halve = check & (oscillating | no_gain)
+            step = jnp.where(wide(halve), s["step"] / 2.0, s["step"])
+            x_next = jnp.where(wide(halve), x_best, x_new)
+            grad_next = jnp.where(wide(halve), grad_best, g)
+            return {
+                "x": x_next, "x_prev": x, "grad": grad_next, "step": step, "x_best": x_best, "grad_best": grad_best,
+                "loss_best": loss_best, "loss_prev": per,
+                "increases": jnp.where(check, 0, increases),
+                "loss_best_check": jnp.where(check, loss_best, s["loss_best_check"]),
+                "reduced_check": jnp.where(check, halve, s["reduced_check"]),
+                "x_adv": x_adv, "fooled": s["fooled"] | fooled,
+            }
+
+        return jax.lax.fori_loop(0, k, body, state, unroll=unroll)
+
+    return start, steps
+
+
+def _check(images, labels, epsilon, n_iter, bounds):
+    x = np.asarray(images, np.float32)
+    y = np.asarray(labels)
+    if x.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {x.shape}")
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be [N] = [{len(x)}] integers, got {y.dtype} {y.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("images hold NaN or infinite values")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
+    lo, hi = (float(b) for b in bounds)
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"bounds must be two finite numbers, low < high, got {bounds}")
+    if x.size and (x.min() < lo or x.max() > hi):
+        raise ValueError(f"images lie outside bounds {bounds} ([{x.min()}, {x.max()}]); pass the model's pixel range")
+    eps = _per_image_budget(epsilon, len(x), "epsilon")
+    return x, y.astype(np.int32), eps, (lo, hi)
+
+
+def _run(logits_fn, x_all, y_all, t_all, eps_all, loss, n_iter, bounds, seed, batch_size, active):
+    start, steps = _make_apgd_fns(logits_fn, loss, int(n_iter), bounds)
+    cpu = jax.default_backend() == "cpu"
+    chunk = min(PGD_CPU_CHUNK, n_iter) if cpu else n_iter
+    adv, fooled = x_all.copy(), np.zeros(len(x_all), bool)
+    ids_all = np.flatnonzero(active)
+    for b in range(0, len(ids_all), batch_size):
+        ids = ids_all[b : b + batch_size]
+        x0, y, t = jnp.asarray(x_all[ids]), jnp.asarray(y_all[ids]), jnp.asarray(t_all[ids])
+        eps = jnp.asarray(_per_pixel(eps_all[ids], x0.ndim))
+        state = start(seed, jnp.asarray(ids, jnp.int32), x0, y, t, eps)
+        done = 0
+        while done < n_iter:
+            k = min(chunk, n_iter - done)
+            state = steps(k, cpu, jnp.int32(done), state, x0, y, t, eps)
+            done += k
+        f = np.asarray(state["fooled"])
+        adv[ids] = np.where(f.reshape((-1,) + (1,) * (x0.ndim - 1)), np.asarray(state["x_adv"]), x_all[ids])
+        fooled[ids] = f
+    return adv, fooled
+
+
+def _result(x_all, adv, success, eps_all) -> AttackResult:
+    delta = (adv - x_all).reshape(len(x_all), -1)
+    return AttackResult(
+        success=success,
+        adversarial=adv,
+        step=np.zeros(len(x_all), np.int64),
+        linf=np.where(success, np.abs(delta).max(axis=1, initial=0.0), 0.0),
+        l2=np.where(success, np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)), 0.0),
+        blank=np.zeros(len(x_all), bool),
+        still_changing=np.zeros(len(x_all), bool),
+        max_step=int(round(float(eps_all.max(initial=0.0)))),
+    )
+
+
+def _clean_wrong(logits_fn, x, y, batch_size):
+    if not len(x):
+        return np.zeros(0, bool)
+    pred = np.concatenate([np.asarray(jnp.argmax(logits_fn(jnp.asarray(x[i : i + batch_size])), axis=-1))
+                           for i in range(0, len(x), batch_size)])
+    return pred != y
+
+
+def apgd(logits_fn, images, labels, *, epsilon, loss: str = "ce", n_iter: int = 100, seed: int = 0,
+         bounds=(0.0, 255.0), batch_size: int = 500) -> AttackResult:
+    """Untargeted L∞ APGD on ``loss`` (``'ce'`` or ``'dlr'``) at budget ``epsilon`` (a scalar or one per image).
+
+    Images misclassified when clean are successes without an attack. Returns an
+    :class:`bang_jax.attacks.AttackResult`: success (misclassified at some iterate), the last misclassified
+    iterate as ``adversarial`` (the original where it failed) and its norms.
+    """
+    if loss not in ("ce", "dlr"):
+        raise ValueError(f"loss must be 'ce' or 'dlr' (apgd_targeted runs the targeted DLR), got {loss!r}")
+    x, y, eps, bounds = _check(images, labels, epsilon, n_iter, bounds)
+    wrong = _clean_wrong(logits_fn, x, y, batch_size)
+    adv, fooled = _run(logits_fn, x, y, y, eps, loss, n_iter, bounds, seed, batch_size, ~wrong)
+    return _result(x, adv, fooled | wrong, eps)
+
+
+def apgd_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_iter: int = 100, seed: int = 0,
+                  bounds=(0.0, 255.0), batch_size: int = 500) -> AttackResult:
+    """APGD on the targeted DLR loss against the 2nd, 3rd, …, (n_targets+1)-th highest-scoring classes of each
+    clean image in turn, each run on the images still robust (AutoAttack's APGD-T; standard: 9 targets, 100
+    iterations). Success = misclassified (any class)."""
+    x, y, eps, bounds = _check(images, labels, epsilon, n_iter, bounds)
+    if isinstance(n_targets, bool) or not isinstance(n_targets, (int, np.integer)) or n_targets < 1:
+        raise ValueError(f"n_targets must be a positive integer, got {n_targets!r}")
+    if not len(x):
+        return _result(x, x.copy(), np.zeros(0, bool), eps)
+    order = np.concatenate([np.asarray(jnp.argsort(logits_fn(jnp.asarray(x[i : i + batch_size])), axis=-1))
+                            for i in range(0, len(x), batch_size)])
+    classes = order.shape[1]
+    if classes < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model gives {classes}")
+    success = order[:, -1] != y
+    adv = x.copy()
+    for rank in range(2, min(n_targets, classes - 1) + 2):
+        targets = order[:, -rank].astype(np.int32)
+        a, f = _run(logits_fn, x, y, targets, eps, "dlr_targeted", n_iter, bounds, seed + 1000 * rank, batch_size,
+                    ~success)
+        adv = np.where(f.reshape((-1,) + (1,) * (x.ndim - 1)), a, adv)
+        success |= f
+        if success.all():
+            break
+    return _result(x, adv, success, eps)

@@ -1,0 +1,99 @@
+"""AutoAttack's APGD in JAX: the step-size schedule, the losses, and the attacks on a model whose minimal
+adversarial perturbations are known exactly (a linear classifier)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bang_jax.autoattack import apgd, apgd_checkpoints, apgd_targeted, dlr_loss, dlr_targeted_loss
+
+
+def test_checkpoints_follow_the_reference_schedule():
+    assert list(np.flatnonzero(apgd_checkpoints(100))) == [21, 40, 56, 69, 79, 86, 92, 98]
+    assert list(np.flatnonzero(apgd_checkpoints(10))) == list(range(1, 10))
+
+
+def test_dlr_losses_ignore_shifts_and_scales_of_the_logits():
+    z = jax.random.normal(jax.random.key(0), (6, 10)) * 5
+    y = jnp.arange(6) % 10
+    t = (y + 3) % 10
+    np.testing.assert_allclose(dlr_loss(3 * z + 7, y), dlr_loss(z, y), rtol=1e-5)
+    np.testing.assert_allclose(dlr_targeted_loss(0.5 * z - 2, y, t), dlr_targeted_loss(z, y, t), rtol=1e-5)
+    wrong = np.argmax(z, axis=-1) != y
+    np.testing.assert_array_equal(np.asarray(dlr_loss(z, y)) > 0, wrong)
+
+
+@pytest.fixture(scope="module")
+def linear():
+    """A 10-class linear model on 4×4×1 images: the smallest L∞ change that flips image i to class j is
+    (z_y − z_j) / ‖w_y − w_j‖₁ (the images sit mid-range, so the pixel bounds never bind)."""
+    rng = np.random.default_rng(0)
+    w = (0.01 * rng.normal(size=(16, 10))).astype(np.float32)  # logits of a few units: CE does not saturate
+    x = rng.uniform(100, 155, (40, 4, 4, 1)).astype(np.float32)
+
+    def logits_fn(images):
+        return (images.reshape(images.shape[0], -1) - 127.5) @ w
+
+    z = np.asarray(logits_fn(jnp.asarray(x)))
+    y = np.argmax(z, axis=1)
+    with np.errstate(invalid="ignore"):  # 0/0 on the true class, replaced by inf below
+        gaps = (z[np.arange(40), y][:, None] - z) / np.abs(w[:, y].T[:, :, None] - w[None]).sum(axis=1)
+    gaps[np.arange(40), y] = np.inf
+    return logits_fn, x, y, gaps.min(axis=1), gaps
+
+
+@pytest.mark.parametrize("loss, share", [("ce", 0.7), ("dlr", 0.9)])
+def test_apgd_never_beats_the_minimal_perturbation_and_finds_most_that_fit(linear, loss, share):
+    logits_fn, x, y, minimal, _ = linear
+    eps = np.median(minimal)
+    res = apgd(logits_fn, x, y, epsilon=eps, loss=loss, n_iter=30)
+    assert len(set(y)) >= 5  # a varied problem
+    assert not res.success[minimal > eps * 1.02].any()  # impossible: would be a wrong success
+    # A loss's gradient need not point at the nearest class (PGD on the CE misses some too), so "most".
+    assert res.success[minimal < eps * 0.98].mean() >= share
+    assert np.all(res.linf[res.success] <= eps + 1e-3)
+    assert np.all((res.adversarial >= 0) & (res.adversarial <= 255))
+    # Each image has its own random stream: batching changes nothing.
+    again = apgd(logits_fn, x, y, epsilon=eps, loss=loss, n_iter=30, batch_size=7)
+    np.testing.assert_array_equal(again.success, res.success)
+    np.testing.assert_allclose(again.adversarial, res.adversarial, atol=1e-4)
+
+
+def test_dlr_sees_through_a_saturated_softmax_where_ce_does_not(linear):
+    """The same linear model with logits 10⁵× larger: the float32 softmax saturates and the cross-entropy's
+    gradient is exactly zero; the DLR loss is scale-invariant and finds what it finds on the unscaled model."""
+    logits_fn, x, y, minimal, _ = linear
+    big = lambda images: 1e5 * logits_fn(images)  # noqa: E731
+    eps = np.median(minimal)
+    ce = apgd(big, x, y, epsilon=eps, loss="ce", n_iter=30)
+    dlr = apgd(big, x, y, epsilon=eps, loss="dlr", n_iter=30)
+    np.testing.assert_array_equal(dlr.success, apgd(logits_fn, x, y, epsilon=eps, loss="dlr", n_iter=30).success)
+    assert ce.success.sum() <= 0.5 * dlr.success.sum()
+
+
+def test_targeted_apgd_reaches_the_classes_it_aims_at(linear):
+    logits_fn, x, y, minimal, gaps = linear
+    z = np.asarray(logits_fn(jnp.asarray(x)))
+    second = np.argsort(z, axis=1)[:, -2]
+    to_second = gaps[np.arange(len(x)), second]
+    eps = np.median(to_second)
+    one = apgd_targeted(logits_fn, x, y, epsilon=eps, n_targets=1, n_iter=30)
+    assert one.success[to_second < eps * 0.98].all()
+    # With every target, it finds every image whose nearest wrong class fits the budget.
+    every = apgd_targeted(logits_fn, x, y, epsilon=eps, n_targets=9, n_iter=30)
+    assert every.success[minimal < eps * 0.98].all() and not every.success[minimal > eps * 1.02].any()
+
+
+def test_bad_inputs_are_named(linear):
+    logits_fn, x, y, _, _ = linear
+    with pytest.raises(ValueError, match="loss"):
+        apgd(logits_fn, x, y, epsilon=4, loss="margin")
+    with pytest.raises(ValueError, match="epsilon"):
+        apgd(logits_fn, x, y, epsilon=-1)
+    with pytest.raises(ValueError, match="bounds"):
+        apgd(logits_fn, x / 255.0 - 0.5, y, epsilon=0.1)
+    with pytest.raises(ValueError, match="labels"):
+        apgd(logits_fn, x, y[:3], epsilon=4)
+    with pytest.raises(ValueError, match="n_iter"):
+        apgd(logits_fn, x, y, epsilon=4, n_iter=0)
