@@ -10,7 +10,7 @@ axis), after a warm-up call (compilation excluded), with ``block_until_ready``. 
 round so that machine load hits all alike; the median of the rounds is reported. Then the 169-model grid of
 Fig. 2 (LeNet, batch 64): all models vmapped in one program, against the same models trained one after another
 (one model's step, timed on its own, × 169: they are identical programs). The last line is one JSON object with
-every number.
+every number (``--json PATH`` writes it to a file too).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=169, help="models in the vmapped grid (0: skip)")
     p.add_argument("--quick", action="store_true", help="batch 64, 3 rounds, a 16-model grid")
     p.add_argument("--host-devices", type=int, default=0, help="on CPU, split the host into N XLA devices")
+    p.add_argument("--json", help="also write the JSON report to this file (for python -m experiments.docs_tables "
+                   "collect --benchmark)")
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.rounds, args.grid = "64", 3, 16
@@ -119,6 +121,9 @@ def main(argv=None):
               f"after another {seq:.2f} s ({1000 * med['one']:.1f} ms × {args.grid}); vmapped is "
               f"{seq / med['grid']:.2f}× the speed of one after another", flush=True)
     print(json.dumps(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     return report
 
 

@@ -293,9 +293,31 @@ def gen_summary(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gen_throughput(root: Path, name: str) -> str:
+    """The training-throughput table of ``benchmarks/throughput.py --json`` (one device), and its grid line."""
+    report = _load(root, name, "benchmark.json")
+    labels = {"lenet": "LeNet", "cifar_quick": "CIFAR-quick"}
+    lines = ["| model (batch) | plain | single-pass BANG | per-example BANG |", "| --- | --- | --- | --- |"]
+    for key, row in report["throughput"].items():
+        model, batch, devices = key.split("/")
+        if devices != "one":
+            continue
+        cells = [f"{row['plain']['images_per_s']:,.0f} img/s ({row['plain']['step_ms']:,.1f} ms)"]
+        cells += [f"{row[m]['images_per_s']:,.0f} img/s ({row[m]['ratio_to_plain']:.2f}×)"
+                  for m in ("single_pass", "per_example")]
+        lines.append(f"| {labels.get(model, model)} ({batch.removeprefix('b')}) | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    grid = report.get("grid")
+    if grid:
+        text += (f"\nThe {grid['models']}-model LeNet grid vmapped into one program: "
+                 f"{grid['vmapped_step_s']:.2f} s per step, against {grid['sequential_step_s']:.2f} s for the same models one after another "
+                 f"({grid['one_model_step_ms']:.1f} ms each): vmapped runs at {grid['speedup']:.2f}× their speed.\n")
+    return text
+
+
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
               "seeds": gen_seeds, "released": gen_released, "summary": gen_summary, "value": gen_value,
-              "hc1cap": gen_hc1cap, "pgd": gen_pgd}
+              "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput}
 
 
 def generate(root: Path, spec: str) -> str:
@@ -373,8 +395,9 @@ def machine() -> str:
 
 
 def collect(source: Path, name: str, command: str, *, code_version: str | None = None, dataset: str | None = None,
-            root: Path = ROOT, seconds: float | None = None, note: str = "") -> Path:
-    """Copies a run directory or an ``evaluate --json`` file into ``docs/results/NAME`` (paths scrubbed)."""
+            root: Path = ROOT, seconds: float | None = None, note: str = "", benchmark: bool = False) -> Path:
+    """Copies a run directory, an ``evaluate --json`` file or (``benchmark``) a benchmark's ``--json`` report into
+    ``docs/results/NAME`` (paths scrubbed)."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) or ".." in name:
         raise DocsError(f"results name {name!r}: use letters, digits, '.', '_' and '-' (a folder under {RESULTS})")
     if source.is_dir() and not (source / "config.json").is_file():
@@ -402,6 +425,11 @@ def collect(source: Path, name: str, command: str, *, code_version: str | None =
             timings = json.loads((source / "timings.json").read_text())
         config_copy = _scrub({k: v for k, v in config.items() if k != "command"}, data_dir)
         (dest / "config.json").write_text(json.dumps(config_copy, indent=2) + "\n")
+    elif benchmark:
+        obj = json.loads(source.read_text())
+        if not isinstance(obj, dict):
+            raise DocsError(f"{source} is not a benchmark report (a JSON object)")
+        (dest / "benchmark.json").write_text(json.dumps(_scrub(obj, data_dir), indent=2) + "\n")
     else:
         if dataset is None:
             raise DocsError("collect from an evaluate --json file needs --dataset")
@@ -431,13 +459,14 @@ def main(argv=None) -> int:
     c.add_argument("--dataset", choices=("mnist", "cifar10"))
     c.add_argument("--seconds", type=float, help="the measured run time (default: the run's timings.json)")
     c.add_argument("--note", default="", help="conditions of the measurement (e.g. 'CPU shared with another run')")
+    c.add_argument("--benchmark", action="store_true", help="SOURCE is a benchmark's --json report")
     args = p.parse_args(argv)
     try:
         if args.cmd == "collect":
             if not args.source.exists():
                 raise DocsError(f"{args.source} does not exist")
             dest = collect(args.source, args.name, args.command, code_version=args.code_version,
-                           dataset=args.dataset, seconds=args.seconds, note=args.note)
+                           dataset=args.dataset, seconds=args.seconds, note=args.note, benchmark=args.benchmark)
             print(f"wrote {dest.relative_to(ROOT)}; now run python -m experiments.docs_tables", file=sys.stderr)
             return 0
         if args.check:

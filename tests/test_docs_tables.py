@@ -20,7 +20,7 @@ def test_committed_docs_equal_what_the_results_files_give():
 def test_every_results_folder_says_how_it_was_made():
     for folder in sorted((ROOT / "docs" / "results").glob("*/")):
         meta = json.loads((folder / "meta.json").read_text())
-        assert meta["command"].startswith("python -m "), folder
+        assert meta["command"].startswith(("python -m ", "python benchmarks/")), folder
         assert meta["code_version"] and meta["machine"] and meta["date"], folder
         text = "".join(p.read_text() for p in folder.glob("*.json"))
         for needle in ("/work/", "/tmp/", "/home/", "/root/", "/Users/"):
@@ -109,3 +109,25 @@ def test_an_unclosed_block_is_an_error_not_a_swallowed_neighbour(tmp_path):
     (root / "README.md").write_text("<!-- results: runtimes -->\nopen\n<!-- results: runtimes -->\n<!-- /results -->\n")
     with pytest.raises(docs_tables.DocsError, match="not closed"):
         docs_tables.render(root)
+
+
+def test_a_benchmark_report_becomes_its_table(tmp_path):
+    report = {"backend": "cpu", "devices": 1, "throughput": {
+        "lenet/b64/one": {"plain": {"step_ms": 16.2, "images_per_s": 3946.0},
+                          "single_pass": {"step_ms": 16.7, "images_per_s": 3835.0, "ratio_to_plain": 1.03},
+                          "per_example": {"step_ms": 32.1, "images_per_s": 1995.0, "ratio_to_plain": 1.98}},
+        "lenet/b64/all": {"plain": {"step_ms": 1.0, "images_per_s": 1.0}}},
+        "grid": {"models": 169, "vmapped_step_s": 11.0, "sequential_step_s": 2.5, "speedup": 0.23,
+                 "one_model_step_ms": 14.6}}
+    src = tmp_path / "tp.json"
+    src.write_text(json.dumps(report))
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    docs_tables.collect(src, "bench-tp", "python benchmarks/throughput.py --json tp.json", root=root, benchmark=True,
+                        code_version="abc1234")
+    text = docs_tables.gen_throughput(root, "bench-tp")
+    assert "| LeNet (64) | 3,946 img/s (16.2 ms) | 3,835 img/s (1.03×) | 1,995 img/s (1.98×) |" in text
+    assert "/all" not in text and "169-model" in text and "0.23×" in text
+    with pytest.raises(docs_tables.DocsError, match="not a benchmark report"):
+        (tmp_path / "list.json").write_text("[]")
+        docs_tables.collect(tmp_path / "list.json", "x", "python benchmarks/throughput.py", root=root, benchmark=True)
