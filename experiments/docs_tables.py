@@ -310,8 +310,8 @@ def gen_throughput(root: Path, name: str) -> str:
     grid = report.get("grid")
     if grid:
         text += (f"\nThe {grid['models']}-model LeNet grid vmapped into one program: "
-                 f"{grid['vmapped_step_s']:.2f} s per step, against {grid['sequential_step_s']:.2f} s for the same models one after another "
-                 f"({grid['one_model_step_ms']:.1f} ms each): vmapped runs at {grid['speedup']:.2f}× their speed.\n")
+                 f"{grid['vmapped_step_s']:.2f} s per step, against {grid['sequential_step_s']:.2f} s for the same "
+                 f"models one after another ({grid['one_model_step_ms']:.1f} ms each): vmapped runs at {grid['speedup']:.2f}× their speed.\n")
     return text
 
 
