@@ -311,7 +311,8 @@ def gen_throughput(root: Path, name: str) -> str:
     if grid:
         text += (f"\nThe {grid['models']}-model LeNet grid vmapped into one program: "
                  f"{grid['vmapped_step_s']:.2f} s per step, against {grid['sequential_step_s']:.2f} s for the same "
-                 f"models one after another ({grid['one_model_step_ms']:.1f} ms each): vmapped runs at {grid['speedup']:.2f}× their speed.\n")
+                 f"models one after another ({grid['one_model_step_ms']:.1f} ms each): vmapped runs at "
+                 f"{grid['speedup']:.2f}× their speed.\n")
     return text
 
 
