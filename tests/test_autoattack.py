@@ -6,7 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bang_jax.autoattack import apgd, apgd_checkpoints, apgd_targeted, dlr_loss, dlr_targeted_loss
+from bang_jax.autoattack import (
+    apgd,
+    apgd_checkpoints,
+    apgd_targeted,
+    autoattack,
+    dlr_loss,
+    dlr_targeted_loss,
+    fab_targeted,
+    project_linf_box,
+)
 
 
 def test_checkpoints_follow_the_reference_schedule():
@@ -97,3 +106,58 @@ def test_bad_inputs_are_named(linear):
         apgd(logits_fn, x, y[:3], epsilon=4)
     with pytest.raises(ValueError, match="n_iter"):
         apgd(logits_fn, x, y, epsilon=4, n_iter=0)
+
+
+def test_the_linf_projection_onto_a_hyperplane_in_a_box_is_the_smallest_step():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = 12
+        x = rng.uniform(0, 10, n).astype(np.float32)
+        w = rng.normal(size=n).astype(np.float32) * (rng.uniform(size=n) > 0.2)
+        c = np.float32(rng.normal() * 20)
+        d = np.asarray(project_linf_box(jnp.asarray(x), jnp.asarray(w), c, 0.0, 10.0))
+        assert np.all(x + d >= -1e-4) and np.all(x + d <= 10 + 1e-4)
+        r = float(w @ x + c)
+        # brute force: the smallest λ whose best box-limited step reaches the hyperplane
+        room = np.where(-np.sign(r) * np.sign(w) > 0, 10 - x, x)
+        reach = lambda lam: float(np.sum(np.abs(w) * np.minimum(lam, room)))  # noqa: E731
+        if reach(np.inf) < abs(r):  # unreachable: every pixel at its bound, as close as the box allows
+            assert abs(float(w @ (x + d) + c)) <= abs(r)
+            continue
+        lo_, hi_ = 0.0, 20.0
+        for _ in range(60):
+            mid = (lo_ + hi_) / 2
+            lo_, hi_ = (lo_, mid) if reach(mid) >= abs(r) else (mid, hi_)
+        assert abs(float(w @ (x + d) + c)) < 1e-3 * max(1.0, abs(r)), trial
+        assert np.abs(d).max() == pytest.approx(hi_, rel=1e-4, abs=1e-5), trial
+
+
+def test_targeted_fab_finds_the_minimal_perturbations_of_a_linear_model(linear):
+    """On a linear model the linearised boundary is the boundary: FAB-T succeeds exactly where the nearest class
+    lies within the budget, and its perturbations are nearly minimal."""
+    logits_fn, x, y, minimal, _ = linear
+    eps = np.median(minimal)
+    res = fab_targeted(logits_fn, x, y, epsilon=eps, n_iter=20)
+    assert res.success[minimal < eps * 0.97].all() and not res.success[minimal > eps * 1.0001].any()
+    big = fab_targeted(logits_fn, x, y, epsilon=1e3, n_iter=20)  # every image: its minimal-norm adversarial
+    assert big.success.all()
+    assert np.all(big.linf >= minimal * (1 - 1e-3)) and np.median(big.linf / minimal) < 1.03
+
+
+def test_the_ensemble_leaves_robust_exactly_the_images_no_perturbation_within_the_budget_can_flip(linear):
+    logits_fn, x, y, minimal, _ = linear
+    eps = float(np.median(minimal))
+    y_wrong = y.copy()
+    y_wrong[0] = (y[0] + 1) % 10  # a clean error counts as not robust
+    res = autoattack(logits_fn, x, y_wrong, eps)
+    assert res.attack[0] == "clean" and not res.robust[0]
+    rest = np.arange(1, len(x))
+    assert res.robust[rest][minimal[rest] > eps * 1.0001].all()
+    assert not res.robust[rest][minimal[rest] < eps * 0.97].any()
+    assert set(res.attack) <= {"", "clean", "apgd-ce", "apgd-t", "fab-t", "square"}
+    assert sum(res.fooled_by().values()) == int((~res.robust).sum())
+    assert np.all(res.linf[~res.robust] <= eps + 1e-3) and res.robust_accuracy == pytest.approx(100 * res.robust.mean())
+    fooled = ~res.robust & (res.attack != "clean")
+    assert np.all(np.argmax(np.asarray(logits_fn(jnp.asarray(res.adversarial[fooled]))), axis=1) != y_wrong[fooled])
+    with pytest.raises(ValueError, match="standard"):
+        autoattack(logits_fn, x, y, eps, version="rand")
