@@ -316,9 +316,28 @@ def gen_throughput(root: Path, name: str) -> str:
     return text
 
 
+def gen_crosscheck(root: Path, name: str) -> str:
+    """Our AutoAttack against torchattacks (``benchmarks/autoattack_crosscheck.py --json``): robust accuracy and
+    time of each attack alone and of the ensemble, side by side."""
+    r = _load(root, name, "benchmark.json")
+    names = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T (9 targets)", "fab-t": "FAB-T (9 targets)",
+             "square": "Square (5,000 queries)", "autoattack": "AutoAttack (standard ensemble)"}
+    lines = ["| attack | robust accuracy, ours | robust accuracy, torchattacks | time, ours | time, torchattacks |",
+             "| --- | --- | --- | --- | --- |"]
+    for key, row in r["attacks"].items():
+        lines.append(f"| {names.get(key, key)} | {_pct(row['robust_ours'])} | {_pct(row['robust_reference'])} | "
+                     f"{row['seconds_ours']:,.0f} s | {row['seconds_reference']:,.0f} s |")
+    return "\n".join(lines) + (
+        f"\n\n{r['weights']}, first {r['images']:,} {r['dataset']} test images (clean accuracy "
+        f"{_pct(r['clean_accuracy'])}), ε = {r['eps']:g} pixels; clean logits of the two implementations differ by at "
+        f"most {r['max_abs_logit_difference']:.1e} ({'the same' if r['same_predictions'] else 'different'} "
+        "predictions).\n")
+
+
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
               "seeds": gen_seeds, "released": gen_released, "summary": gen_summary, "value": gen_value,
-              "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput}
+              "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput,
+              "crosscheck": gen_crosscheck}
 
 
 def generate(root: Path, spec: str) -> str:

@@ -185,7 +185,8 @@ def _run(logits_fn, x_all, y_all, t_all, eps_all, loss, n_iter, bounds, seed, ba
     adv, fooled = x_all.copy(), np.zeros(len(x_all), bool)
     ids_all = np.flatnonzero(active)
     for b in range(0, len(ids_all), batch_size):
-        ids = ids_all[b : b + batch_size]
+        real = ids_all[b : b + batch_size]
+        ids = _padded(real, batch_size)
         x0, y, t = jnp.asarray(x_all[ids]), jnp.asarray(y_all[ids]), jnp.asarray(t_all[ids])
         eps = jnp.asarray(_per_pixel(eps_all[ids], x0.ndim))
         state = start(seed, jnp.asarray(ids, jnp.int32), x0, y, t, eps)
@@ -194,10 +195,18 @@ def _run(logits_fn, x_all, y_all, t_all, eps_all, loss, n_iter, bounds, seed, ba
             k = min(chunk, n_iter - done)
             state = steps(k, cpu, jnp.int32(done), state, x0, y, t, eps)
             done += k
-        f = np.asarray(state["fooled"])
-        adv[ids] = np.where(f.reshape((-1,) + (1,) * (x0.ndim - 1)), np.asarray(state["x_adv"]), x_all[ids])
-        fooled[ids] = f
+        k = len(real)
+        f = np.asarray(state["fooled"])[:k]
+        adv[real] = np.where(f.reshape((-1,) + (1,) * (x0.ndim - 1)), np.asarray(state["x_adv"])[:k], x_all[real])
+        fooled[real] = f
     return adv, fooled
+
+
+def _padded(ids: np.ndarray, batch_size: int) -> np.ndarray:
+    """``ids`` repeated at the end up to a power of two (at most ``batch_size``): the shrinking sets of images
+    still robust then reuse a few compiled shapes instead of compiling one per size."""
+    size = min(batch_size, 1 << max(3, int(np.ceil(np.log2(max(len(ids), 1))))))
+    return np.pad(ids, (0, max(size, len(ids)) - len(ids)), mode="edge")
 
 
 def _result(x_all, adv, success, eps_all) -> AttackResult:
@@ -369,7 +378,8 @@ def fab_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_it
     for rank in range(2, min(n_targets, order.shape[1] - 1) + 2):
         ids_all = np.flatnonzero(~success)
         for b in range(0, len(ids_all), batch_size):
-            ids = ids_all[b : b + batch_size]
+            real = ids_all[b : b + batch_size]
+            ids = _padded(real, batch_size)
             x0, yb = jnp.asarray(x[ids]), jnp.asarray(y[ids])
             tb = jnp.asarray(order[ids, -rank].astype(np.int32))
             state = (x0, x0.reshape(len(ids), -1), jnp.full(len(ids), jnp.inf, jnp.float32))
@@ -378,10 +388,11 @@ def fab_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_it
                 k = min(chunk, n_iter - done)
                 state = steps(k, cpu, state, x0, yb, tb)
                 done += k
-            norm = np.asarray(state[2])
-            ok = norm <= eps[ids] + 1e-4
-            adv[ids[ok]] = np.asarray(state[1]).reshape(x0.shape)[ok]
-            success[ids[ok]] = True
+            k = len(real)
+            norm = np.asarray(state[2])[:k]
+            ok = norm <= eps[real] + 1e-4
+            adv[real[ok]] = np.asarray(state[1]).reshape(x0.shape)[:k][ok]
+            success[real[ok]] = True
         if success.all():
             break
     return _result(x, adv, success, eps)
