@@ -247,18 +247,25 @@ def apgd(logits_fn, images, labels, *, epsilon, loss: str = "ce", n_iter: int = 
     return _result(x, adv, fooled | wrong, eps)
 
 
+def _class_order(logits_fn, x, n_targets, batch_size) -> np.ndarray:
+    """The clean images' classes from least to most likely ``[N, classes]`` (targets are taken from its end)."""
+    if isinstance(n_targets, bool) or not isinstance(n_targets, (int, np.integer)) or n_targets < 1:
+        raise ValueError(f"n_targets must be a positive integer, got {n_targets!r}")
+    if not len(x):
+        return np.zeros((0, 0), np.int64)
+    return np.concatenate([np.asarray(jnp.argsort(logits_fn(jnp.asarray(x[i : i + batch_size])), axis=-1))
+                           for i in range(0, len(x), batch_size)])
+
+
 def apgd_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_iter: int = 100, seed: int = 0,
                   bounds=(0.0, 255.0), batch_size: int = 500) -> AttackResult:
     """APGD on the targeted DLR loss against the 2nd, 3rd, …, (n_targets+1)-th highest-scoring classes of each
     clean image in turn, each run on the images still robust (AutoAttack's APGD-T; standard: 9 targets, 100
     iterations). Success = misclassified (any class)."""
     x, y, eps, bounds = _check(images, labels, epsilon, n_iter, bounds)
-    if isinstance(n_targets, bool) or not isinstance(n_targets, (int, np.integer)) or n_targets < 1:
-        raise ValueError(f"n_targets must be a positive integer, got {n_targets!r}")
+    order = _class_order(logits_fn, x, n_targets, batch_size)
     if not len(x):
         return _result(x, x.copy(), np.zeros(0, bool), eps)
-    order = np.concatenate([np.asarray(jnp.argsort(logits_fn(jnp.asarray(x[i : i + batch_size])), axis=-1))
-                            for i in range(0, len(x), batch_size)])
     classes = order.shape[1]
     if classes < 4:
         raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model gives {classes}")
@@ -364,12 +371,9 @@ def fab_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_it
     smallest L∞ adversarial. Success = an adversarial within ``epsilon`` (a scalar or one per image); images still
     robust are attacked with the next target. Deterministic (no random start, as AutoAttack's first restart)."""
     x, y, eps, bounds = _check(images, labels, epsilon, n_iter, bounds)
-    if isinstance(n_targets, bool) or not isinstance(n_targets, (int, np.integer)) or n_targets < 1:
-        raise ValueError(f"n_targets must be a positive integer, got {n_targets!r}")
+    order = _class_order(logits_fn, x, n_targets, batch_size)
     if not len(x):
         return _result(x, x.copy(), np.zeros(0, bool), eps)
-    order = np.concatenate([np.asarray(jnp.argsort(logits_fn(jnp.asarray(x[i : i + batch_size])), axis=-1))
-                            for i in range(0, len(x), batch_size)])
     success = order[:, -1] != y
     adv = x.copy()
     steps = _make_fab_fns(logits_fn, int(n_iter), bounds, float(alpha_max), float(eta), float(beta))
