@@ -361,7 +361,7 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
         raise ConfigError(f"--seeds/--seed-offset/--models: {err}") from None
     cfg = apply_overrides(cfg, overrides_from_args(args))
     cfg.validate()
-    _check_per_layer_values(cfg)
+    _check_model(cfg)
     if not distributed.is_writer():
         return cfg, out, stages, saved  # process 0 checks the run directory (and may be writing it already)
     if saved is not None and not args.overwrite:
@@ -385,7 +385,7 @@ def configure(dataset: str, args: argparse.Namespace) -> tuple[ExperimentConfig,
     return cfg, out, stages, saved
 
 
-def _check_per_layer_values(cfg: ExperimentConfig) -> None:
+def _check_model(cfg: ExperimentConfig) -> None:
     """The model must build and give one score per class; per-layer hyperparameters must name its layers (checked
     on shapes only, before any work)."""
     shape = models_lib.DATASET_SHAPES[cfg.dataset]
