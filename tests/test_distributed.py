@@ -363,3 +363,31 @@ def test_multiprocess_run_finishes_when_process_0_works_longer_than_the_timeout(
     lines = _errors(outs[1][1])
     assert procs[1].returncode == 2 and len(lines) == 1, outs[1][1][-2000:]
     assert "process 0 stopped" in lines[0] and "already holds a run" in lines[0], lines
+
+
+def test_supervisor_keeps_the_outcome_a_child_settled_before_the_service_aborted(capfd):
+    # The coordination service may abort a process as its peers leave at the very end of a run. Once the process
+    # has settled its outcome (and said why), that abort must not become a second error line and another status;
+    # before it settled, the abort is the news and is reported as one line.
+    from bang_jax import distributed
+
+    def child(settle: str | None) -> list[str]:
+        script = textwrap.dedent(f"""
+            import os, sys
+            if {settle!r} is not None:
+                sys.stderr.write("error: process 1: the real cause\\n"); sys.stderr.flush()
+                open(os.environ["BANG_JAX_EXIT_FILE"], "w").write({settle!r})
+            sys.stderr.write("F1202 06:00:00.000000 1 client.cc:1] Terminating process: UNAVAILABLE Socket closed\\n")
+            sys.stderr.flush()
+            os.abort()
+        """)
+        return [sys.executable, "-c", script]
+
+    for settle, expected in (("2", 2), ("0", 0), (None, 1)):
+        rc = distributed.supervise(child(settle), coordinator="127.0.0.1:1", num_processes=2, process_id=1,
+                                   timeout=5)
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == expected, err
+        assert len(lines) == 1 and "F1202" not in err, err
+        assert ("the real cause" in lines[0]) == (settle is not None), err

@@ -26,8 +26,10 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -42,6 +44,7 @@ _KEY = "bang_jax/settings/"
 _DONE = "bang_jax/done"
 _ACK = "bang_jax/ack/"
 _FAILED = "\x00failed: "  # a settings value saying the process stopped before it could share its settings
+_EXIT_FILE = "BANG_JAX_EXIT_FILE"  # where a supervised child records the exit status it has settled on
 
 
 class DistributedError(RuntimeError):
@@ -151,11 +154,14 @@ def finish(code: int, message: str = "", *, timeout: int = DEFAULT_TIMEOUT) -> N
     if jax.process_count() == 1:
         return
     me = jax.process_index()
-    if code and message:
-        _set(_KEY + str(me), _FAILED + message)
+    if code:
+        _settle(code)  # failing already: an abort of the service from here on changes nothing
+        if message:
+            _set(_KEY + str(me), _FAILED + message)
     client = _client()
     if me == 0:
         _set(_DONE, str(code))
+        _settle(code)
         for other in range(1, jax.process_count()):
             try:
                 client.blocking_key_value_get(_ACK + str(other), timeout * 1000)
@@ -174,7 +180,20 @@ def finish(code: int, message: str = "", *, timeout: int = DEFAULT_TIMEOUT) -> N
                 raise
             except Exception:  # noqa: BLE001 - the service (hosted by process 0) is gone
                 raise DistributedError("process 0 left the run before it finished") from None
+    _settle(code)  # process 0 announced its end: the run is over, whatever the service does once it leaves
     _set(_ACK + str(me), "1")
+
+
+def _settle(code: int) -> None:
+    """Records, for the supervisor, the exit status this process has settled on: once the run's outcome is known,
+    the coordination service aborting as the processes leave (a race at the very end) must not turn it into a
+    second error line and another status."""
+    path = os.environ.get(_EXIT_FILE)
+    if path:
+        try:
+            Path(path).write_text(str(code))
+        except OSError:
+            pass
 
 
 def lost_processes(timeout: int = DEFAULT_TIMEOUT) -> list[int]:
@@ -284,7 +303,10 @@ def supervise(command: list[str], *, coordinator: str, num_processes: int | None
     passed to the child (in its own session, so it gets each signal once), which stops cleanly; a child that has
     not stopped ``timeout`` seconds after the signal is killed.
     """
-    env = dict(os.environ if env is None else env, BANG_JAX_SUPERVISED="1", PYTHONUNBUFFERED="1")
+    settled = tempfile.NamedTemporaryFile(prefix="bang-jax-exit-", delete=False)
+    settled.close()
+    env = dict(os.environ if env is None else env, BANG_JAX_SUPERVISED="1", PYTHONUNBUFFERED="1",
+               **{_EXIT_FILE: settled.name})
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the service's error log lines; its fatal ones still come
     child = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, start_new_session=True)
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
@@ -335,6 +357,13 @@ def supervise(command: list[str], *, coordinator: str, num_processes: int | None
             signal.signal(sig, handler)
         if child.poll() is None:
             child.kill()
+    try:
+        decided = Path(settled.name).read_text().strip()
+        os.unlink(settled.name)
+    except OSError:
+        decided = ""
+    if (fatal or rc == -signal.SIGABRT) and decided:
+        return int(decided)  # the child had settled its outcome (and said why) before the service aborted
     if fatal or rc == -signal.SIGABRT:
         who = f"process {process_id}: " if process_id is not None else ""
         print(f"error: {who}{_reason(chr(10).join(tail), coordinator, num_processes, timeout, process_id)}"
