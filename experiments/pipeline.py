@@ -558,8 +558,10 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
         distributed.agree(json.dumps(cfg.to_json() | {"data_dir": None} | shared, sort_keys=True),
                           timeout=args.distributed_timeout, describe=_describe_difference)
     module = DATASETS[dataset]
-    if (cfg.preset in ("paper", "grid", "full") or len(cfg.seeds) > 1) and "train" in stages:
-        est = len(cfg.models) * cfg.train.steps * module.STEP_SECONDS_CPU / 60
+    per_step = getattr(module, "MODEL_STEP_SECONDS_CPU", {}).get(cfg.model, module.STEP_SECONDS_CPU)
+    long_preset = cfg.preset in ("paper", "grid", "full") or cfg.preset.startswith("modern")
+    if (long_preset or len(cfg.seeds) > 1) and "train" in stages:
+        est = len(cfg.models) * cfg.train.steps * per_step / 60
         print(
             f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
             "(a GPU runs this far faster); attacks and noise come on top",

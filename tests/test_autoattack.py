@@ -161,3 +161,60 @@ def test_the_ensemble_leaves_robust_exactly_the_images_no_perturbation_within_th
     assert np.all(np.argmax(np.asarray(logits_fn(jnp.asarray(res.adversarial[fooled]))), axis=1) != y_wrong[fooled])
     with pytest.raises(ValueError, match="standard"):
         autoattack(logits_fn, x, y, eps, version="rand")
+
+
+def test_autoattack_curve_is_the_exact_robust_accuracy_of_a_linear_model(linear):
+    """In the robustness curves AutoAttack's robust accuracy at each budget is the share of images whose minimal
+    perturbation exceeds it (known exactly here), never above what PGD-margin leaves; the report says which
+    attack won where."""
+    from bang_jax.robustness import masking_report, robustness_curves
+
+    logits_fn, x, y, minimal, _ = linear
+    budgets = [0.0] + [float(np.quantile(minimal, q)) for q in (0.3, 0.7)]
+    budgets = [b * s for b, s in zip(budgets, (1.0, 0.98, 1.02))]  # clear of the exact thresholds
+    curves = robustness_curves(logits_fn, x, y, budgets, attacks=("pgd_margin", "autoattack"), pgd_steps=10)
+    aa = curves["attacks"]["autoattack"]
+    exact = [100.0 * np.mean(minimal > b) for b in curves["epsilons"]]
+    np.testing.assert_allclose(aa["robust_accuracy"], exact)
+    assert all(a <= p for a, p in zip(aa["robust_accuracy"], curves["attacks"]["pgd_margin"]["robust_accuracy"]))
+    assert [r["epsilon"] for r in aa["fooled_by"]] == [b for b in curves["epsilons"] if b > 0]
+    fooled_total = sum(sum(v for k, v in r.items() if k != "epsilon") for r in aa["fooled_by"])
+    assert fooled_total == int(np.sum(minimal <= max(budgets)))
+    report = masking_report(logits_fn, x, y, curves=curves)
+    assert report["autoattack"]["fooled_by"] == aa["fooled_by"]
+    assert "AutoAttack" not in report["verdict"]  # a linear model hides nothing: its gradient attacks find all
+
+
+def test_masking_report_flags_images_only_autoattacks_square_could_fool():
+    """A linear model behind a stop-gradient (its input gradient is exactly zero, its decisions those of the linear
+    model): AutoAttack's gradient attacks find nothing, its Square finds the images whose minimal perturbation
+    fits the budget, and the verdict says so. (28×28 images: APGD's uniform random start moves a logit difference
+    by a standard deviation ~15× smaller than the kept images' distance to the boundary.)"""
+    from bang_jax.robustness import masking_report, robustness_curves
+
+    rng = np.random.default_rng(1)
+    w = (0.01 * rng.normal(size=(784, 10))).astype(np.float32)
+    x = rng.uniform(60, 195, (60, 28, 28, 1)).astype(np.float32)
+
+    def linear(images):
+        return (images.reshape(images.shape[0], -1) - 127.5) @ w
+
+    def logits_fn(images):  # the linear model's values, no gradient
+        return jax.lax.stop_gradient(linear(images))
+
+    z = np.asarray(linear(jnp.asarray(x)))
+    y = np.argmax(z, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gaps = (z[np.arange(len(x)), y][:, None] - z) / np.abs(w[:, y].T[:, :, None] - w[None]).sum(axis=1)
+    gaps[np.arange(len(x)), y] = np.inf
+    minimal = gaps.min(axis=1)
+    eps = float(np.median(minimal))
+    keep = minimal > 0.4 * eps  # nothing a random start could reach
+    x, y, minimal = x[keep], y[keep], minimal[keep]
+    curves = robustness_curves(logits_fn, x, y, (0.0, eps), attacks=("pgd_margin", "autoattack"), pgd_steps=5)
+    by = curves["attacks"]["autoattack"]["fooled_by"][0]
+    assert by["apgd-ce"] == by["apgd-t"] == by["fab-t"] == 0, by
+    assert by["square"] >= max(2, 0.5 * np.sum(minimal < eps)), by
+    assert curves["attacks"]["autoattack"]["robust_accuracy"][1] >= 100 * np.mean(minimal > eps) - 1e-9
+    report = masking_report(logits_fn, x, y, curves=curves)
+    assert report["verdict"].startswith("gradient masking") and "inside AutoAttack" in report["verdict"]

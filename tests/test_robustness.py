@@ -314,3 +314,36 @@ def test_evaluate_model_square_pgd_min_and_curves_are_json():
     assert row["curves"]["epsilons"] == [0.0, 8.0, 64.0]
     assert set(row["curves"]["attacks"]) == {"fgs", "fgs_exact", "pgd_ce", "pgd_margin", "square"}
     assert isinstance(row["masking"]["verdict"], str)
+
+
+def test_evaluate_model_runs_autoattack_and_refuses_models_it_cannot_attack():
+    import flax.linen as nn
+
+    from bang_jax.evaluate import evaluate_model
+
+    class Tiny(nn.Module):
+        classes: int
+
+        @nn.compact
+        def __call__(self, v, train=False):
+            return nn.Dense(self.classes)(v.reshape(v.shape[0], -1) / 255.0 - 0.5)
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (10, 6, 6, 1)).astype(np.float32)
+    model = Tiny(5)
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    y = np.array(jnp.argmax(model.apply(variables, x), axis=1))
+    row = evaluate_model(model, variables, x, y, attacks=("autoattack",), autoattack_budgets=(2.0, 8.0),
+                         progress=False)
+    json.dumps(row)
+    for eps in ("2", "8"):
+        fooled = sum(row[f"autoattack_fooled_by_eps{eps}"].values())
+        assert row[f"autoattack_rate_eps{eps}"] == pytest.approx(100 * fooled / row["attacked"])
+        assert row[f"autoattack_robust_accuracy_eps{eps}"] == pytest.approx(100 * (row["attacked"] - fooled) / 10)
+    assert row["autoattack_rate_eps2"] <= row["autoattack_rate_eps8"]
+    # Three classes: the targeted DLR loss needs four; refused before any attack runs.
+    small = Tiny(3)
+    v3 = small.init(jax.random.PRNGKey(0), x[:1])
+    y3 = np.array(jnp.argmax(small.apply(v3, x), axis=1))
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        evaluate_model(small, v3, x, y3, attacks=("fgs", "autoattack"), progress=False)

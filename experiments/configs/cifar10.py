@@ -18,6 +18,22 @@ Presets (``python -m experiments.cifar10 --preset NAME``):
   ×0.1 at 18,000 and 19,000, batch 100, 20,000 iterations) and the paper's noise protocol (snapshots every
   1,000 iterations). Meant for a GPU.
 * ``grid`` — β ∈ [0.4, 1.0] step 0.05 × ε ∈ [0.80, 0.86] step 0.005, ratio 0.5, plus R0 (Fig. 4). Meant for a GPU.
+
+Beyond the paper — a modern network (``bang_jax.resnet.PreActResNet``, NNX, BatchNorm, pre-activation residual
+blocks) with random-crop + flip augmentation, shuffled batches of 128 and SGD with Nesterov momentum 0.9, weight
+decay 5·10⁻⁴ and a cosine learning-rate schedule from 0.1. Its models are named ``R`` (regular) and ``B…`` (BANG),
+so they are never mistaken for the paper's rows:
+
+* ``modern-sweep`` — the short sweep that chose ``modern``'s BANG setting: ResNet-8 (width 16), R and four BANG
+  settings (``Be5``: ε 0.5; ``Be8``: ε 0.8; ``Be8b4``: ε 0.8, β 0.4; ``Be855b4``: ε 0.855, β 0.4 — the paper's
+  CIFAR setting; all ratio 0.5) trained together for 800 iterations (≈ 2 epochs, cosine to 0), then FGS and PGD
+  (2 and 4 pixels, 20 steps) on the first 500 test images. See docs/results/modern-sweep.
+* ``modern`` — ResNet-8 (width 16), R against the BANG setting the sweep chose, trained for a CPU-sized schedule
+  (see ``MODERN_STEPS``), evaluated with the whole suite (paper-rule and exact FGS, HC1, PGD-margin/-CE, Square,
+  robust-accuracy curves and the gradient-masking report) on the first 1,000 test images. Sized to finish within
+  an hour on a 2-core CPU (the estimate is printed first).
+* ``modern-gpu`` — the same comparison at the size a GPU affords: ResNet-20, 30,000 iterations (≈ 77 epochs), R
+  and three BANG settings, the whole test set. Not run here (no accelerator).
 """
 
 from __future__ import annotations
@@ -28,13 +44,13 @@ import numpy as np
 
 from bang_jax.balance import BangConfig
 from bang_jax.evaluate import EvalConfig
-from bang_jax.solvers import CIFAR_QUICK_SOLVER
+from bang_jax.solvers import CIFAR_QUICK_SOLVER, SolverConfig
 from bang_jax.train import ModelSpec, TrainConfig
 from experiments.config import ExperimentConfig
 from experiments.configs.mnist import grid_models
 from experiments.paper_tables import TABLE2 as PAPER
 
-PRESETS = ("default", "full", "smoke", "paper", "grid")
+PRESETS = ("default", "full", "smoke", "paper", "grid", "modern", "modern-sweep", "modern-gpu")
 TABLE = {
     name: ModelSpec(name=name, seed=i, bang=BangConfig(epsilon=row["epsilon"] or 0.0, beta=row["beta"] or 1.0,
                                                        ratio=0.5 if row["epsilon"] else 1.0))
@@ -43,6 +59,20 @@ TABLE = {
 TABLE_FILE = "table2.md"
 TITLE = "Table 2: CIFAR-10 quick"
 STEP_SECONDS_CPU = 0.15  # measured CIFAR-quick step (batch 100) on a 2-core CPU, per model
+MODEL_STEP_SECONDS_CPU = {"preact_resnet8": 0.17, "preact_resnet20": 0.45}  # batch 128, per model (measured)
+
+# The modern network (beyond the paper).
+MODERN_SOLVER = SolverConfig(base_lr=0.1, momentum=0.9, weight_decay=5e-4, policy="cosine", decay_steps=1,
+                             bias_lr_mult=1.0, nesterov=True)
+MODERN_MODELS = {
+    "R": ModelSpec(name="R", seed=0),
+    "Be5": ModelSpec(name="Be5", seed=1, bang=BangConfig(epsilon=0.5, beta=1.0, ratio=0.5)),
+    "Be8": ModelSpec(name="Be8", seed=2, bang=BangConfig(epsilon=0.8, beta=1.0, ratio=0.5)),
+    "Be8b4": ModelSpec(name="Be8b4", seed=3, bang=BangConfig(epsilon=0.8, beta=0.4, ratio=0.5)),
+    "Be855b4": ModelSpec(name="Be855b4", seed=4, bang=BangConfig(epsilon=0.855, beta=0.4, ratio=0.5)),
+}
+MODERN_CHOICE = "Be8"  # the sweep's choice for ``modern`` (docs/results/modern-sweep)
+MODERN_STEPS = 5000
 
 
 def get_config(preset: str = "default") -> ExperimentConfig:
@@ -74,4 +104,29 @@ def get_config(preset: str = "default") -> ExperimentConfig:
         cfg.models = (TABLE["R0"],) + grid_models(betas, epsilons, ratio=0.5)
         cfg.train = dataclasses.replace(train, model_batching="vmap")
         cfg.noise_every, cfg.figure_images = 0, 0
+    elif preset.startswith("modern"):
+        cfg = _modern(cfg, preset)
     return cfg.validate()
+
+
+def _modern(cfg: ExperimentConfig, preset: str) -> ExperimentConfig:
+    steps = {"modern": MODERN_STEPS, "modern-sweep": 800, "modern-gpu": 30_000}[preset]
+    cfg.model = "preact_resnet20" if preset == "modern-gpu" else "preact_resnet8"
+    cfg.train = TrainConfig(solver=dataclasses.replace(MODERN_SOLVER, decay_steps=steps), steps=steps,
+                            batch_size=128, order="shuffled", augment="crop_flip")
+    cfg.noise_every, cfg.log_every = 0, 100
+    if preset == "modern-sweep":
+        cfg.models = tuple(MODERN_MODELS.values())
+        cfg.test_limit, cfg.figure_images, cfg.checkpoint_every = 500, 0, 200
+        cfg.eval = EvalConfig(attacks=("fgs", "pgd"), pgd_budgets=(2.0, 4.0), pgd_steps=20)
+        return cfg
+    curves = EvalConfig(attacks=("fgs", "hc1", "pgd", "square"), hc1_max_step=255, pgd_budgets=(2.0, 4.0, 8.0),
+                        square_budgets=(4.0,), curve_budgets=(1.0, 2.0, 4.0, 8.0))
+    cfg.eval = curves
+    if preset == "modern":
+        cfg.models = (MODERN_MODELS["R"], MODERN_MODELS[MODERN_CHOICE])
+        cfg.test_limit, cfg.checkpoint_every = 1000, 500
+    else:
+        cfg.models = (MODERN_MODELS["R"], MODERN_MODELS["Be5"], MODERN_MODELS["Be8"], MODERN_MODELS["Be855b4"])
+        cfg.checkpoint_every = 1000
+    return cfg

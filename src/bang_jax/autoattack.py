@@ -181,12 +181,13 @@ def _check(images, labels, epsilon, n_iter, bounds):
 def _run(logits_fn, x_all, y_all, t_all, eps_all, loss, n_iter, bounds, seed, batch_size, active):
     start, steps = _make_apgd_fns(logits_fn, loss, int(n_iter), bounds)
     cpu = jax.default_backend() == "cpu"
-    chunk = min(PGD_CPU_CHUNK, n_iter) if cpu else n_iter
+    chunk = _chunk(n_iter, cpu)
+    batch_size = _batch(batch_size, cpu)
     adv, fooled = x_all.copy(), np.zeros(len(x_all), bool)
     ids_all = np.flatnonzero(active)
     for b in range(0, len(ids_all), batch_size):
         real = ids_all[b : b + batch_size]
-        ids = _padded(real, batch_size)
+        ids = _padded(real, batch_size, cpu)
         x0, y, t = jnp.asarray(x_all[ids]), jnp.asarray(y_all[ids]), jnp.asarray(t_all[ids])
         eps = jnp.asarray(_per_pixel(eps_all[ids], x0.ndim))
         state = start(seed, jnp.asarray(ids, jnp.int32), x0, y, t, eps)
@@ -202,7 +203,23 @@ def _run(logits_fn, x_all, y_all, t_all, eps_all, loss, n_iter, bounds, seed, ba
     return adv, fooled
 
 
-def _padded(ids: np.ndarray, batch_size: int) -> np.ndarray:
+def _batch(batch_size: int, cpu: bool) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _chunk(n_iter: int, cpu: bool) -> int:
+    """Iterations per dispatch: all on GPU/TPU; on the CPU (unrolled, see ``PGD_CPU_CHUNK``) the largest divisor of
+    ``n_iter`` up to that chunk, so one compiled length serves every dispatch (100 → 5); ``PGD_CPU_CHUNK`` plus a
+    remainder when ``n_iter`` has no divisor from 4 up."""
+    if not cpu:
+        return n_iter
+    best = max(d for d in range(1, min(PGD_CPU_CHUNK, n_iter) + 1) if n_iter % d == 0)
+    return best if best >= 4 or n_iter <= PGD_CPU_CHUNK else PGD_CPU_CHUNK
+
+
+def _padded(ids: np.ndarray, batch_size: int, cpu: bool) -> np.ndarray:
     """``ids`` repeated at the end up to a power of two (at most ``batch_size``): the shrinking sets of images
     still robust then reuse a few compiled shapes instead of compiling one per size."""
     size = min(batch_size, 1 << max(3, int(np.ceil(np.log2(max(len(ids), 1))))))
@@ -223,12 +240,22 @@ def _result(x_all, adv, success, eps_all) -> AttackResult:
     )
 
 
+def _logits(logits_fn, x, batch_size) -> np.ndarray:
+    """``logits_fn`` on ``x`` in batches, each padded to one shape on the CPU (no compile per set size)."""
+    cpu = jax.default_backend() == "cpu"
+    size = _batch(batch_size, cpu)
+    out = []
+    for i in range(0, len(x), size):
+        part = x[i : i + size]
+        ids = _padded(np.arange(len(part)), size, cpu)
+        out.append(np.asarray(logits_fn(jnp.asarray(part[ids])))[: len(part)])
+    return np.concatenate(out)
+
+
 def _clean_wrong(logits_fn, x, y, batch_size):
     if not len(x):
         return np.zeros(0, bool)
-    pred = np.concatenate([np.asarray(jnp.argmax(logits_fn(jnp.asarray(x[i : i + batch_size])), axis=-1))
-                           for i in range(0, len(x), batch_size)])
-    return pred != y
+    return np.argmax(_logits(logits_fn, x, batch_size), axis=-1) != y
 
 
 def apgd(logits_fn, images, labels, *, epsilon, loss: str = "ce", n_iter: int = 100, seed: int = 0,
@@ -253,8 +280,7 @@ def _class_order(logits_fn, x, n_targets, batch_size) -> np.ndarray:
         raise ValueError(f"n_targets must be a positive integer, got {n_targets!r}")
     if not len(x):
         return np.zeros((0, 0), np.int64)
-    return np.concatenate([np.asarray(jnp.argsort(logits_fn(jnp.asarray(x[i : i + batch_size])), axis=-1))
-                           for i in range(0, len(x), batch_size)])
+    return np.argsort(_logits(logits_fn, x, batch_size), axis=-1, kind="stable")
 
 
 def apgd_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_iter: int = 100, seed: int = 0,
@@ -378,12 +404,13 @@ def fab_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_it
     adv = x.copy()
     steps = _make_fab_fns(logits_fn, int(n_iter), bounds, float(alpha_max), float(eta), float(beta))
     cpu = jax.default_backend() == "cpu"
-    chunk = min(PGD_CPU_CHUNK, n_iter) if cpu else n_iter
+    chunk = _chunk(n_iter, cpu)
+    batch_size = _batch(batch_size, cpu)
     for rank in range(2, min(n_targets, order.shape[1] - 1) + 2):
         ids_all = np.flatnonzero(~success)
         for b in range(0, len(ids_all), batch_size):
             real = ids_all[b : b + batch_size]
-            ids = _padded(real, batch_size)
+            ids = _padded(real, batch_size, cpu)
             x0, yb = jnp.asarray(x[ids]), jnp.asarray(y[ids])
             tb = jnp.asarray(order[ids, -rank].astype(np.int32))
             state = (x0, x0.reshape(len(ids), -1), jnp.full(len(ids), jnp.inf, jnp.float32))
@@ -432,11 +459,12 @@ class AutoAttackResult:
 
 
 def autoattack(logits_fn, images, labels, epsilon: float, version: str = "standard", *, seed: int = 0,
-               bounds=(0.0, 255.0), batch_size: int = 500, progress: bool = False) -> AutoAttackResult:
+               bounds=(0.0, 255.0), batch_size: int = 500, progress: bool | str = False) -> AutoAttackResult:
     """AutoAttack's standard L∞ evaluation (Croce & Hein 2020): APGD-CE (100 iterations), APGD-T (9 targets ×
     100 iterations), FAB-T (9 targets × 100 iterations) and Square (5,000 queries, p_init 0.8), each run on the
     images every earlier attack left robust. ``epsilon`` in the model's pixel units (MNIST/CIFAR here: 0..255).
 
+    ``progress`` (True or a label) prints one line per attack: what it fooled, the time, the robust accuracy.
     Only ``version='standard'`` exists: the ``rand`` version (EOT over randomised defences) is for models whose
     evaluation is random, which the models of this project are not.
     """
@@ -473,14 +501,14 @@ def autoattack(logits_fn, images, labels, epsilon: float, version: str = "standa
         cand = res.adversarial[res.success]
         ok = np.zeros(left.size, bool)
         if cand.size:
-            pred = np.concatenate([np.asarray(jnp.argmax(logits_fn(jnp.asarray(cand[i : i + batch_size])), axis=-1))
-                                   for i in range(0, len(cand), batch_size)])
+            pred = np.argmax(_logits(logits_fn, cand, batch_size), axis=-1)
             within = np.abs(cand - x[left][res.success]).reshape(len(cand), -1).max(axis=1) <= eps + 1e-3
             ok[np.flatnonzero(res.success)] = (pred != y[left][res.success]) & within
         adv[left[ok]] = res.adversarial[ok]
         attack[left[ok]] = name
         if progress:
-            print(f"autoattack ε {eps:g}: {name} fooled {ok.sum()} of {left.size} "
+            what = progress if isinstance(progress, str) else f"autoattack ε {eps:g}"
+            print(f"{what}: {name} fooled {ok.sum()} of {left.size} "
                   f"({seconds[name]:.1f} s); robust {100 * np.mean(attack == ''):.2f}%", flush=True)
     linf = np.abs(adv - x).reshape(len(x), -1).max(axis=1, initial=0.0)
     return AutoAttackResult(robust=attack == "", adversarial=adv, attack=attack.astype(str), linf=linf, epsilon=eps,

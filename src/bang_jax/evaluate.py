@@ -13,8 +13,10 @@ More attacks (``--attacks``, comma-separated): ``pgd`` — L∞ PGD (margin and 
 of ``--pgd-budgets`` (alias ``--pgd-eps``); ``pgd_min`` — the smallest budget at which PGD on the margin succeeds,
 per image (bisection up to ``--pgd-min-max-budget``), reported like the paper's minimal perturbations; ``square``
 — the gradient-free Square attack at the budgets of ``--square-budgets`` with ``--square-queries`` queries per
-image. ``--curves`` adds robust accuracy vs budget (``--curve-budgets``) for FGS, FGS-exact, PGD-CE, PGD-margin and
-Square, and the gradient-masking report (:mod:`bang_jax.robustness`); ``--plot`` draws the curves. The
+image; ``autoattack`` — the standard AutoAttack ensemble (APGD-CE, APGD-T, FAB-T, Square-5000; :mod:`bang_jax.autoattack`)
+at the budgets of ``--autoattack-budgets`` (default: the PGD budgets), with which attack fooled each image first. ``--curves`` adds robust accuracy vs budget (``--curve-budgets``) for FGS, FGS-exact, PGD-CE, PGD-margin and
+Square (``--curve-attacks`` adds ``autoattack``), and the gradient-masking report (:mod:`bang_jax.robustness`);
+``--plot`` draws the curves. The
 evaluation flags are :class:`EvalConfig`'s fields; with ``--run-dir`` the run's recorded settings are their
 defaults, and ``--json`` then writes exactly what the experiments' ``evaluate`` stage writes as
 ``results.json`` (one evaluation path for a run directory).
@@ -48,6 +50,7 @@ from bang_jax.attacks import (
     pgd_attack,
     square_attack,
 )
+from bang_jax.autoattack import AUTOATTACK_STANDARD, autoattack
 from bang_jax.balance import BangConfig
 from bang_jax.caffe import check_caffe_weights, load_caffe_weights
 from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, load_variables, read_run_config
@@ -56,7 +59,7 @@ from bang_jax.data import DataError, load_dataset, load_run_data, mean_image, so
 from bang_jax.metrics import pass_scores
 from bang_jax.models import CifarQuick, LeNet, build, eval_apply, warn_if_unit_range
 from bang_jax.robustness import (
-    ATTACKS as CURVE_ATTACKS,
+    DEFAULT_ATTACKS as CURVE_ATTACKS,
     DEFAULT_EPSILONS,
     masking_report,
     plot_curves,
@@ -77,7 +80,7 @@ __all__ = [
     "run_models",
 ]
 
-ATTACKS = ("fgs", "hc1", "pgd", "pgd_min", "square")
+ATTACKS = ("fgs", "hc1", "pgd", "pgd_min", "square", "autoattack")
 
 
 def predict(model: nn.Module, variables: dict, images, *, batch_size: int = 1000) -> np.ndarray:
@@ -151,15 +154,18 @@ class EvalConfig:
       attacks: of :data:`ATTACKS`: ``fgs`` (paper protocol and exact gradient), ``hc1``, ``pgd`` (L∞ PGD on the
         logit margin and on the cross-entropy at each of ``pgd_budgets``), ``pgd_min`` (the smallest budget up to
         ``pgd_min_max_budget`` at which PGD on the margin succeeds), ``square`` (gradient-free, at each of
-        ``square_budgets``).
+        ``square_budgets``), ``autoattack`` (the standard AutoAttack ensemble, :mod:`bang_jax.autoattack`, at
+        each of ``autoattack_budgets``).
       hc1_max_step: the largest step (pixels) of HC1's line search (the paper: 1020).
       pgd_budgets: the budgets of ``pgd`` (and of ``square`` when ``square_budgets`` is None).
       pgd_steps: PGD iterations (``pgd``, ``pgd_min``, the curves).
       pgd_min_max_budget: the largest budget ``pgd_min`` tries.
       square_budgets: the budgets of ``square`` (None: ``pgd_budgets``).
       square_queries: Square's queries per image and budget.
+      autoattack_budgets: the budgets of ``autoattack`` (None: ``pgd_budgets``).
       curve_budgets: budgets of the robust-accuracy curves and the gradient-masking report (empty: none).
-      curve_attacks: the attacks of the curves (:data:`bang_jax.robustness.ATTACKS`).
+      curve_attacks: the attacks of the curves (of :data:`bang_jax.robustness.ATTACKS`; default all but
+        ``autoattack``).
       seed: the attacks' randomness (PGD's random start, Square), recorded with the results.
     """
 
@@ -170,6 +176,7 @@ class EvalConfig:
     pgd_min_max_budget: float = 64.0
     square_budgets: tuple[float, ...] | None = None
     square_queries: int = 1000
+    autoattack_budgets: tuple[float, ...] | None = None
     curve_budgets: tuple[float, ...] = ()
     curve_attacks: tuple[str, ...] = CURVE_ATTACKS
     seed: int = 0
@@ -193,11 +200,15 @@ class EvalConfig:
             _budgets(
                 self.pgd_budgets,
                 "pgd_budgets",
-                allow_empty="pgd" not in attacks and not ("square" in attacks and self.square_budgets is None),
+                allow_empty="pgd" not in attacks and not ("square" in attacks and self.square_budgets is None)
+                and not ("autoattack" in attacks and self.autoattack_budgets is None),
             ),
         )
         if self.square_budgets is not None:
             set_("square_budgets", _budgets(self.square_budgets, "square_budgets", allow_empty="square" not in attacks))
+        if self.autoattack_budgets is not None:
+            set_("autoattack_budgets", _budgets(self.autoattack_budgets, "autoattack_budgets",
+                                                allow_empty="autoattack" not in attacks))
         if not (
             isinstance(self.pgd_min_max_budget, (int, float, np.floating))
             and np.isfinite(self.pgd_min_max_budget)
@@ -217,6 +228,10 @@ class EvalConfig:
     @property
     def square_budgets_or_pgd(self) -> tuple[float, ...]:
         return self.pgd_budgets if self.square_budgets is None else self.square_budgets
+
+    @property
+    def autoattack_budgets_or_pgd(self) -> tuple[float, ...]:
+        return self.pgd_budgets if self.autoattack_budgets is None else self.autoattack_budgets
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -257,6 +272,9 @@ def evaluate_model(
     health, logits = _health(model, variables, images, labels)
     if health["status"] != "ok":  # no attack numbers for a model whose numbers would mean nothing
         return health
+    if "autoattack" in config.attacks and logits.shape[1] < 4:
+        raise ValueError(f"autoattack needs a model with at least 4 classes (its targeted DLR loss), this one has "
+                         f"{logits.shape[1]}")
     forward = eval_apply(model)
     logits_fn = jax.jit(lambda x: forward(variables, x))
     correct = np.argmax(logits, axis=1) == np.asarray(labels)
@@ -308,6 +326,13 @@ def evaluate_model(
                 row[f"square_queries_mean_eps{eps:g}"] = (
                     float(res.queries[res.success].mean()) if res.success.any() else None
                 )
+        elif attack == "autoattack":
+            for eps in config.autoattack_budgets_or_pgd:
+                res = autoattack(logits_fn, x, y, float(eps), seed=seed,
+                                 progress=bool(progress) and f"{label} AutoAttack ε {eps:g}".strip())
+                row[f"autoattack_rate_eps{eps:g}"] = float(100.0 * np.mean(~res.robust)) if len(x) else None
+                row[f"autoattack_robust_accuracy_eps{eps:g}"] = float(100.0 * res.robust.sum() / len(labels))
+                row[f"autoattack_fooled_by_eps{eps:g}"] = {a: res.fooled_by()[a] for a in AUTOATTACK_STANDARD}
         elif attack == "hc1":
             d, blank = hot_cold_direction(logits_fn, x, y)
             res = line_search_attack(
@@ -707,6 +732,11 @@ def _print_row(config: EvalConfig, label, n, dataset, row):
             f"Square ({config.square_queries} queries) success: "
             + ", ".join(f"{k[12:]} {v:.2f}%" for k, v in square.items())
         )
+    aa = {k.removeprefix("autoattack_rate_eps"): v for k, v in row.items() if k.startswith("autoattack_rate_eps")}
+    for eps, rate in aa.items():
+        by = ", ".join(f"{a} {n}" for a, n in row[f"autoattack_fooled_by_eps{eps}"].items())
+        print(f"AutoAttack (standard) at ε {eps}: success {_fmt(rate, True)}, robust accuracy "
+              f"{_fmt(row[f'autoattack_robust_accuracy_eps{eps}'], True)} of all images (fooled first by: {by})")
     if "curves" in row:
         c = row["curves"]
         print("robust accuracy (% of all images) | ε = " + " ".join(f"{e:>5g}" for e in c["epsilons"]))

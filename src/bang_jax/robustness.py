@@ -49,9 +49,11 @@ from bang_jax.attacks import (
     pgd_attack,
     square_attack,
 )
+from bang_jax.autoattack import AUTOATTACK_STANDARD, autoattack
 
 __all__ = [
     "ATTACKS",
+    "DEFAULT_ATTACKS",
     "DEFAULT_EPSILONS",
     "GRADIENT_ATTACKS",
     "masking_report",
@@ -60,7 +62,8 @@ __all__ = [
     "validate_curve_args",
 ]
 
-ATTACKS = ("fgs", "fgs_exact", "pgd_ce", "pgd_margin", "square")
+ATTACKS = ("fgs", "fgs_exact", "pgd_ce", "pgd_margin", "square", "autoattack")
+DEFAULT_ATTACKS = ATTACKS[:5]  # AutoAttack (minutes, not seconds) is asked for by name
 GRADIENT_ATTACKS = ("fgs", "fgs_exact", "pgd_ce", "pgd_margin")
 # The iterative attack on the cross-entropy: Square beating it (but not PGD-margin) means the CE gradient is
 # masked. One-step FGS is not compared this way: any iterative attack beats it, masked or not.
@@ -73,6 +76,7 @@ ATTACK_LABELS = {
     "pgd_ce": "PGD cross-entropy",
     "pgd_margin": "PGD logit margin",
     "square": "Square (no gradient)",
+    "autoattack": "AutoAttack (standard)",
     "best": "best of all",
 }
 # ln(2^24): above this logit margin the float32 softmax probability of the true class rounds to 1.0
@@ -121,8 +125,10 @@ def _predict(logits_fn, x, batch_size):
                            for i in range(0, len(x), batch_size)])
 
 
-def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, square_p_init, seed, batch_size):
-    """Per attacked image: L∞ of the smallest adversarial found at the budgets ``epsilons`` (inf: none)."""
+def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, square_p_init, seed, batch_size,
+              winners=None):
+    """Per attacked image: L∞ of the smallest adversarial found at the budgets ``epsilons`` (inf: none).
+    For AutoAttack, ``winners`` (a list) receives per budget how many images each of its attacks fooled there."""
     n = len(x)
     found = np.full(n, np.inf)
     positive = [e for e in epsilons if e > 0]
@@ -138,6 +144,13 @@ def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, s
         todo = np.flatnonzero(found > eps + _TOL)
         if not todo.size:
             break
+        if attack == "autoattack":
+            res = autoattack(logits_fn, x[todo], y[todo], eps, seed=seed + k, batch_size=batch_size)
+            fooled = ~res.robust
+            found[todo[fooled]] = res.linf[fooled]
+            if winners is not None:
+                winners.append({"epsilon": eps} | res.fooled_by())
+            continue
         if attack == "square":
             res = square_attack(logits_fn, x[todo], y[todo], epsilon=eps, queries=square_queries,
                                 p_init=square_p_init, seed=seed + k, batch_size=batch_size)
@@ -163,7 +176,7 @@ def robustness_curves(
     labels,
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     *,
-    attacks: Sequence[str] = ATTACKS,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
     pgd_steps: int = 40,
     square_queries: int = 1000,
     square_p_init: float = 0.8,
@@ -173,10 +186,13 @@ def robustness_curves(
 ) -> dict:
     """Robust accuracy vs the L∞ budget ε (pixels) of ``logits_fn`` on ``images`` [N, H, W, C] (pixels 0..255).
 
-    Attacks (names of :data:`ATTACKS`): ``fgs`` (paper rule: blank when float32 p_true == 1) and ``fgs_exact``
-    by the minimal-step line search; ``pgd_ce`` and ``pgd_margin`` (:func:`~bang_jax.attacks.pgd_attack`,
-    ``pgd_steps`` steps of ε/4, random start); ``square`` (:func:`~bang_jax.attacks.square_attack`,
-    ``square_queries`` queries per image and budget). See the module docstring for the definitions.
+    Attacks (names of :data:`ATTACKS`; default :data:`DEFAULT_ATTACKS`, all but AutoAttack): ``fgs`` (paper rule:
+    blank when float32 p_true == 1) and ``fgs_exact`` by the minimal-step line search; ``pgd_ce`` and
+    ``pgd_margin`` (:func:`~bang_jax.attacks.pgd_attack`, ``pgd_steps`` steps of ε/4, random start); ``square``
+    (:func:`~bang_jax.attacks.square_attack`, ``square_queries`` queries per image and budget); ``autoattack``
+    (:func:`bang_jax.autoattack.autoattack`, the standard ensemble; its entry also holds ``fooled_by``: per budget,
+    how many images APGD-CE, APGD-T, FAB-T and Square each fooled first there). See the module docstring for the
+    definitions.
 
     Returns a JSON-able dict: ``epsilons``; ``images``, ``attacked``, ``clean_accuracy``; ``attacks[name]`` with
     ``robust_accuracy`` and ``success_rate`` (lists over ``epsilons``), ``min_linf`` (per image: L∞ of the
@@ -189,7 +205,11 @@ def robustness_curves(
     y_all = np.asarray(labels, np.int32)
     if x_all.ndim != 4 or len(x_all) != len(y_all):
         raise ValueError(f"images must be [N, H, W, C] with one label each, got {x_all.shape} and {y_all.shape}")
-    correct = np.argmax(_predict(logits_fn, x_all, batch_size), axis=1) == y_all
+    clean = _predict(logits_fn, x_all, batch_size)
+    if "autoattack" in attacks and clean.shape[1] < 4:
+        raise ValueError(f"autoattack needs a model with at least 4 classes (its targeted DLR loss), this one has "
+                         f"{clean.shape[1]}")
+    correct = np.argmax(clean, axis=1) == y_all
     x, y = x_all[correct], y_all[correct]
     out = {
         "epsilons": list(epsilons),
@@ -202,8 +222,9 @@ def robustness_curves(
     best = np.where(correct, np.inf, 0.0)
     for attack in attacks:
         t0 = time.perf_counter()
+        winners = []
         found = _min_linf(attack, logits_fn, x, y, epsilons, pgd_steps=pgd_steps, square_queries=square_queries,
-                          square_p_init=square_p_init, seed=seed, batch_size=batch_size)
+                          square_p_init=square_p_init, seed=seed, batch_size=batch_size, winners=winners)
         seconds = time.perf_counter() - t0
         min_linf = np.zeros(len(y_all))
         min_linf[correct] = found
@@ -213,13 +234,16 @@ def robustness_curves(
             settings = {"steps": pgd_steps, "step_size": "epsilon/4", "random_start": True, "seed": seed}
         elif attack == "square":
             settings = {"queries": square_queries, "p_init": square_p_init, "seed": seed}
+        elif attack == "autoattack":
+            settings = {"version": "standard", "attacks": list(AUTOATTACK_STANDARD), "iterations": 100,
+                        "square_queries": 5000, "seed": seed}
         else:
             settings = {"line_search_max_step": int(math.ceil(max(epsilons)))}
         out["attacks"][attack] = _curve(min_linf, correct, epsilons) | {
             "min_linf": [None if not np.isfinite(v) else float(v) for v in min_linf],
             "seconds": round(seconds, 2),
             "settings": settings,
-        }
+        } | ({"fooled_by": winners} if attack == "autoattack" else {})
         if progress:
             ra = ", ".join(f"{e:g}: {a:.1f}%" for e, a in zip(epsilons, out["attacks"][attack]["robust_accuracy"]))
             print(f"  {attack:<10} robust accuracy {ra}  ({seconds:.1f} s)", flush=True)
@@ -277,8 +301,11 @@ def masking_report(
       difference in points, the images fooled only by Square / only by a gradient attack, and whether Square's
       lead is beyond sampling noise (paired: only − other > 2·sqrt(only + other) and ≥ max(2, 1 % of attacked)).
       ``gap_vs`` gives Square's lead over each gradient attack alone, with the same test.
+    * ``autoattack`` (when the curves hold AutoAttack) — ``fooled_by``: per ε, how many images each of its
+      attacks fooled first.
     * ``verdict`` — one line computed from these numbers: "gradient masking" when Square beats all gradient
-      attacks together at some ε; else "cross-entropy masking" when Square beats PGD on the cross-entropy (the
+      attacks together at some ε, or when AutoAttack's Square fools ≥ max(2, 1 % of attacked) images that its
+      gradient attacks (APGD-CE, APGD-T, FAB-T) left robust at some ε; else "cross-entropy masking" when Square beats PGD on the cross-entropy (the
       iterative CE attack; one-step FGS is beaten by any iterative attack, so it is not the test) or when ≥ 10 %
       of the images have a float32 CE loss of exactly 0; else "no sign of gradient masking". It ends with the
       zero-loss share and the best attack's robust accuracy at the largest ε (Carlini et al.: it should reach
@@ -355,6 +382,16 @@ def masking_report(
     else:
         report["gap"] = None
         report["gap_vs"] = None
+    if "autoattack" in curves["attacks"]:
+        # AutoAttack runs Square only on what APGD-CE, APGD-T and FAB-T left robust: its wins there are images
+        # the gradient attacks could not fool (RobustBench's own flag for possible gradient masking).
+        rows = curves["attacks"]["autoattack"].get("fooled_by", [])
+        report["autoattack"] = {"fooled_by": rows}
+        square_wins = [r for r in rows if r.get("square", 0) >= max(2, 0.01 * k)]
+        if square_wins:
+            where = ", ".join(f"{r['square']} at ε = {r['epsilon']:g}" for r in square_wins)
+            flags.append(("gradient masking", "inside AutoAttack, gradient-free Square fooled images that APGD-CE, "
+                          f"APGD-T and FAB-T left robust ({where})"))
     if k and report["ce_loss_zero_share"] >= LOSS_ZERO_THRESHOLD:
         flags.insert(0, ("cross-entropy masking", f"float32 cross-entropy exactly 0 on "
                          f"{report['ce_loss_zero_share']:.1f}% of attacked images (median logit margin "
@@ -379,7 +416,7 @@ def masking_report(
 
 
 _CURVE_STYLES = {"fgs": ("tab:red", "o"), "fgs_exact": ("tab:orange", "s"), "pgd_ce": ("tab:purple", "v"),
-                "pgd_margin": ("tab:blue", "^"), "square": ("tab:green", "D")}
+                "pgd_margin": ("tab:blue", "^"), "square": ("tab:green", "D"), "autoattack": ("tab:brown", "*")}
 _CURVE_DPI = 150
 _PANEL_INCHES = (4.2, 3.3)  # one model's panel
 _LEGEND_INCHES = 2.1  # the legend's column, right of the panels
