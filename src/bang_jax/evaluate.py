@@ -13,10 +13,11 @@ More attacks (``--attacks``, comma-separated): ``pgd`` — L∞ PGD (margin and 
 of ``--pgd-budgets`` (alias ``--pgd-eps``); ``pgd_min`` — the smallest budget at which PGD on the margin succeeds,
 per image (bisection up to ``--pgd-min-max-budget``), reported like the paper's minimal perturbations; ``square``
 — the gradient-free Square attack at the budgets of ``--square-budgets`` with ``--square-queries`` queries per
-image; ``autoattack`` — the standard AutoAttack ensemble (APGD-CE, APGD-T, FAB-T, Square-5000; :mod:`bang_jax.autoattack`)
-at the budgets of ``--autoattack-budgets`` (default: the PGD budgets), with which attack fooled each image first. ``--curves`` adds robust accuracy vs budget (``--curve-budgets``) for FGS, FGS-exact, PGD-CE, PGD-margin and
-Square (``--curve-attacks`` adds ``autoattack``), and the gradient-masking report (:mod:`bang_jax.robustness`);
-``--plot`` draws the curves. The
+image; ``autoattack`` — the standard AutoAttack ensemble (APGD-CE, APGD-T, FAB-T, Square-5000;
+:mod:`bang_jax.autoattack`) at the budgets of ``--autoattack-budgets`` (default: the PGD budgets), with which
+attack fooled each image first. ``--curves`` adds robust accuracy vs budget (``--curve-budgets``) for FGS,
+FGS-exact, PGD-CE, PGD-margin and Square (``--curve-attacks`` adds ``autoattack``), and the gradient-masking
+report (:mod:`bang_jax.robustness`); ``--plot`` draws the curves. The
 evaluation flags are :class:`EvalConfig`'s fields; with ``--run-dir`` the run's recorded settings are their
 defaults, and ``--json`` then writes exactly what the experiments' ``evaluate`` stage writes as
 ``results.json`` (one evaluation path for a run directory).
