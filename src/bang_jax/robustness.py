@@ -307,9 +307,9 @@ def masking_report(
       attacks together at some ε, or when AutoAttack's Square fools ≥ max(2, 1 % of attacked) images that its
       gradient attacks (APGD-CE, APGD-T, FAB-T) left robust at some ε; else "cross-entropy masking" when Square
       beats PGD on the cross-entropy (the iterative CE attack; one-step FGS is beaten by any iterative attack,
-      so it is not the test) or when ≥ 10 % of the images have a float32 CE loss of exactly 0; else "no sign of gradient masking". It ends with the
-      zero-loss share and the best attack's robust accuracy at the largest ε (Carlini et al.: it should reach
-      0 there).
+      so it is not the test) or when ≥ 10 % of the images have a float32 CE loss of exactly 0; else "no sign of
+      gradient masking". It ends with the zero-loss share and the best attack's robust accuracy at the largest ε
+      (Carlini et al.: it should reach 0 there).
     """
     x_all = np.asarray(images, np.float32)
     y_all = np.asarray(labels, np.int32)
