@@ -20,7 +20,8 @@ Generators (the first word of a block's spec): ``table NAME`` (Table-1/2 style, 
 (every results file's run time: the docs' one table of run times), ``meta NAME`` (the command, code version and
 machine of a results file), ``value NAME ROW KEY [DIGITS]`` (one number inside a sentence:
 ``<!-- results: value mnist-seeds B1 hc1_pass_mean 3 -->…<!-- /results -->``), ``pgd NAME…`` (PGD success per budget
-and loss), ``hc1cap NAME`` (HC1 at several search caps).
+and loss), ``hc1cap NAME`` (HC1 at several search caps), ``curves NAME [MODEL…]`` (robust accuracy per attack and
+budget, AutoAttack, and the masking verdicts).
 """
 
 from __future__ import annotations
@@ -182,7 +183,48 @@ def gen_table(root: Path, name: str) -> str:
 
     results = _load(root, name, "results.json")
     meta = _load(root, name, "meta.json")
-    return "\n".join(table_lines(results, _paper(meta["dataset"]))) + "\n"
+    config = _load(root, name, "config.json", required=False) or {}
+    paper_network = config.get("model", "lenet") in ("lenet", "cifar_quick")  # the paper's rows are its networks'
+    return "\n".join(table_lines(results, _paper(meta["dataset"]) if paper_network else {})) + "\n"
+
+
+def gen_curves(root: Path, name: str, *models: str) -> str:
+    """Robust accuracy (% of all evaluated images) per attack and L∞ budget for each model of a results file (all,
+    or the named ``models``), side by side, then each model's AutoAttack numbers (if evaluated) and its
+    gradient-masking verdict."""
+    from bang_jax.robustness import ATTACK_LABELS  # noqa: PLC0415
+
+    results = _load(root, name, "results.json")
+    rows = [r for r in results if r.get("curves") and (not models or r.get("id", r.get("model")) in models)]
+    if not rows:
+        raise DocsError(f"{RESULTS / name}/results.json holds no curves" + (f" for {', '.join(models)}" if models
+                                                                            else ""))
+    eps = rows[0]["curves"]["epsilons"]
+    if any(r["curves"]["epsilons"] != eps for r in rows):
+        raise DocsError(f"{RESULTS / name}: the models' curves have different budgets")
+    ident = lambda r: r.get("id", r.get("model"))  # noqa: E731
+    lines = ["| model | attack | " + " | ".join(f"ε {e:g}" for e in eps) + " |", "|" + " --- |" * (2 + len(eps))]
+    for r in rows:
+        c = r["curves"]
+        for attack, data in [*c["attacks"].items(), ("best", c["best"])]:
+            label = ATTACK_LABELS.get(attack, attack)
+            cells = [_pct(v, 1) for v in data["robust_accuracy"]]
+            if attack == "best":
+                label, cells = f"**{label}**", [f"**{v}**" for v in cells]
+            lines.append(f"| {ident(r)} | {label} | " + " | ".join(cells) + " |")
+    notes = []
+    for r in rows:
+        aa = sorted((float(k.removeprefix("autoattack_robust_accuracy_eps")), v) for k, v in r.items()
+                    if k.startswith("autoattack_robust_accuracy_eps"))
+        if aa:
+            notes.append(f"- {ident(r)}, AutoAttack (standard): robust accuracy "
+                         + ", ".join(f"{_pct(v, 1)} at ε {e:g}" for e, v in aa) + ".")
+        if r.get("masking"):
+            notes.append(f"- {ident(r)}: {r['masking']['verdict']}.")
+    n = rows[0]["curves"]["images"]
+    return "\n".join(lines) + (f"\n\nRobust accuracy in % of all {n:,} evaluated images (clean errors count as not "
+                               "robust); ε in pixels of 255. Verdicts computed by the masking report:\n\n"
+                               + "\n".join(notes) if notes else "") + "\n"
 
 
 def gen_seeds(root: Path, name: str) -> str:
@@ -337,7 +379,7 @@ def gen_crosscheck(root: Path, name: str) -> str:
 
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
               "seeds": gen_seeds, "released": gen_released, "summary": gen_summary, "value": gen_value,
-              "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput,
+              "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput, "curves": gen_curves,
               "crosscheck": gen_crosscheck}
 
 

@@ -131,3 +131,33 @@ def test_a_benchmark_report_becomes_its_table(tmp_path):
     with pytest.raises(docs_tables.DocsError, match="not a benchmark report"):
         (tmp_path / "list.json").write_text("[]")
         docs_tables.collect(tmp_path / "list.json", "x", "python benchmarks/throughput.py", root=root, benchmark=True)
+
+
+def test_curves_and_a_non_paper_network_table(tmp_path):
+    curve = lambda ra: {"robust_accuracy": ra, "success_rate": ra}  # noqa: E731
+    rows = [{"id": name, "beta": 1.0, "epsilon": e, "ratio": 1.0, "accuracy": acc, "test_images": 100,
+             "attacked": 90, "autoattack_robust_accuracy_eps4": aa,
+             "curves": {"epsilons": [0.0, 4.0], "images": 100,
+                        "attacks": {"pgd_margin": curve([acc, pgd]), "autoattack": curve([acc, aa])},
+                        "best": curve([acc, aa])},
+             "masking": {"verdict": verdict}}
+            for name, e, acc, pgd, aa, verdict in (("R", 0.0, 90.0, 20.0, 12.5, "no sign of gradient masking"),
+                                                   ("Be8", 0.8, 88.0, 30.0, 25.0, "gradient masking: x"))]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(rows))
+    (run / "config.json").write_text(json.dumps({"dataset": "cifar10", "model": "preact_resnet8"}))
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    docs_tables.collect(run, "modern", "python -m experiments.cifar10 --preset modern", code_version="abc", root=root)
+    text = docs_tables.gen_curves(root, "modern")
+    assert "| model | attack | ε 0 | ε 4 |" in text
+    assert "| R | PGD logit margin | 90.0% | 20.0% |" in text and "| Be8 | AutoAttack (standard) | 88.0% | 25.0% |" in text
+    assert "| R | **best of all** | **90.0%** | **12.5%** |" in text
+    assert "- R, AutoAttack (standard): robust accuracy 12.5% at ε 4." in text
+    assert "- Be8: gradient masking: x." in text
+    assert "| Be8 |" not in docs_tables.gen_curves(root, "modern", "R")
+    table = docs_tables.gen_table(root, "modern")
+    assert "| R |" in table and "paper" not in table  # the paper's rows belong to its networks
+    with pytest.raises(docs_tables.DocsError, match="no curves"):
+        docs_tables.gen_curves(root, "modern", "nosuch")
