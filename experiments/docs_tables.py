@@ -21,7 +21,8 @@ Generators (the first word of a block's spec): ``table NAME`` (Table-1/2 style, 
 machine of a results file), ``value NAME ROW KEY [DIGITS]`` (one number inside a sentence:
 ``<!-- results: value mnist-seeds B1 hc1_pass_mean 3 -->…<!-- /results -->``), ``pgd NAME…`` (PGD success per budget
 and loss), ``hc1cap NAME`` (HC1 at several search caps), ``curves NAME [MODEL…]`` (robust accuracy per attack and
-budget, AutoAttack, and the masking verdicts).
+budget, AutoAttack, and the masking verdicts), ``robust NAME`` (per model: accuracy, FGS and every fixed-budget
+attack's success).
 """
 
 from __future__ import annotations
@@ -186,6 +187,34 @@ def gen_table(root: Path, name: str) -> str:
     config = _load(root, name, "config.json", required=False) or {}
     paper_network = config.get("model", "lenet") in ("lenet", "cifar_quick")  # the paper's rows are its networks'
     return "\n".join(table_lines(results, _paper(meta["dataset"]) if paper_network else {})) + "\n"
+
+
+def gen_robust(root: Path, name: str) -> str:
+    """One row per model of a results file: its BANG setting, accuracy, the paper-rule and exact FGS success, and
+    the success of every fixed-budget attack it was evaluated with (PGD-margin, PGD-CE, Square, AutoAttack) per
+    budget — the columns are whatever the file holds."""
+    results = _load(root, name, "results.json")
+    prefixes = (("pgd_margin_rate_eps", "PGD-margin"), ("pgd_ce_rate_eps", "PGD-CE"), ("square_rate_eps", "Square"),
+                ("autoattack_rate_eps", "AutoAttack"))
+    columns = [("accuracy", "accuracy"), ("fgs_rate", "FGS"), ("fgs_exact_rate", "FGS-exact")]
+    for prefix, label in prefixes:
+        budgets = sorted({float(k.removeprefix(prefix)) for r in results for k in r if k.startswith(prefix)})
+        columns += [(f"{prefix}{b:g}", f"{label} {b:g} px") for b in budgets]
+    columns = [(k, label) for k, label in columns if any(r.get(k) is not None for r in results)]
+
+    def setting(r):
+        if not r.get("epsilon"):
+            return "regular"
+        return f"ε {r['epsilon']:g}, β {r['beta']:g}, ratio {r['ratio']:g}"
+
+    lines = ["| model | setting | " + " | ".join(label for _, label in columns) + " |",
+             "|" + " --- |" * (2 + len(columns))]
+    for r in results:
+        lines.append(f"| {r.get('id', r.get('model'))} | {setting(r)} | "
+                     + " | ".join(_pct(r.get(k)) for k, _ in columns) + " |")
+    r0 = results[0]
+    return "\n".join(lines) + (f"\n\nAccuracy on the first {r0['test_images']:,} test images; attack success in % of "
+                               "the correctly classified images attacked; budgets in pixels of 255.\n")
 
 
 def gen_curves(root: Path, name: str, *models: str) -> str:
@@ -380,6 +409,7 @@ def gen_crosscheck(root: Path, name: str) -> str:
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
               "seeds": gen_seeds, "released": gen_released, "summary": gen_summary, "value": gen_value,
               "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput, "curves": gen_curves,
+              "robust": gen_robust,
               "crosscheck": gen_crosscheck}
 
 

@@ -30,7 +30,7 @@ import bang_jax
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 NOTEBOOKS = ROOT / "notebooks"
-NOTEBOOK_NAMES = ("quickstart", "your_own_model", "reproduce_paper", "robustness")
+NOTEBOOK_NAMES = ("quickstart", "your_own_model", "reproduce_paper", "robustness", "modern_network")
 USER_DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 SKIP_MARKER = re.compile(r"<!--\s*docs-test:\s*skip\b[^>]*-->\s*\Z")
 
@@ -296,6 +296,13 @@ def test_notebook_executes_at_ci_size(name, request):
         if weights is None:
             pytest.skip("the authors' weights are not available (BANG_DATA_DIR/bang_caffe)")
         env["BANG_DATA_DIR"] = str(weights)
+    if name == "modern_network":
+        from conftest import real_data_dir  # noqa: PLC0415
+
+        data = real_data_dir()
+        if data is None or not (data / "cifar10").is_dir():
+            pytest.skip("the CIFAR-10 files are not available (BANG_DATA_DIR/cifar10)")
+        env["BANG_DATA_DIR"] = str(data)
     nb = _execute(name, env)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{name} drew no figure"

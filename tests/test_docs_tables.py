@@ -161,3 +161,24 @@ def test_curves_and_a_non_paper_network_table(tmp_path):
     assert "| R |" in table and "paper" not in table  # the paper's rows belong to its networks
     with pytest.raises(docs_tables.DocsError, match="no curves"):
         docs_tables.gen_curves(root, "modern", "nosuch")
+
+
+def test_robust_lists_every_attack_the_results_hold(tmp_path):
+    rows = [{"id": "R", "epsilon": 0.0, "beta": 1.0, "ratio": 1.0, "accuracy": 80.0, "test_images": 500,
+             "fgs_rate": 90.0, "fgs_exact_rate": 91.0, "pgd_margin_rate_eps2": 50.0, "pgd_margin_rate_eps4": 80.0,
+             "pgd_ce_rate_eps2": 49.0},
+            {"id": "Be8", "epsilon": 0.8, "beta": 0.4, "ratio": 0.5, "accuracy": 78.5, "test_images": 500,
+             "fgs_rate": 20.0, "fgs_exact_rate": 92.0, "pgd_margin_rate_eps2": 55.0, "pgd_margin_rate_eps4": 85.0}]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(rows))
+    (run / "config.json").write_text(json.dumps({"dataset": "cifar10", "model": "preact_resnet8"}))
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    docs_tables.collect(run, "sweep", "python -m experiments.cifar10 --preset modern-sweep", code_version="a",
+                        root=root)
+    text = docs_tables.gen_robust(root, "sweep")
+    assert ("| model | setting | accuracy | FGS | FGS-exact | PGD-margin 2 px | PGD-margin 4 px | PGD-CE 2 px |"
+            in text)
+    assert "| Be8 | ε 0.8, β 0.4, ratio 0.5 | 78.50% | 20.00% | 92.00% | 55.00% | 85.00% | – |" in text
+    assert "| R | regular |" in text and "Square" not in text
