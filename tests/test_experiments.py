@@ -227,3 +227,25 @@ def test_ctrl_c_says_where_to_continue_without_a_traceback(tmp_path):
     assert proc.returncode == 130, err[-1500:]
     assert "interrupted; the last checkpoint is at iteration" in err and "continue with --resume" in err, err
     assert "Traceback" not in err
+
+
+def test_modern_presets_are_the_documented_recipe():
+    """The modern presets: the NNX pre-activation ResNet, augmentation, shuffled batches of 128, Nesterov SGD with a
+    cosine schedule over the whole run, models named apart from the paper's rows, the sweep's choice in `modern`."""
+    from experiments.configs import cifar10
+
+    for preset in ("modern", "modern-sweep", "modern-gpu"):
+        cfg = cifar10.get_config(preset)
+        assert cfg.model in ("preact_resnet8", "preact_resnet20")
+        t = cfg.train
+        assert (t.augment, t.order, t.batch_size) == ("crop_flip", "shuffled", 128)
+        assert t.solver.policy == "cosine" and t.solver.decay_steps == t.steps and t.solver.nesterov
+        names = [m.name for m in cfg.models]
+        assert names[0] == "R" and not set(names) & set(cifar10.TABLE) and len(names) >= 2
+        assert cfg.models[0].bang.is_regular and all(not m.bang.is_regular for m in cfg.models[1:])
+    modern = cifar10.get_config("modern")
+    assert [m.name for m in modern.models] == ["R", cifar10.MODERN_CHOICE]
+    assert {"fgs", "hc1", "pgd", "square"} <= set(modern.eval.attacks) and modern.eval.curve_budgets
+    # the estimate the run prints: R and one BANG model within the hour on a 2-core CPU
+    est = len(modern.models) * modern.train.steps * cifar10.MODEL_STEP_SECONDS_CPU[modern.model] / 60
+    assert est < 60
