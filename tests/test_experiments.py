@@ -245,7 +245,8 @@ def test_modern_presets_are_the_documented_recipe():
         assert cfg.models[0].bang.is_regular and all(not m.bang.is_regular for m in cfg.models[1:])
     modern = cifar10.get_config("modern")
     assert [m.name for m in modern.models] == ["R", cifar10.MODERN_CHOICE]
-    assert {"fgs", "hc1", "pgd", "square"} <= set(modern.eval.attacks) and modern.eval.curve_budgets
+    assert {"fgs", "hc1"} <= set(modern.eval.attacks) and modern.eval.curve_budgets
+    assert {"fgs_exact", "pgd_margin", "pgd_ce", "square"} <= set(modern.eval.curve_attacks)
     # the estimate the run prints: R and one BANG model within the hour on a 2-core CPU
     est = len(modern.models) * modern.train.steps * cifar10.MODEL_STEP_SECONDS_CPU[modern.model] / 60
     assert est < 60
