@@ -250,3 +250,16 @@ def test_modern_presets_are_the_documented_recipe():
     # the estimate the run prints: R and one BANG model within the hour on a 2-core CPU
     est = len(modern.models) * modern.train.steps * cifar10.MODEL_STEP_SECONDS_CPU[modern.model] / 60
     assert est < 60
+
+
+def test_the_modern_preset_uses_the_setting_the_committed_sweep_chooses():
+    from experiments.configs import cifar10
+
+    rows = [{"id": "R", "accuracy": 70.0, "fgs_rate": 90.0}, {"id": "Ba", "accuracy": 68.0, "fgs_rate": 60.0},
+            {"id": "Bb", "accuracy": 66.0, "fgs_rate": 10.0}, {"id": "Bc", "accuracy": 69.0, "fgs_rate": 80.0}]
+    assert cifar10.choose_modern_setting(rows) == "Ba"  # Bb is more "robust" but 4 points less accurate
+    assert cifar10.choose_modern_setting([rows[0], rows[2]]) == "Bb"  # none close: the most accurate
+    with pytest.raises(ValueError):
+        cifar10.choose_modern_setting(rows[1:])
+    committed = ROOT / "docs" / "results" / "modern-sweep" / "results.json"
+    assert cifar10.choose_modern_setting(json.loads(committed.read_text())) == cifar10.MODERN_CHOICE
