@@ -185,7 +185,8 @@ def gen_table(root: Path, name: str) -> str:
     results = _load(root, name, "results.json")
     meta = _load(root, name, "meta.json")
     config = _load(root, name, "config.json", required=False) or {}
-    paper_network = config.get("model", "lenet") in ("lenet", "cifar_quick")  # the paper's rows are its networks'
+    paper_model = {"mnist": "lenet", "cifar10": "cifar_quick"}.get(meta["dataset"])
+    paper_network = config.get("model", paper_model) == paper_model  # the paper's rows are its networks'
     return "\n".join(table_lines(results, _paper(meta["dataset"]) if paper_network else {})) + "\n"
 
 
@@ -202,16 +203,20 @@ def gen_robust(root: Path, name: str) -> str:
         columns += [(f"{prefix}{b:g}", f"{label} {b:g} px") for b in budgets]
     columns = [(k, label) for k, label in columns if any(r.get(k) is not None for r in results)]
 
+    from experiments.reports import _hyper  # noqa: PLC0415
+
     def setting(r):
-        if not r.get("epsilon"):
+        if r.get("regular") or r.get("epsilon") in (0, 0.0, None):
             return "regular"
-        return f"ε {r['epsilon']:g}, β {r['beta']:g}, ratio {r['ratio']:g}"
+        return f"ε {_hyper(r['epsilon'], 3)}, β {_hyper(r['beta'], 2)}, ratio {_hyper(r['ratio'], 2)}"
 
     lines = ["| model | setting | " + " | ".join(label for _, label in columns) + " |",
              "|" + " --- |" * (2 + len(columns))]
     for r in results:
-        lines.append(f"| {r.get('id', r.get('model'))} | {setting(r)} | "
-                     + " | ".join(_pct(r.get(k)) for k, _ in columns) + " |")
+        status = r.get("status", "ok")
+        cells = [_pct(r.get(k)) for k, _ in columns] if status == "ok" else (
+            [_pct(r.get("accuracy"))] + [status.upper()] + ["–"] * (len(columns) - 2))[: len(columns)]
+        lines.append(f"| {r.get('id', r.get('model'))} | {setting(r)} | " + " | ".join(cells) + " |")
     r0 = results[0]
     return "\n".join(lines) + (f"\n\nAccuracy on the first {r0['test_images']:,} test images; attack success in % of "
                                "the correctly classified images attacked; budgets in pixels of 255.\n")
@@ -224,6 +229,9 @@ def gen_curves(root: Path, name: str, *models: str) -> str:
     from bang_jax.robustness import ATTACK_LABELS  # noqa: PLC0415
 
     results = _load(root, name, "results.json")
+    unknown = sorted(set(models) - {r.get("id", r.get("model")) for r in results})
+    if unknown:
+        raise DocsError(f"{RESULTS / name}/results.json has no model {', '.join(unknown)}")
     rows = [r for r in results if r.get("curves") and (not models or r.get("id", r.get("model")) in models)]
     if not rows:
         raise DocsError(f"{RESULTS / name}/results.json holds no curves" + (f" for {', '.join(models)}" if models
@@ -251,9 +259,11 @@ def gen_curves(root: Path, name: str, *models: str) -> str:
         if r.get("masking"):
             notes.append(f"- {ident(r)}: {r['masking']['verdict']}.")
     n = rows[0]["curves"]["images"]
-    return "\n".join(lines) + (f"\n\nRobust accuracy in % of all {n:,} evaluated images (clean errors count as not "
-                               "robust); ε in pixels of 255. Verdicts computed by the masking report:\n\n"
-                               + "\n".join(notes) if notes else "") + "\n"
+    text = "\n".join(lines) + (f"\n\nRobust accuracy in % of all {n:,} evaluated images (clean errors count as not "
+                               "robust); ε in pixels of 255.")
+    if notes:
+        text += " Computed by the masking report:\n\n" + "\n".join(notes)
+    return text + "\n"
 
 
 def gen_seeds(root: Path, name: str) -> str:

@@ -160,8 +160,8 @@ def test_curves_and_a_non_paper_network_table(tmp_path):
     assert "| Be8 |" not in docs_tables.gen_curves(root, "modern", "R")
     table = docs_tables.gen_table(root, "modern")
     assert "| R |" in table and "paper" not in table  # the paper's rows belong to its networks
-    with pytest.raises(docs_tables.DocsError, match="no curves"):
-        docs_tables.gen_curves(root, "modern", "nosuch")
+    with pytest.raises(docs_tables.DocsError, match="no model nosuch"):
+        docs_tables.gen_curves(root, "modern", "R", "nosuch")  # a typo is named, not dropped
 
 
 def test_robust_lists_every_attack_the_results_hold(tmp_path):
@@ -181,5 +181,9 @@ def test_robust_lists_every_attack_the_results_hold(tmp_path):
     text = docs_tables.gen_robust(root, "sweep")
     assert ("| model | setting | accuracy | FGS | FGS-exact | PGD-margin 2 px | PGD-margin 4 px | PGD-CE 2 px |"
             in text)
-    assert "| Be8 | ε 0.8, β 0.4, ratio 0.5 | 78.50% | 20.00% | 92.00% | 55.00% | 85.00% | – |" in text
+    assert "| Be8 | ε 0.800, β 0.40, ratio 0.50 | 78.50% | 20.00% | 92.00% | 55.00% | 85.00% | – |" in text
     assert "| R | regular |" in text and "Square" not in text
+    with pytest.raises(docs_tables.DocsError, match="no model Bx"):
+        docs_tables.gen_curves(root, "sweep", "R", "Bx")
+    with pytest.raises(docs_tables.DocsError, match="no curves"):
+        docs_tables.gen_curves(root, "sweep")

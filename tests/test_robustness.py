@@ -347,3 +347,14 @@ def test_evaluate_model_runs_autoattack_and_refuses_models_it_cannot_attack():
     y3 = np.array(jnp.argmax(small.apply(v3, x), axis=1))
     with pytest.raises(ValueError, match="at least 4 classes"):
         evaluate_model(small, v3, x, y3, attacks=("fgs", "autoattack"), progress=False)
+
+
+def test_evaluation_settings_of_older_runs_still_load():
+    """Run directories written before a setting existed (here: autoattack_budgets) keep loading."""
+    from pathlib import Path
+
+    from bang_jax.evaluate import EvalConfig
+
+    saved = json.loads((Path(__file__).resolve().parents[1] / "docs/results/mnist-default/config.json").read_text())
+    assert "autoattack_budgets" not in saved["eval"]
+    assert EvalConfig.from_json(saved["eval"]).autoattack_budgets is None

@@ -32,7 +32,7 @@ so they are never mistaken for the paper's rows:
   (≈ 8 epochs), evaluated with the whole suite on the first 500 test images: paper-rule and exact FGS, HC1
   (t ≤ 255), robust-accuracy curves at 1, 2, 4, 8 pixels for FGS, exact FGS, PGD-CE, PGD-margin (40 steps) and
   Square (1,000 queries), and the gradient-masking report. Sized to finish within an hour on a 2-core CPU (the
-  estimate is printed first; see docs/results/modern for the measured time).
+  estimate is printed first; docs/reproducing.md has the measured time).
 * ``modern-gpu`` — the same comparison at the size a GPU affords: ResNet-20, 30,000 iterations (≈ 77 epochs), R
   and three BANG settings, the whole test set. Not run here (no accelerator).
 """
@@ -81,14 +81,20 @@ def choose_modern_setting(results: list[dict]) -> str:
     """The rule that picked ``MODERN_CHOICE`` from the ``modern-sweep`` results: among the BANG settings whose clean
     accuracy is within ``SWEEP_ACCURACY_POINTS`` of R's, the one with the lowest paper-rule FGS success (the effect
     the paper claims, bought without a loss of accuracy); if none is that accurate, the most accurate one."""
+    def healthy(r):
+        return r.get("status", "ok") == "ok" and r.get("accuracy") is not None and r.get("fgs_rate") is not None
+
     by = {r["id"]: r for r in results}
-    bang = [r for r in results if r["id"] != "R" and r.get("status", "ok") == "ok"]
-    if "R" not in by or not bang:
-        raise ValueError("the sweep's results need R and at least one healthy BANG model")
+    bang = [r for r in results if r["id"] != "R" and healthy(r)]
+    if "R" not in by or not healthy(by["R"]) or not bang:
+        raise ValueError("the sweep's results need a healthy R and at least one healthy BANG model, each with its "
+                         "accuracy and paper-rule FGS rate")
     close = [r for r in bang if r["accuracy"] >= by["R"]["accuracy"] - SWEEP_ACCURACY_POINTS]
     if close:
         return min(close, key=lambda r: (r["fgs_rate"], -r["accuracy"]))["id"]
     return max(bang, key=lambda r: r["accuracy"])["id"]
+
+
 MODERN_STEPS = 3000
 SWEEP_STEPS = 600
 

@@ -182,12 +182,12 @@ def _run(logits_fn, x_all, y_all, t_all, eps_all, loss, n_iter, bounds, seed, ba
     start, steps = _make_apgd_fns(logits_fn, loss, int(n_iter), bounds)
     cpu = jax.default_backend() == "cpu"
     chunk = _chunk(n_iter, cpu)
-    batch_size = _batch(batch_size, cpu)
+    batch_size = _batch(batch_size)
     adv, fooled = x_all.copy(), np.zeros(len(x_all), bool)
     ids_all = np.flatnonzero(active)
     for b in range(0, len(ids_all), batch_size):
         real = ids_all[b : b + batch_size]
-        ids = _padded(real, batch_size, cpu)
+        ids = _padded(real, batch_size)
         x0, y, t = jnp.asarray(x_all[ids]), jnp.asarray(y_all[ids]), jnp.asarray(t_all[ids])
         eps = jnp.asarray(_per_pixel(eps_all[ids], x0.ndim))
         state = start(seed, jnp.asarray(ids, jnp.int32), x0, y, t, eps)
@@ -203,7 +203,7 @@ def _run(logits_fn, x_all, y_all, t_all, eps_all, loss, n_iter, bounds, seed, ba
     return adv, fooled
 
 
-def _batch(batch_size: int, cpu: bool) -> int:
+def _batch(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
@@ -219,7 +219,7 @@ def _chunk(n_iter: int, cpu: bool) -> int:
     return best if best >= 4 or n_iter <= PGD_CPU_CHUNK else PGD_CPU_CHUNK
 
 
-def _padded(ids: np.ndarray, batch_size: int, cpu: bool) -> np.ndarray:
+def _padded(ids: np.ndarray, batch_size: int) -> np.ndarray:
     """``ids`` repeated at the end up to a power of two (at most ``batch_size``): the shrinking sets of images
     still robust then reuse a few compiled shapes instead of compiling one per size."""
     size = min(batch_size, 1 << max(3, int(np.ceil(np.log2(max(len(ids), 1))))))
@@ -227,7 +227,7 @@ def _padded(ids: np.ndarray, batch_size: int, cpu: bool) -> np.ndarray:
 
 
 def _result(x_all, adv, success, eps_all) -> AttackResult:
-    delta = (adv - x_all).reshape(len(x_all), -1)
+    delta = (adv - x_all).reshape(len(x_all), int(np.prod(x_all.shape[1:])))
     return AttackResult(
         success=success,
         adversarial=adv,
@@ -241,13 +241,13 @@ def _result(x_all, adv, success, eps_all) -> AttackResult:
 
 
 def _logits(logits_fn, x, batch_size) -> np.ndarray:
-    """``logits_fn`` on ``x`` in batches, each padded to one shape on the CPU (no compile per set size)."""
-    cpu = jax.default_backend() == "cpu"
-    size = _batch(batch_size, cpu)
+    """``logits_fn`` on ``x`` in batches, each padded to a power of two (at least 8, at most ``batch_size``): a
+    few compiled shapes instead of one per set size."""
+    size = _batch(batch_size)
     out = []
     for i in range(0, len(x), size):
         part = x[i : i + size]
-        ids = _padded(np.arange(len(part)), size, cpu)
+        ids = _padded(np.arange(len(part)), size)
         out.append(np.asarray(logits_fn(jnp.asarray(part[ids])))[: len(part)])
     return np.concatenate(out)
 
@@ -405,12 +405,12 @@ def fab_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_it
     steps = _make_fab_fns(logits_fn, int(n_iter), bounds, float(alpha_max), float(eta), float(beta))
     cpu = jax.default_backend() == "cpu"
     chunk = _chunk(n_iter, cpu)
-    batch_size = _batch(batch_size, cpu)
+    batch_size = _batch(batch_size)
     for rank in range(2, min(n_targets, order.shape[1] - 1) + 2):
         ids_all = np.flatnonzero(~success)
         for b in range(0, len(ids_all), batch_size):
             real = ids_all[b : b + batch_size]
-            ids = _padded(real, batch_size, cpu)
+            ids = _padded(real, batch_size)
             x0, yb = jnp.asarray(x[ids]), jnp.asarray(y[ids])
             tb = jnp.asarray(order[ids, -rank].astype(np.int32))
             state = (x0, x0.reshape(len(ids), -1), jnp.full(len(ids), jnp.inf, jnp.float32))
@@ -510,6 +510,6 @@ def autoattack(logits_fn, images, labels, epsilon: float, version: str = "standa
             what = progress if isinstance(progress, str) else f"autoattack ε {eps:g}"
             print(f"{what}: {name} fooled {ok.sum()} of {left.size} "
                   f"({seconds[name]:.1f} s); robust {100 * np.mean(attack == ''):.2f}%", flush=True)
-    linf = np.abs(adv - x).reshape(len(x), -1).max(axis=1, initial=0.0)
+    linf = np.abs(adv - x).reshape(len(x), int(np.prod(x.shape[1:]))).max(axis=1, initial=0.0)
     return AutoAttackResult(robust=attack == "", adversarial=adv, attack=attack.astype(str), linf=linf, epsilon=eps,
                             seconds=seconds)

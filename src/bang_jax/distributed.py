@@ -303,10 +303,21 @@ def supervise(command: list[str], *, coordinator: str, num_processes: int | None
     passed to the child (in its own session, so it gets each signal once), which stops cleanly; a child that has
     not stopped ``timeout`` seconds after the signal is killed.
     """
-    settled = tempfile.NamedTemporaryFile(prefix="bang-jax-exit-", delete=False)
-    settled.close()
+    fd, settled = tempfile.mkstemp(prefix="bang-jax-exit-")
+    os.close(fd)
+    try:
+        return _supervise(command, coordinator=coordinator, num_processes=num_processes, process_id=process_id,
+                          timeout=timeout, last_checkpoint=last_checkpoint, env=env, settled=settled)
+    finally:
+        try:
+            os.unlink(settled)
+        except OSError:
+            pass
+
+
+def _supervise(command, *, coordinator, num_processes, process_id, timeout, last_checkpoint, env, settled) -> int:
     env = dict(os.environ if env is None else env, BANG_JAX_SUPERVISED="1", PYTHONUNBUFFERED="1",
-               **{_EXIT_FILE: settled.name})
+               **{_EXIT_FILE: settled})
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the service's error log lines; its fatal ones still come
     child = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, start_new_session=True)
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
@@ -358,12 +369,11 @@ def supervise(command: list[str], *, coordinator: str, num_processes: int | None
         if child.poll() is None:
             child.kill()
     try:
-        decided = Path(settled.name).read_text().strip()
-        os.unlink(settled.name)
-    except OSError:
-        decided = ""
-    if (fatal or rc == -signal.SIGABRT) and decided:
-        return int(decided)  # the child had settled its outcome (and said why) before the service aborted
+        decided = int(Path(settled).read_text().strip())
+    except (OSError, ValueError):  # not settled (or a torn write): the abort is the news
+        decided = None
+    if (fatal or rc == -signal.SIGABRT) and decided is not None:
+        return decided  # the child had settled its outcome (and said why) before the service aborted
     if fatal or rc == -signal.SIGABRT:
         who = f"process {process_id}: " if process_id is not None else ""
         print(f"error: {who}{_reason(chr(10).join(tail), coordinator, num_processes, timeout, process_id)}"

@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 ATTACKS = ("fgs", "fgs_exact", "pgd_ce", "pgd_margin", "square", "autoattack")
-DEFAULT_ATTACKS = ATTACKS[:5]  # AutoAttack (minutes, not seconds) is asked for by name
+DEFAULT_ATTACKS = ("fgs", "fgs_exact", "pgd_ce", "pgd_margin", "square")  # AutoAttack (minutes) is asked for by name
 GRADIENT_ATTACKS = ("fgs", "fgs_exact", "pgd_ce", "pgd_margin")
 # The iterative attack on the cross-entropy: Square beating it (but not PGD-margin) means the CE gradient is
 # masked. One-step FGS is not compared this way: any iterative attack beats it, masked or not.
@@ -126,9 +126,10 @@ def _predict(logits_fn, x, batch_size):
 
 
 def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, square_p_init, seed, batch_size,
-              winners=None):
+              winners=None, first=None):
     """Per attacked image: L∞ of the smallest adversarial found at the budgets ``epsilons`` (inf: none).
-    For AutoAttack, ``winners`` (a list) receives per budget how many images each of its attacks fooled there."""
+    For AutoAttack, ``winners`` (a list) receives per budget how many images each of its attacks fooled there, and
+    ``first`` (an object array, one per image) the attack that fooled each image."""
     n = len(x)
     found = np.full(n, np.inf)
     positive = [e for e in epsilons if e > 0]
@@ -150,6 +151,8 @@ def _min_linf(attack, logits_fn, x, y, epsilons, *, pgd_steps, square_queries, s
             found[todo[fooled]] = res.linf[fooled]
             if winners is not None:
                 winners.append({"epsilon": eps} | res.fooled_by())
+            if first is not None:
+                first[todo[fooled]] = res.attack[fooled]
             continue
         if attack == "square":
             res = square_attack(logits_fn, x[todo], y[todo], epsilon=eps, queries=square_queries,
@@ -222,9 +225,9 @@ def robustness_curves(
     best = np.where(correct, np.inf, 0.0)
     for attack in attacks:
         t0 = time.perf_counter()
-        winners = []
+        winners, first = [], np.full(len(x), None, dtype=object)
         found = _min_linf(attack, logits_fn, x, y, epsilons, pgd_steps=pgd_steps, square_queries=square_queries,
-                          square_p_init=square_p_init, seed=seed, batch_size=batch_size, winners=winners)
+                          square_p_init=square_p_init, seed=seed, batch_size=batch_size, winners=winners, first=first)
         seconds = time.perf_counter() - t0
         min_linf = np.zeros(len(y_all))
         min_linf[correct] = found
@@ -236,14 +239,19 @@ def robustness_curves(
             settings = {"queries": square_queries, "p_init": square_p_init, "seed": seed}
         elif attack == "autoattack":
             settings = {"version": "standard", "attacks": list(AUTOATTACK_STANDARD), "iterations": 100,
-                        "square_queries": 5000, "seed": seed}
+                        "square_queries": 5000, "seed": f"{seed} + the budget's index among the positive budgets"}
         else:
             settings = {"line_search_max_step": int(math.ceil(max(epsilons)))}
         out["attacks"][attack] = _curve(min_linf, correct, epsilons) | {
             "min_linf": [None if not np.isfinite(v) else float(v) for v in min_linf],
             "seconds": round(seconds, 2),
             "settings": settings,
-        } | ({"fooled_by": winners} if attack == "autoattack" else {})
+        }
+        if attack == "autoattack":
+            by_image = np.full(len(y_all), None, dtype=object)
+            by_image[correct] = first
+            out["attacks"][attack] |= {"fooled_by": winners, "fooled_first_by": [
+                None if a is None else str(a) for a in by_image]}
         if progress:
             ra = ", ".join(f"{e:g}: {a:.1f}%" for e, a in zip(epsilons, out["attacks"][attack]["robust_accuracy"]))
             print(f"  {attack:<10} robust accuracy {ra}  ({seconds:.1f} s)", flush=True)
@@ -302,14 +310,15 @@ def masking_report(
       lead is beyond sampling noise (paired: only − other > 2·sqrt(only + other) and ≥ max(2, 1 % of attacked)).
       ``gap_vs`` gives Square's lead over each gradient attack alone, with the same test.
     * ``autoattack`` (when the curves hold AutoAttack) — ``fooled_by``: per ε, how many images each of its
-      attacks fooled first.
+      attacks fooled first; ``square_vs_gradient``: per ε, the images only AutoAttack's Square fooled (no
+      gradient attack, AutoAttack's or the curves', did) against those only a gradient attack fooled, with the
+      same significance test as ``gap``.
     * ``verdict`` — one line computed from these numbers: "gradient masking" when Square beats all gradient
-      attacks together at some ε, or when AutoAttack's Square fools ≥ max(2, 1 % of attacked) images that its
-      gradient attacks (APGD-CE, APGD-T, FAB-T) left robust at some ε; else "cross-entropy masking" when Square
-      beats PGD on the cross-entropy (the iterative CE attack; one-step FGS is beaten by any iterative attack,
-      so it is not the test) or when ≥ 10 % of the images have a float32 CE loss of exactly 0; else "no sign of
-      gradient masking". It ends with the zero-loss share and the best attack's robust accuracy at the largest ε
-      (Carlini et al.: it should reach 0 there).
+      attacks together at some ε, or when AutoAttack's Square does so significantly; else "cross-entropy
+      masking" when Square beats PGD on the cross-entropy (the iterative CE attack; one-step FGS is beaten by any
+      iterative attack, so it is not the test) or when ≥ 10 % of the images have a float32 CE loss of exactly 0;
+      else "no sign of gradient masking". It ends with the zero-loss share and the best attack's robust accuracy
+      at the largest ε (Carlini et al.: it should reach 0 there).
     """
     x_all = np.asarray(images, np.float32)
     y_all = np.asarray(labels, np.int32)
@@ -383,15 +392,29 @@ def masking_report(
         report["gap"] = None
         report["gap_vs"] = None
     if "autoattack" in curves["attacks"]:
-        # AutoAttack runs Square only on what APGD-CE, APGD-T and FAB-T left robust: its wins there are images
-        # the gradient attacks could not fool (RobustBench's own flag for possible gradient masking).
-        rows = curves["attacks"]["autoattack"].get("fooled_by", [])
-        report["autoattack"] = {"fooled_by": rows}
-        square_wins = [r for r in rows if r.get("square", 0) >= max(2, 0.01 * k)]
-        if square_wins:
-            where = ", ".join(f"{r['square']} at ε = {r['epsilon']:g}" for r in square_wins)
-            flags.append(("gradient masking", "inside AutoAttack, gradient-free Square fooled images that APGD-CE, "
-                          f"APGD-T and FAB-T left robust ({where})"))
+        # AutoAttack runs Square only on what APGD-CE, APGD-T and FAB-T left robust. Its Square wins that no
+        # gradient attack found either (neither AutoAttack's nor the curves' own) are images only a gradient-free
+        # search could fool: RobustBench's warning sign, tested like Square's gap above.
+        entry = curves["attacks"]["autoattack"]
+        aa = _min_linf_array(curves, "autoattack")[correct]
+        first = np.array(entry.get("fooled_first_by", [None] * len(y_all)), dtype=object)[correct]
+        by_square = np.where(first == "square", aa, np.inf)
+        gradient = np.where((first != "square") & (first != None), aa, np.inf)  # noqa: E711 - object array
+        for a in grad_attacks:
+            gradient = np.minimum(gradient, _min_linf_array(curves, a)[correct])
+        rows = []
+        for e in eps:
+            s, g = by_square <= e + _TOL, gradient <= e + _TOL
+            only_s, only_g = int(np.sum(s & ~g)), int(np.sum(g & ~s))
+            rows.append({"epsilon": e, "square_only": only_s, "gradient_only": only_g,
+                         "significant": bool(only_s - only_g > 2 * math.sqrt(only_s + only_g)
+                                             and only_s - only_g >= max(2, 0.01 * k))})
+        report["autoattack"] = {"fooled_by": entry.get("fooled_by", []), "square_vs_gradient": rows}
+        wins = [r for r in rows if r["significant"]]
+        if wins:
+            where = ", ".join(f"{r['square_only']} at ε = {r['epsilon']:g}" for r in wins)
+            flags.append(("gradient masking", "inside AutoAttack, gradient-free Square fooled images that no "
+                          f"gradient attack (APGD-CE, APGD-T, FAB-T, nor the curves' own) could ({where})"))
     if k and report["ce_loss_zero_share"] >= LOSS_ZERO_THRESHOLD:
         flags.insert(0, ("cross-entropy masking", f"float32 cross-entropy exactly 0 on "
                          f"{report['ce_loss_zero_share']:.1f}% of attacked images (median logit margin "
