@@ -133,6 +133,18 @@ def test_a_benchmark_report_becomes_its_table(tmp_path):
         docs_tables.collect(tmp_path / "list.json", "x", "python benchmarks/throughput.py", root=root, benchmark=True)
 
 
+def _collected(tmp_path: Path, rows: list[dict], name: str, preset: str) -> Path:
+    """A repository whose docs/results/NAME holds ``rows`` of a ResNet-8 CIFAR-10 run; returns its root."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(rows))
+    (run / "config.json").write_text(json.dumps({"dataset": "cifar10", "model": "preact_resnet8"}))
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    docs_tables.collect(run, name, f"python -m experiments.cifar10 --preset {preset}", code_version="abc", root=root)
+    return root
+
+
 def test_curves_and_a_non_paper_network_table(tmp_path):
     curve = lambda ra: {"robust_accuracy": ra, "success_rate": ra}  # noqa: E731
     rows = [{"id": name, "beta": 1.0, "epsilon": e, "ratio": 1.0, "accuracy": acc, "test_images": 100,
@@ -143,13 +155,7 @@ def test_curves_and_a_non_paper_network_table(tmp_path):
              "masking": {"verdict": verdict}}
             for name, e, acc, pgd, aa, verdict in (("R", 0.0, 90.0, 20.0, 12.5, "no sign of gradient masking"),
                                                    ("Be8", 0.8, 88.0, 30.0, 25.0, "gradient masking: x"))]
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "results.json").write_text(json.dumps(rows))
-    (run / "config.json").write_text(json.dumps({"dataset": "cifar10", "model": "preact_resnet8"}))
-    root = tmp_path / "repo"
-    (root / "docs").mkdir(parents=True)
-    docs_tables.collect(run, "modern", "python -m experiments.cifar10 --preset modern", code_version="abc", root=root)
+    root = _collected(tmp_path, rows, "modern", "modern")
     text = docs_tables.gen_curves(root, "modern")
     assert "| model | attack | ε 0 | ε 4 |" in text
     assert "| R | PGD logit margin | 90.0% | 20.0% |" in text
@@ -170,14 +176,7 @@ def test_robust_lists_every_attack_the_results_hold(tmp_path):
              "pgd_ce_rate_eps2": 49.0},
             {"id": "Be8", "epsilon": 0.8, "beta": 0.4, "ratio": 0.5, "accuracy": 78.5, "test_images": 500,
              "fgs_rate": 20.0, "fgs_exact_rate": 92.0, "pgd_margin_rate_eps2": 55.0, "pgd_margin_rate_eps4": 85.0}]
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "results.json").write_text(json.dumps(rows))
-    (run / "config.json").write_text(json.dumps({"dataset": "cifar10", "model": "preact_resnet8"}))
-    root = tmp_path / "repo"
-    (root / "docs").mkdir(parents=True)
-    docs_tables.collect(run, "sweep", "python -m experiments.cifar10 --preset modern-sweep", code_version="a",
-                        root=root)
+    root = _collected(tmp_path, rows, "sweep", "modern-sweep")
     text = docs_tables.gen_robust(root, "sweep")
     assert ("| model | setting | accuracy | FGS | FGS-exact | PGD-margin 2 px | PGD-margin 4 px | PGD-CE 2 px |"
             in text)

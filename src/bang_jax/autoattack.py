@@ -38,7 +38,7 @@ import numpy as np
 from bang_jax.attacks import PGD_CPU_CHUNK, AttackResult, _image_keys, _per_image_budget, _per_pixel
 
 __all__ = ["APGD_LOSSES", "AUTOATTACK_STANDARD", "AutoAttackResult", "apgd", "apgd_checkpoints", "apgd_targeted",
-           "autoattack", "dlr_loss", "dlr_targeted_loss", "fab_targeted", "project_linf_box"]
+           "autoattack", "check_classes", "dlr_loss", "dlr_targeted_loss", "fab_targeted", "project_linf_box"]
 
 APGD_LOSSES = ("ce", "dlr", "dlr_targeted")
 
@@ -283,6 +283,13 @@ def _class_order(logits_fn, x, n_targets, batch_size) -> np.ndarray:
     return np.argsort(_logits(logits_fn, x, batch_size), axis=-1, kind="stable")
 
 
+def check_classes(classes: int) -> None:
+    """AutoAttack's targeted DLR loss reads the 4th-highest logit: a model with fewer classes is refused."""
+    if classes < 4:
+        raise ValueError(f"autoattack needs a model with at least 4 classes (its targeted DLR loss), this one has "
+                         f"{classes}")
+
+
 def apgd_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_iter: int = 100, seed: int = 0,
                   bounds=(0.0, 255.0), batch_size: int = 500) -> AttackResult:
     """APGD on the targeted DLR loss against the 2nd, 3rd, …, (n_targets+1)-th highest-scoring classes of each
@@ -293,8 +300,7 @@ def apgd_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_i
     if not len(x):
         return _result(x, x.copy(), np.zeros(0, bool), eps)
     classes = order.shape[1]
-    if classes < 4:
-        raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model gives {classes}")
+    check_classes(classes)
     success = order[:, -1] != y
     adv = x.copy()
     for rank in range(2, min(n_targets, classes - 1) + 2):

@@ -51,7 +51,7 @@ from bang_jax.attacks import (
     pgd_attack,
     square_attack,
 )
-from bang_jax.autoattack import autoattack
+from bang_jax.autoattack import autoattack, check_classes
 from bang_jax.balance import BangConfig
 from bang_jax.caffe import check_caffe_weights, load_caffe_weights
 from bang_jax.checkpoint import CheckpointError, atomic_write, load_params, load_variables, read_run_config
@@ -274,9 +274,8 @@ def evaluate_model(
     if health["status"] != "ok":  # no attack numbers for a model whose numbers would mean nothing
         return health
     wants_autoattack = "autoattack" in config.attacks or (config.curve_budgets and "autoattack" in config.curve_attacks)
-    if wants_autoattack and logits.shape[1] < 4:
-        raise ValueError(f"autoattack needs a model with at least 4 classes (its targeted DLR loss), this one has "
-                         f"{logits.shape[1]}")
+    if wants_autoattack:
+        check_classes(logits.shape[1])  # before any attack runs
     forward = eval_apply(model)
     logits_fn = jax.jit(lambda x: forward(variables, x))
     correct = np.argmax(logits, axis=1) == np.asarray(labels)

@@ -49,7 +49,7 @@ from bang_jax.attacks import (
     pgd_attack,
     square_attack,
 )
-from bang_jax.autoattack import AUTOATTACK_STANDARD, autoattack
+from bang_jax.autoattack import AUTOATTACK_STANDARD, autoattack, check_classes
 
 __all__ = [
     "ATTACKS",
@@ -209,9 +209,8 @@ def robustness_curves(
     if x_all.ndim != 4 or len(x_all) != len(y_all):
         raise ValueError(f"images must be [N, H, W, C] with one label each, got {x_all.shape} and {y_all.shape}")
     clean = _predict(logits_fn, x_all, batch_size)
-    if "autoattack" in attacks and clean.shape[1] < 4:
-        raise ValueError(f"autoattack needs a model with at least 4 classes (its targeted DLR loss), this one has "
-                         f"{clean.shape[1]}")
+    if "autoattack" in attacks:
+        check_classes(clean.shape[1])
     correct = np.argmax(clean, axis=1) == y_all
     x, y = x_all[correct], y_all[correct]
     out = {
@@ -280,6 +279,20 @@ def _margins_and_gradients(logits_fn, x, y, batch_size):
     outs = [stats(jnp.asarray(x[i : i + batch_size]), jnp.asarray(y[i : i + batch_size]))
             for i in range(0, len(x), batch_size)]
     return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(3))
+
+
+def _paired(square_linf, gradient_linf, epsilons, attacked: int) -> list[dict]:
+    """Per ε: the images only Square fooled and only the gradient attacks fooled (L∞ of each one's smallest
+    adversarial per image, inf: none), and whether Square's lead is beyond sampling noise (paired:
+    only − other > 2·sqrt(only + other) and ≥ max(2, 1 % of the attacked images))."""
+    rows = []
+    for e in epsilons:
+        s, g = square_linf <= e + _TOL, gradient_linf <= e + _TOL
+        only_s, only_g = int(np.sum(s & ~g)), int(np.sum(g & ~s))
+        rows.append({"epsilon": e, "square_only": only_s, "gradient_only": only_g,
+                     "significant": bool(only_s - only_g > 2 * math.sqrt(only_s + only_g)
+                                         and only_s - only_g >= max(2, 0.01 * attacked))})
+    return rows
 
 
 def masking_report(
@@ -361,16 +374,10 @@ def masking_report(
 
         def compare(other):
             rows = []
-            for e in eps:
-                s, g = sq <= e + _TOL, other <= e + _TOL
-                only_s, only_g = int(np.sum(s & ~g)), int(np.sum(g & ~s))
-                rows.append({
-                    "epsilon": e, "square": pct(s), "gradient": pct(g),
-                    "gap": pct(s) - pct(g) if k else None,
-                    "square_only": only_s, "gradient_only": only_g,
-                    "significant": bool(only_s - only_g > 2 * math.sqrt(only_s + only_g)
-                                        and only_s - only_g >= max(2, 0.01 * k)),
-                })
+            for row in _paired(sq, other, eps, k):
+                s, g = sq <= row["epsilon"] + _TOL, other <= row["epsilon"] + _TOL
+                rows.append({"epsilon": row["epsilon"], "square": pct(s), "gradient": pct(g),
+                             "gap": pct(s) - pct(g) if k else None} | row)
             return rows
 
         report["gap"] = {"gradient_attacks": grad_attacks, "rows": compare(union)}
@@ -402,13 +409,7 @@ def masking_report(
         gradient = np.where((first != "square") & (first != None), aa, np.inf)  # noqa: E711 - object array
         for a in grad_attacks:
             gradient = np.minimum(gradient, _min_linf_array(curves, a)[correct])
-        rows = []
-        for e in eps:
-            s, g = by_square <= e + _TOL, gradient <= e + _TOL
-            only_s, only_g = int(np.sum(s & ~g)), int(np.sum(g & ~s))
-            rows.append({"epsilon": e, "square_only": only_s, "gradient_only": only_g,
-                         "significant": bool(only_s - only_g > 2 * math.sqrt(only_s + only_g)
-                                             and only_s - only_g >= max(2, 0.01 * k))})
+        rows = _paired(by_square, gradient, eps, k)
         report["autoattack"] = {"fooled_by": entry.get("fooled_by", []), "square_vs_gradient": rows}
         wins = [r for r in rows if r["significant"]]
         if wins:
