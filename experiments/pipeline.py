@@ -73,6 +73,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "table1.md", "table
 RUN_DIRS = ("checkpoints", "snapshots")
 USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError, TrainingDiverged,
                distributed.DistributedError)
+LONG_RUN_MINUTES = 10  # a run whose training is estimated to take longer says so first
 
 
 @dataclasses.dataclass
@@ -559,9 +560,8 @@ def _run(dataset: str, args: argparse.Namespace) -> list[dict] | None:
                           timeout=args.distributed_timeout, describe=_describe_difference)
     module = DATASETS[dataset]
     per_step = getattr(module, "MODEL_STEP_SECONDS_CPU", {}).get(cfg.model, module.STEP_SECONDS_CPU)
-    long_preset = cfg.preset in ("paper", "grid", "full") or cfg.preset.startswith("modern")
-    if (long_preset or len(cfg.seeds) > 1) and "train" in stages:
-        est = len(cfg.models) * cfg.train.steps * per_step / 60
+    est = len(cfg.models) * cfg.train.steps * per_step / 60  # every model of the run, seeds included
+    if est >= LONG_RUN_MINUTES and "train" in stages:
         print(
             f"estimated training time on a 2-core CPU: {est:.0f} min for {len(cfg.models)} models "
             "(a GPU runs this far faster); attacks and noise come on top",
