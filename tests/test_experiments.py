@@ -218,7 +218,10 @@ def test_ctrl_c_says_where_to_continue_without_a_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "experiments.mnist", "--preset", "smoke", "--out", str(out),
                              "--steps", "5000", "--checkpoint-every", "20", "--no-progress"], cwd=ROOT, env=env,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background (`cmd &`) inherits SIGINT ignored, and so would the
+                            # command: give it the default a user's terminal gives it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "checkpoints" / "state.msgpack").exists():
         time.sleep(0.5)
