@@ -223,8 +223,9 @@ def test_masking_report_flags_images_only_autoattacks_square_could_fool():
 def test_iteration_chunks_and_empty_inputs():
     from bang_jax.autoattack import _chunk
 
-    assert [_chunk(n, True) for n in (100, 7, 9, 8, 1, 97)] == [5, 7, 8, 8, 1, 8]  # 9: 8 + a remainder of 1
-    assert _chunk(100, False) == 100  # one dispatch on an accelerator
+    # checks for finished images every 5 of 100 iterations, 8 (+ a remainder of 1) of 9; one iteration per CPU call
+    assert [_chunk(n, True) for n in (100, 7, 9, 8, 1, 97)] == [(1, 5), (1, 7), (1, 8), (1, 8), (1, 1), (1, 8)]
+    assert _chunk(100, False) == (5, 5)  # a whole check interval per dispatch on an accelerator
     empty = np.zeros((0, 4, 4, 1), np.float32)
     res = autoattack(lambda v: v.reshape(v.shape[0], -1)[:, :10], empty, np.zeros(0, np.int32), 8.0)
     assert res.robust.shape == (0,) and res.linf.shape == (0,)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bang_jax.attacks import PGD_CPU_CHUNK, AttackResult, _image_keys, _per_image_budget, _per_pixel
+from bang_jax.attacks import PGD_CPU_CHUNK, AttackResult, _image_keys, _per_image_budget, _per_pixel, steps_loop
 
 __all__ = ["APGD_LOSSES", "AUTOATTACK_STANDARD", "AutoAttackResult", "apgd", "apgd_checkpoints", "apgd_targeted",
            "autoattack", "check_classes", "dlr_loss", "dlr_targeted_loss", "fab_targeted", "project_linf_box"]
@@ -153,7 +153,7 @@ def _make_apgd_fns(logits_fn: Callable, loss: str, n_iter: int, bounds: tuple[fl
                 "x_adv": x_adv, "fooled": s["fooled"] | fooled,
             }
 
-        return jax.lax.fori_loop(0, k, body, state, unroll=unroll)
+        return steps_loop(k, body, state, unroll)
 
     return start, steps
 
@@ -181,26 +181,58 @@ def _check(images, labels, epsilon, n_iter, bounds):
 def _run(logits_fn, x_all, y_all, t_all, eps_all, loss, n_iter, bounds, seed, batch_size, active):
     start, steps = _make_apgd_fns(logits_fn, loss, int(n_iter), bounds)
     cpu = jax.default_backend() == "cpu"
-    chunk = _chunk(n_iter, cpu)
-    batch_size = _batch(batch_size)
     adv, fooled = x_all.copy(), np.zeros(len(x_all), bool)
-    ids_all = np.flatnonzero(active)
-    for b in range(0, len(ids_all), batch_size):
-        real = ids_all[b : b + batch_size]
-        ids = _padded(real, batch_size)
+
+    def emit(real, state, rows):
+        f = np.asarray(state["fooled"])[rows]
+        x_adv = np.asarray(state["x_adv"])[rows]
+        adv[real] = np.where(f.reshape((-1,) + (1,) * (x_all.ndim - 1)), x_adv, x_all[real])
+        fooled[real] = f
+
+    for real, ids in _batches(np.flatnonzero(active), _batch(batch_size)):
         x0, y, t = jnp.asarray(x_all[ids]), jnp.asarray(y_all[ids]), jnp.asarray(t_all[ids])
         eps = jnp.asarray(_per_pixel(eps_all[ids], x0.ndim))
         state = start(seed, jnp.asarray(ids, jnp.int32), x0, y, t, eps)
-        done = 0
-        while done < n_iter:
-            k = min(chunk, n_iter - done)
-            state = steps(k, cpu, jnp.int32(done), state, x0, y, t, eps)
-            done += k
-        k = len(real)
-        f = np.asarray(state["fooled"])[:k]
-        adv[real] = np.where(f.reshape((-1,) + (1,) * (x0.ndim - 1)), np.asarray(state["x_adv"])[:k], x_all[real])
-        fooled[real] = f
+        _until_done(lambda k, i0, s, c: steps(k, cpu, jnp.int32(i0), s, *c), state, (x0, y, t, eps), real, n_iter,
+                    _chunk(n_iter, cpu), lambda s: s["fooled"], emit)
     return adv, fooled
+
+
+def _batches(ids_all: np.ndarray, batch_size: int):
+    """``(real, padded)`` index batches of at most ``batch_size`` (see :func:`_padded`)."""
+    for b in range(0, len(ids_all), batch_size):
+        real = ids_all[b : b + batch_size]
+        yield real, _padded(real, batch_size)
+
+
+def _until_done(step, state, consts, real, n_iter, chunk, finished, emit):
+    """Run ``state = step(k, i0, state, consts)`` for ``n_iter`` iterations, ``k`` at a time (``chunk``: see
+    :func:`_chunk`), on a batch whose first ``len(real)`` rows are the images ``real`` (the rest: padding). After
+    each check interval the images for which
+    ``finished(state)`` holds are handed to ``emit(images, state, rows)`` and leave the batch, which shrinks to the
+    next padded size (:func:`_padded`) — an image already fooled costs nothing more. The rest are emitted at the
+    end. Every image's trajectory is its own (per-image keys, steps and checks), so dropping others changes
+    nothing for it."""
+    per_call, every = chunk
+    rows = np.arange(len(real))  # batch row of each image still running
+    size = len(consts[0])
+    done = 0
+    while rows.size:
+        until = min(done + every, n_iter)
+        while done < until:
+            k = min(per_call, until - done)
+            state = step(k, done, state, consts)
+            done += k
+        stop = np.asarray(finished(state))[rows] if done < n_iter else np.ones(rows.size, bool)
+        if stop.any():
+            emit(real[stop], state, rows[stop])
+            real, rows = real[~stop], rows[~stop]
+            if rows.size and len(_padded(rows, size)) < size:
+                take = _padded(rows, size)
+                size = len(take)
+                state, consts = jax.tree_util.tree_map(lambda a: a[jnp.asarray(take)], (state, consts))
+                rows = np.arange(rows.size)
+    return state
 
 
 def _batch(batch_size: int) -> int:
@@ -209,21 +241,25 @@ def _batch(batch_size: int) -> int:
     return int(batch_size)
 
 
-def _chunk(n_iter: int, cpu: bool) -> int:
-    """Iterations per dispatch: all on GPU/TPU; on the CPU (unrolled, see ``PGD_CPU_CHUNK``) the largest divisor of
-    ``n_iter`` up to that chunk, so one compiled length serves every dispatch (100 → 5); ``PGD_CPU_CHUNK`` plus a
-    remainder when ``n_iter`` has no divisor from 4 up."""
-    if not cpu:
-        return n_iter
-    best = max(d for d in range(1, min(PGD_CPU_CHUNK, n_iter) + 1) if n_iter % d == 0)
-    return best if best >= 4 or n_iter <= PGD_CPU_CHUNK else PGD_CPU_CHUNK
+def _chunk(n_iter: int, cpu: bool) -> tuple[int, int]:
+    """``(iterations per dispatch, iterations between the checks for finished images)``. The check interval is the
+    largest divisor of ``n_iter`` up to 8 (100 → 5), or 8 (and a remainder) when ``n_iter`` has none from 4 up;
+    on GPU/TPU a dispatch runs a whole interval (one compiled length), on the CPU one iteration
+    (``PGD_CPU_CHUNK``)."""
+    every = max(d for d in range(1, min(8, n_iter) + 1) if n_iter % d == 0)
+    every = every if every >= 4 or n_iter <= 8 else 8
+    return (min(PGD_CPU_CHUNK, every) if cpu else every), every
 
 
 def _padded(ids: np.ndarray, batch_size: int) -> np.ndarray:
-    """``ids`` repeated at the end up to a power of two (at most ``batch_size``): the shrinking sets of images
-    still robust then reuse a few compiled shapes instead of compiling one per size."""
-    size = min(batch_size, 1 << max(3, int(np.ceil(np.log2(max(len(ids), 1))))))
-    return np.pad(ids, (0, max(size, len(ids)) - len(ids)), mode="edge")
+    """``ids`` repeated at the end up to the next size of the series 8, 12, 16, 24, 32, 48, … (powers of two and
+    the halfway points; at most ``batch_size``): the shrinking sets of images still robust then reuse a few
+    compiled shapes instead of compiling one per size, and carry at most a third of padding."""
+    size = 8
+    while size < len(ids):
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    size = max(min(batch_size, size), len(ids))
+    return np.pad(ids, (0, size - len(ids)), mode="edge")
 
 
 def _result(x_all, adv, success, eps_all) -> AttackResult:
@@ -389,19 +425,23 @@ def _make_fab_fns(logits_fn: Callable, n_iter: int, bounds: tuple[float, float],
             new = jnp.where(fooled[:, None], flat0 + (new - flat0) * beta, new)  # back towards the original
             return new.reshape(x0.shape), best, best_norm
 
-        return jax.lax.fori_loop(0, k, body, state, unroll=unroll)
+        return steps_loop(k, body, state, unroll)
 
     return steps
 
 
 def fab_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_iter: int = 100,
                  alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, bounds=(0.0, 255.0),
-                 batch_size: int = 500) -> AttackResult:
+                 batch_size: int = 500, minimise: bool = False) -> AttackResult:
     """Targeted FAB, L∞ (AutoAttack's FAB-T): for the 2nd … (n_targets+1)-th most likely classes in turn, walk
     from the clean image along projections onto the linearised boundary towards the target (overshoot ``eta``,
     a pull ``alpha ≤ alpha_max`` towards the projection of the original, ``beta`` back once fooled), keeping the
     smallest L∞ adversarial. Success = an adversarial within ``epsilon`` (a scalar or one per image); images still
-    robust are attacked with the next target. Deterministic (no random start, as AutoAttack's first restart)."""
+    robust are attacked with the next target. Deterministic (no random start, as AutoAttack's first restart).
+
+    An image stops at the first chunk of iterations after which it has an adversarial within ``epsilon`` (all
+    AutoAttack needs; the success flags are those of running every iteration); ``minimise=True`` runs all
+    ``n_iter`` iterations and returns the smallest adversarial found."""
     x, y, eps, bounds = _check(images, labels, epsilon, n_iter, bounds)
     order = _class_order(logits_fn, x, n_targets, batch_size)
     if not len(x):
@@ -410,26 +450,23 @@ def fab_targeted(logits_fn, images, labels, *, epsilon, n_targets: int = 9, n_it
     adv = x.copy()
     steps = _make_fab_fns(logits_fn, int(n_iter), bounds, float(alpha_max), float(eta), float(beta))
     cpu = jax.default_backend() == "cpu"
-    chunk = _chunk(n_iter, cpu)
-    batch_size = _batch(batch_size)
+
+    def emit(real, state, rows):
+        norm = np.asarray(state[0][2])[rows]
+        ok = norm <= eps[real] + 1e-4
+        adv[real[ok]] = np.asarray(state[0][1]).reshape((-1,) + x.shape[1:])[rows[ok]]
+        success[real[ok]] = True
+
+    # an image stops once it has an adversarial within its budget, unless the smallest one is asked for
+    finished = (lambda s: jnp.zeros(len(s[1]), bool)) if minimise else (lambda s: s[0][2] <= s[1] + 1e-4)
     for rank in range(2, min(n_targets, order.shape[1] - 1) + 2):
-        ids_all = np.flatnonzero(~success)
-        for b in range(0, len(ids_all), batch_size):
-            real = ids_all[b : b + batch_size]
-            ids = _padded(real, batch_size)
+        for real, ids in _batches(np.flatnonzero(~success), _batch(batch_size)):
             x0, yb = jnp.asarray(x[ids]), jnp.asarray(y[ids])
             tb = jnp.asarray(order[ids, -rank].astype(np.int32))
-            state = (x0, x0.reshape(len(ids), -1), jnp.full(len(ids), jnp.inf, jnp.float32))
-            done = 0
-            while done < n_iter:
-                k = min(chunk, n_iter - done)
-                state = steps(k, cpu, state, x0, yb, tb)
-                done += k
-            k = len(real)
-            norm = np.asarray(state[2])[:k]
-            ok = norm <= eps[real] + 1e-4
-            adv[real[ok]] = np.asarray(state[1]).reshape(x0.shape)[:k][ok]
-            success[real[ok]] = True
+            state = ((x0, x0.reshape(len(ids), -1), jnp.full(len(ids), jnp.inf, jnp.float32)),
+                     jnp.asarray(eps[ids], jnp.float32))
+            _until_done(lambda k, i0, s, c: (steps(k, cpu, s[0], *c), s[1]), state, (x0, yb, tb), real, n_iter,
+                        _chunk(n_iter, cpu), finished, emit)
         if success.all():
             break
     return _result(x, adv, success, eps)
