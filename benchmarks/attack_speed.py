@@ -56,6 +56,7 @@ def main():
     p.add_argument("--limit", type=int, default=10_000)
     p.add_argument("--foolbox-limit", type=int, default=300)
     p.add_argument("--pgd", type=int, default=0, metavar="N", help="also time PGD-margin on N images")
+    p.add_argument("--json", help="also write the JSON summary to this file (for experiments.docs_tables collect)")
     args = p.parse_args()
     data_dir = args.data_dir or os.environ.get("BANG_DATA_DIR")
     weights = args.weights or (Path(data_dir) / "bang_caffe" / "lenet.caffemodel.h5" if data_dir else None)
@@ -107,8 +108,7 @@ def main():
         f"Foolbox FGSM over ε = 1..255 on {n} images: {t_fb:.1f} s; ours (exact FGS search) on the same images: "
         f"{t_ours_small:.2f} s → {ratio:.1f}× faster; same minimal step on {100 * agree:.1f}% of images"
     )
-    print(
-        json.dumps(
+    summary = (
             {
                 "images": int(len(x)),
                 "fgs_seconds": round(t_fgs, 2),
@@ -122,8 +122,10 @@ def main():
                 "same_minimal_step_share": round(agree, 4),
             }
             | pgd_summary
-        )
     )
+    print(json.dumps(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

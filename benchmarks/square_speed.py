@@ -36,6 +36,7 @@ def main():
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--eps", default="4,32")
     p.add_argument("--chunks", default="none,100,25", help="chunk_queries values to compare ('none': one loop)")
+    p.add_argument("--json", help="also write the runs as a JSON list to this file (for experiments.docs_tables)")
     args = p.parse_args()
     data_dir = args.data_dir or os.environ.get("BANG_DATA_DIR")
     name = "lenet" if args.dataset == "mnist" else "cifar10"
@@ -52,18 +53,22 @@ def main():
     x, y = x[ok], y[ok]
     print(f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {len(x)} attacked {args.dataset} images")
     chunks = [None if c == "none" else int(c) for c in args.chunks.split(",")]
+    runs = []
     for eps in (float(e) for e in args.eps.split(",")):
         for chunk in chunks:
             square_attack(logits_fn, x, y, epsilon=eps, queries=args.queries, chunk_queries=chunk)  # warm-up
             t0 = time.perf_counter()
             res = square_attack(logits_fn, x, y, epsilon=eps, queries=args.queries, chunk_queries=chunk)
             seconds = time.perf_counter() - t0
-            print(json.dumps({
+            runs.append({
                 "dataset": args.dataset, "epsilon": eps, "queries": args.queries, "chunk_queries": chunk,
                 "images": len(x), "seconds": round(seconds, 2), "images_per_second": round(len(x) / seconds, 1),
                 "forward_passes_per_second": round(float(res.queries.sum()) / seconds, 0),
                 "success_rate": round(res.rate, 2), "mean_queries": round(float(res.queries.mean()), 1),
-            }), flush=True)
+            })
+            print(json.dumps(runs[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,8 @@ def main():
     parser.add_argument(
         "--models", default="lenet,cifar_quick,nnx_cnn,scanned_transformer,scanned_transformer_ratio0.5"
     )
+    parser.add_argument("--json", help="also write the JSON summary to this file (python -m experiments.docs_tables "
+                        "collect FILE NAME --benchmark … makes it a docs results file)")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     summary = {}
@@ -192,7 +195,10 @@ def main():
         summary[f"{name}_single_pass_over_plain"] = round(t["single_pass"] / t["plain"], 3)
         if "per_example" in t:
             summary[f"{name}_per_example_over_plain"] = round(t["per_example"] / t["plain"], 3)
+    summary["repeats"] = args.repeats
     print(json.dumps(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ machine of a results file), ``value NAME ROW KEY [DIGITS]`` (one number inside a
 ``<!-- results: value mnist-seeds B1 hc1_pass_mean 3 -->…<!-- /results -->``), ``pgd NAME…`` (PGD success per budget
 and loss), ``hc1cap NAME`` (HC1 at several search caps), ``curves NAME [MODEL…]`` (robust accuracy per attack and
 budget, AutoAttack, and the masking verdicts), ``robust NAME`` (per model: accuracy, FGS and every fixed-budget
-attack's success).
+attack's success), ``masking BUDGETS NAME…`` (the released weights' masking table from their ``evaluate
+--curves`` files); benchmarks, from their scripts' ``--json`` reports: ``throughput NAME``, ``steptime NAME``,
+``attackspeed NAME``, ``squarespeed NAME…``, ``suite NAME`` (the test suite), ``crosscheck NAME`` and
+``aaspeed NAME…`` (AutoAttack against torchattacks).
 """
 
 from __future__ import annotations
@@ -266,6 +269,47 @@ def gen_curves(root: Path, name: str, *models: str) -> str:
     return text + "\n"
 
 
+def gen_masking(root: Path, budgets: str, *names: str) -> str:
+    """The masking table of the released weights: one row per ``evaluate --curves`` results file named
+    ``released-<model>-curves`` (the model as in :data:`RELEASED`): clean accuracy, the paper's FGS rate with ours
+    on the subset, robust accuracy under PGD-margin, Square and the best attack at the comma-separated
+    ``budgets``, the masking report's shares and median logit margin, PGD-margin's minimal L∞ (where evaluated)
+    and the verdict's first clause."""
+    eps = [float(b) for b in budgets.split(",")]
+    head = " / ".join(f"{e:g}" for e in eps)
+    lines = [f"| model | paper FGS (ours on the subset) | PGD-margin, ε = {head} | Square, ε = {head} | "
+             f"best attack, ε = {head} | CE loss = 0 | input gradient = 0 | median logit margin | "
+             "PGD-margin minimal L∞ | verdict |", "|" + " --- |" * 10]
+    counts = set()
+    for name in names:
+        base = name.removesuffix("-curves")
+        if base not in RELEASED or base == name:
+            raise DocsError(f"masking: {name} is not released-<model>-curves (models: {', '.join(RELEASED)})")
+        label, dataset, row = RELEASED[base]
+        r = _load(root, name, "results.json")[0]
+        c, m = r.get("curves"), r.get("masking")
+        if not c or not m:
+            raise DocsError(f"{RESULTS / name}/results.json has no curves and masking report (evaluate --curves)")
+        missing = [e for e in eps if e not in c["epsilons"]]
+        if missing:
+            raise DocsError(f"{RESULTS / name}: no curve budget {', '.join(f'{e:g}' for e in missing)} "
+                            f"(has {', '.join(f'{e:g}' for e in c['epsilons'])})")
+
+        def at(curve):
+            return " / ".join(f"{curve['robust_accuracy'][c['epsilons'].index(e)]:.1f}" for e in eps)
+
+        counts.add((dataset, c["images"]))
+        lines.append(
+            f"| {label} (clean {_pct(r['accuracy'], 1)}) | {_pct(_paper(dataset)[row]['fgs_rate'])} "
+            f"({_pct(r.get('fgs_rate'))}) | {at(c['attacks']['pgd_margin'])} | {at(c['attacks']['square'])} | "
+            f"{at(c['best'])} | {_pct(m['ce_loss_zero_share'], 1)} | {_pct(m['ce_grad_zero_share'], 1)} | "
+            f"{_num(m['margin_median'], 1)} | {_mean_std(r, 'pgd_min_linf', 1)} | {m['verdict'].split(';')[0]} |")
+    images = ", ".join(f"the first {n:,} {d} test images" for d, n in sorted(counts))
+    return "\n".join(lines) + (
+        f"\n\nOn {images}. Robust accuracy in % of all evaluated images; the paper's FGS is the success rate over "
+        "attacked images, as in Tables 1–2; shares in % of the attacked images; ε and L∞ in pixels of 255.\n")
+
+
 def gen_seeds(root: Path, name: str) -> str:
     from experiments import seeds as seeds_lib  # noqa: PLC0415
 
@@ -416,10 +460,93 @@ def gen_crosscheck(root: Path, name: str) -> str:
         "predictions).\n")
 
 
+def gen_steptime(root: Path, name: str) -> str:
+    """``benchmarks/step_time.py --json``: each model's plain step and the BANG steps' ratios to it."""
+    r = _load(root, name, "benchmark.json")
+    models = [k.removesuffix("_plain_ms") for k in r if k.endswith("_plain_ms")]
+    lines = ["| model | plain step | single-pass BANG | per-example BANG |", "| --- | --- | --- | --- |"]
+    for m in models:
+        per = r.get(f"{m}_per_example_over_plain")
+        lines.append(f"| `{m}` | {r[f'{m}_plain_ms']:,.1f} ms | {r[f'{m}_single_pass_over_plain']:.2f}× | "
+                     + (f"{per:.2f}×" if per is not None else "–") + " |")
+    return "\n".join(lines) + f"\n\nMedians of {r.get('repeats', 30)} interleaved rounds; {_made(root, name)}\n"
+
+
+def _made(root: Path, name: str) -> str:
+    meta = _load(root, name, "meta.json")
+    note = f" ({meta['note']})" if meta.get("note") else ""
+    return f"`{meta['command']}` on {meta['machine']}, {meta['date']}{note}."
+
+
+def gen_attackspeed(root: Path, name: str) -> str:
+    """``benchmarks/attack_speed.py --json``: the paper's attacks on the whole test set, and Foolbox side by side."""
+    r = _load(root, name, "benchmark.json")
+    lines = ["| FGS search | HC1 search (t ≤ 1020) | PASS | FGS + HC1 | Foolbox FGSM ε = 1..255 | ours, same images |",
+             "| --- | --- | --- | --- | --- | --- |",
+             f"| {r['fgs_seconds']:.1f} s | {r['hc1_seconds']:.1f} s | {r['pass_seconds']:.1f} s | "
+             f"**{r['fgs_plus_hc1_seconds']:.1f} s** (target < 60 s) | {r['foolbox_fgs_seconds']:.1f} s "
+             f"({r['foolbox_images']:,} images) | {r['ours_fgs_seconds_same_images']:.2f} s "
+             f"(**{r['foolbox_over_ours']:.1f}× faster**; same minimal step on "
+             f"{100 * r['same_minimal_step_share']:.1f}%) |"]
+    text = "\n".join(lines) + f"\n\n{r['images']:,} attacked MNIST test images; {_made(root, name)}"
+    if "pgd_seconds" in r:
+        text += (f" PGD on the logit margin (40 steps, budget 32) took {r['pgd_seconds']:.1f} s on "
+                 f"{r['pgd_images']:,} images.")
+    return text + "\n"
+
+
+def gen_squarespeed(root: Path, *names: str) -> str:
+    """``benchmarks/square_speed.py --json`` runs: speed per budget and loop layout."""
+    lines = ["| data | ε | loop | images | time | images / s | forward passes / s | fooled | mean queries |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    made = []
+    for name in names:
+        for run in _load(root, name, "benchmark.json")["runs"]:
+            loop = ("one `lax.while_loop`" if run["chunk_queries"] is None
+                    else f"chunks of {run['chunk_queries']}")
+            lines.append(f"| {run['dataset']} | {run['epsilon']:g} | {loop} | {run['images']:,} | "
+                         f"{run['seconds']:,.1f} s | {run['images_per_second']:,.1f} | "
+                         f"{run['forward_passes_per_second']:,.0f} | {_pct(run['success_rate'])} | "
+                         f"{run['mean_queries']:,.0f} |")
+        made.append(_made(root, name))
+    return "\n".join(lines) + "\n\n" + " ".join(made) + "\n"
+
+
+def gen_suite(root: Path, name: str) -> str:
+    """``benchmarks/suite_time.py --json``: the test suite's size, outcome and time."""
+    r = _load(root, name, "benchmark.json")
+    outcome = ", ".join(f"{v:,} {k}" for k, v in r["outcome"].items())
+    return (f"{outcome} in **{r['seconds']:,.0f} s** ({r['seconds'] / 60:.0f} min): {_made(root, name)}\n")
+
+
+def gen_aaspeed(root: Path, *names: str) -> str:
+    """AutoAttack (standard) ours against torchattacks, one row per ``autoattack_crosscheck.py --json`` file:
+    robust accuracy, time, the ratio and its bound (the reference's time over our Square's)."""
+    lines = ["| model, images, ε | robust accuracy, ours | torchattacks | time, ours | torchattacks | "
+             "torchattacks ÷ ours | bound: torchattacks ÷ our Square | our time per attack |",
+             "|" + " --- |" * 8]
+    made = []
+    for name in names:
+        r = _load(root, name, "benchmark.json")
+        row = r["attacks"]["autoattack"]
+        per = row.get("ours_by_attack", {}).get("seconds", {})
+        bound = row.get("speedup_bound")
+        lines.append(
+            f"| {r['weights']}, first {r['images']:,} {r['dataset']}, ε {r['eps']:g} | {_pct(row['robust_ours'])} | "
+            f"{_pct(row['robust_reference'])} | {row['seconds_ours']:,.0f} s | {row['seconds_reference']:,.0f} s | "
+            f"**{row['seconds_reference'] / row['seconds_ours']:.2f}×** | "
+            + (f"{bound:.1f}×" if bound is not None else "–") + " | "
+            + (", ".join(f"{k} {v:,.0f} s" for k, v in per.items()) or "–") + " |")
+        made.append(_made(root, name))
+    return "\n".join(lines) + "\n\n" + " ".join(sorted(set(made))) + "\n"
+
+
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
               "seeds": gen_seeds, "released": gen_released, "summary": gen_summary, "value": gen_value,
               "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput, "curves": gen_curves,
-              "robust": gen_robust,
+              "robust": gen_robust, "masking": gen_masking, "steptime": gen_steptime,
+              "attackspeed": gen_attackspeed, "squarespeed": gen_squarespeed, "suite": gen_suite,
+              "aaspeed": gen_aaspeed,
               "crosscheck": gen_crosscheck}
 
 

@@ -229,3 +229,25 @@ def test_iteration_chunks_and_empty_inputs():
     empty = np.zeros((0, 4, 4, 1), np.float32)
     res = autoattack(lambda v: v.reshape(v.shape[0], -1)[:, :10], empty, np.zeros(0, np.int32), 8.0)
     assert res.robust.shape == (0,) and res.linf.shape == (0,)
+
+
+def test_images_leave_the_batch_when_done_without_changing_any_outcome():
+    """FAB-T stops an image once it has an adversarial within the budget: the same successes as running every
+    iteration (``minimise=True``), whose adversarials are never larger. APGD drops fooled images the same way:
+    an image's result does not depend on the others in its batch."""
+    rng = np.random.default_rng(5)
+    w1 = jnp.asarray(rng.normal(size=(16, 12)) / 4, jnp.float32)
+    w2 = jnp.asarray(rng.normal(size=(12, 6)), jnp.float32)
+    logits_fn = jax.jit(lambda v: jnp.tanh(v.reshape(v.shape[0], -1) / 64.0 @ w1) @ w2)
+    x = rng.uniform(0, 255, (40, 4, 4, 1)).astype(np.float32)
+    y = np.argmax(np.asarray(logits_fn(jnp.asarray(x))), axis=1)
+    eps = 40.0
+    fast = fab_targeted(logits_fn, x, y, epsilon=eps, n_iter=30)
+    full = fab_targeted(logits_fn, x, y, epsilon=eps, n_iter=30, minimise=True)
+    assert 0 < fast.success.sum() < len(x)
+    np.testing.assert_array_equal(fast.success, full.success)
+    assert np.all(full.linf[full.success] <= fast.linf[fast.success] + 1e-4)
+    assert np.all(fast.linf[fast.success] <= eps + 1e-3)
+    together = apgd(logits_fn, x, y, epsilon=eps / 2, n_iter=20)
+    alone = [apgd(logits_fn, x[i : i + 1], y[i : i + 1], epsilon=eps / 2, n_iter=20).success[0] for i in range(8)]
+    np.testing.assert_array_equal(together.success[:8], alone)

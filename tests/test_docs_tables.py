@@ -186,3 +186,71 @@ def test_robust_lists_every_attack_the_results_hold(tmp_path):
         docs_tables.gen_curves(root, "sweep", "R", "Bx")
     with pytest.raises(docs_tables.DocsError, match="no curves"):
         docs_tables.gen_curves(root, "sweep")
+
+
+def _bench(tmp_path: Path, name: str, report: dict, command: str) -> Path:
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True, exist_ok=True)
+    src = tmp_path / f"{name}.json"
+    src.write_text(json.dumps(report))
+    docs_tables.collect(src, name, command, root=root, benchmark=True, code_version="abc1234")
+    return root
+
+
+def test_every_benchmark_report_becomes_its_table(tmp_path):
+    _bench(tmp_path, "steps", {"lenet_plain_ms": 14.3, "lenet_single_pass_over_plain": 1.1,
+                               "lenet_per_example_over_plain": 1.4, "nnx_cnn_plain_ms": 90.0,
+                               "nnx_cnn_single_pass_over_plain": 1.07, "repeats": 30},
+           "python benchmarks/step_time.py --json s.json")
+    _bench(tmp_path, "attacks", {"images": 9916, "fgs_seconds": 15.9, "hc1_seconds": 39.1, "pass_seconds": 3.8,
+                                 "fgs_plus_hc1_seconds": 55.0, "foolbox_images": 300, "foolbox_fgs_seconds": 39.9,
+                                 "ours_fgs_seconds_same_images": 1.42, "foolbox_over_ours": 28.2,
+                                 "same_minimal_step_share": 1.0}, "python benchmarks/attack_speed.py --json a.json")
+    _bench(tmp_path, "square", {"runs": [{"dataset": "mnist", "epsilon": 4.0, "queries": 1000, "chunk_queries": None,
+                                          "images": 300, "seconds": 38.0, "images_per_second": 7.9,
+                                          "forward_passes_per_second": 7800.0, "success_rate": 1.5,
+                                          "mean_queries": 990.0}]}, "python benchmarks/square_speed.py --json q.json")
+    _bench(tmp_path, "suite", {"outcome": {"passed": 289, "skipped": 2}, "seconds": 855.0, "exit_status": 0},
+           "python benchmarks/suite_time.py --json t.json")
+    root = _bench(tmp_path, "aa", {"dataset": "mnist", "weights": "lenet_bang.caffemodel.h5", "images": 500,
+                                   "eps": 32.0, "attacks": {"autoattack": {
+                                       "robust_ours": 24.8, "robust_reference": 24.6, "seconds_ours": 100.0,
+                                       "seconds_reference": 150.0, "speedup_bound": 4.0,
+                                       "ours_by_attack": {"seconds": {"apgd-ce": 10.0, "square": 37.5}}}}},
+                  "python benchmarks/autoattack_crosscheck.py --json c.json")
+    steps = docs_tables.gen_steptime(root, "steps")
+    assert "| `lenet` | 14.3 ms | 1.10× | 1.40× |" in steps and "| `nnx_cnn` | 90.0 ms | 1.07× | – |" in steps
+    assert "step_time.py" in steps and "abc1234" not in steps
+    assert "| 15.9 s | 39.1 s | 3.8 s | **55.0 s** (target < 60 s) | 39.9 s (300 images) | 1.42 s (**28.2× faster**" \
+        in docs_tables.gen_attackspeed(root, "attacks")
+    assert "| mnist | 4 | one `lax.while_loop` | 300 | 38.0 s | 7.9 | 7,800 | 1.50% | 990 |" in \
+        docs_tables.gen_squarespeed(root, "square")
+    assert docs_tables.gen_suite(root, "suite").startswith("289 passed, 2 skipped in **855 s** (14 min)")
+    aa = docs_tables.gen_aaspeed(root, "aa")
+    assert "| 24.80% | 24.60% | 100 s | 150 s | **1.50×** | 4.0× | apgd-ce 10 s, square 38 s |" in aa
+    with pytest.raises(docs_tables.DocsError, match="does not exist"):
+        docs_tables.gen_aaspeed(root, "aa", "missing")
+
+
+def test_the_masking_table_of_the_released_weights(tmp_path):
+    curve = lambda ra: {"robust_accuracy": ra}  # noqa: E731
+    row = {"id": "released", "accuracy": 98.8, "fgs_rate": 2.63, "pgd_min_linf_mean": 28.2, "pgd_min_linf_std": 10.1,
+           "curves": {"epsilons": [0.0, 16.0, 32.0], "images": 1000,
+                      "attacks": {"pgd_margin": curve([98.8, 87.0, 33.0]), "square": curve([98.8, 90.5, 45.7])},
+                      "best": curve([98.8, 86.9, 32.0])},
+           "masking": {"ce_loss_zero_share": 97.4, "ce_grad_zero_share": 30.4, "margin_median": 67.71,
+                       "verdict": "cross-entropy masking: Square beats PGD-CE; more"}}
+    src = tmp_path / "b1.json"
+    src.write_text(json.dumps([row]))
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    docs_tables.collect(src, "released-lenet-b1-curves", "python -m bang_jax.evaluate --curves", root=root,
+                        dataset="mnist", code_version="abc")
+    text = docs_tables.gen_masking(root, "16,32", "released-lenet-b1-curves")
+    assert ("| LeNet B1 (clean 98.8%) | 1.68% (2.63%) | 87.0 / 33.0 | 90.5 / 45.7 | 86.9 / 32.0 | 97.4% | 30.4% | "
+            "67.7 | 28.2 ± 10.1 | cross-entropy masking: Square beats PGD-CE |") in text
+    assert "first 1,000 mnist test images" in text
+    with pytest.raises(docs_tables.DocsError, match="no curve budget 64"):
+        docs_tables.gen_masking(root, "32,64", "released-lenet-b1-curves")
+    with pytest.raises(docs_tables.DocsError, match="is not released-<model>-curves"):
+        docs_tables.gen_masking(root, "32", "modern")

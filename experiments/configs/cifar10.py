@@ -5,9 +5,10 @@ Presets (``python -m experiments.cifar10 --preset NAME``):
 * ``default`` — R0 and B0 (β 0.40, ε 0.855, ratio 0.5) trained together, **shortened** to 3,000 iterations
   (6 epochs; the multistep drops scaled to 2,700 and 2,850) because a CIFAR-quick step takes ≈ 0.15 s per model
   on a 2-core CPU (the paper's 20,000 iterations would take ≈ 100 min). Attacks on the whole test set; a light
-  noise study (σ 0…40, snapshots every 500 iterations). Hardware: a 2-core CPU. Runtime: ≈ 25 min (measured
-  1,490 s: training 533 s, attacks 489 s, noise 452 s). Expected: R0 ≈ 72%, B0 ≈ 69% accuracy (not the paper's
-  79%: shortened schedule); paper-rule FGS ≈ 99.9% on R0 against ≈ 78% on B0; exact FGS ≈ 99% on both.
+  noise study (σ 0…40, snapshots every 500 iterations). Hardware: a 2-core CPU. Runtime: about 25 minutes (an
+  estimate; measured run times, with their machines, are in docs/reproducing.md, generated from docs/results).
+  Expected: R0 ≈ 72%, B0 ≈ 69% accuracy (not the paper's 79%: shortened schedule); paper-rule FGS ≈ 99.9% on R0
+  against ≈ 78% on B0; exact FGS ≈ 99% on both.
 * ``full`` — the paper's experiment for R0 and B0: the paper's solver and schedule (base lr 0.001, ×0.1 at 18,000
   and 19,000, batch 100, 20,000 iterations), FGS (paper rule and exact gradient), HC1 and PASS on the whole test
   set, the default preset's light noise study (snapshots every 1,000 iterations). Prints its estimate first:
