@@ -25,7 +25,8 @@ budget, AutoAttack, and the masking verdicts), ``robust NAME`` (per model: accur
 attack's success), ``masking BUDGETS NAME…`` (the released weights' masking table from their ``evaluate
 --curves`` files); benchmarks, from their scripts' ``--json`` reports: ``throughput NAME``, ``steptime NAME``,
 ``attackspeed NAME``, ``squarespeed NAME…``, ``suite NAME`` (the test suite), ``crosscheck NAME`` and
-``aaspeed NAME…`` (AutoAttack against torchattacks).
+``aaspeed NAME…`` (AutoAttack against torchattacks); ``agreement NAME…`` (inline: our AutoAttack's robust
+accuracy against torchattacks'); ``autoattack NAME…`` (AutoAttack on the released weights, per budget).
 """
 
 from __future__ import annotations
@@ -122,11 +123,12 @@ def gen_runtimes(root: Path) -> str:
     for meta_path in sorted((root / RESULTS).glob("*/meta.json")):
         meta = json.loads(meta_path.read_text())
         t = meta.get("seconds") or {}
-        if t.get("total") is None:
-            continue
         stages = ", ".join(f"{k.removesuffix('_seconds')} {v:,.0f} s" for k, v in t.items()
                            if k.removesuffix("_seconds") in STAGE_NAMES and v >= 1) or "–"
-        lines.append(f"| `{meta['command']}` | **{t['total']:,.0f} s** ({t['total'] / 60:.0f} min) | {stages} | "
+        if t.get("total") is None and stages == "–":
+            continue
+        total = "–" if t.get("total") is None else f"**{t['total']:,.0f} s** ({t['total'] / 60:.0f} min)"
+        lines.append(f"| `{meta['command']}` | {total} | {stages} | "
                      f"{meta['machine']}{'; ' + meta['note'] if meta.get('note') else ''} | "
                      f"{meta['code_version']}, {meta['date']} |")
     return "\n".join(lines) + "\n"
@@ -363,6 +365,82 @@ def _one_run(results: list[dict], dataset: str, ids: tuple[str, str], title: str
     return rows
 
 
+def _curve_at(row: dict, attack: str, eps: float) -> float:
+    """Robust accuracy (% of all images) of a curve attack (or ``'best'``) at budget ``eps``."""
+    c = row["curves"]
+    data = c["best"] if attack == "best" else c["attacks"][attack]
+    return data["robust_accuracy"][c["epsilons"].index(eps)]
+
+
+# The AutoAttack evaluations of the released weights (evaluate --curves with the autoattack curve attack), with
+# the budgets the summary reports: the README's robustness verdicts rest on them.
+AUTOATTACK_RUNS = ((("released-lenet-r0-autoattack", "released-lenet-b1-autoattack"), (32.0,)),
+                   (("released-cifar-r0-autoattack", "released-cifar-b0-autoattack"), (2.0, 4.0)))
+
+
+def _autoattack_rows(root: Path) -> list[tuple]:
+    rows = []
+    for names, budgets in AUTOATTACK_RUNS:
+        runs = [(_load(root, n, "results.json", required=False) or [None])[0] for n in names]
+        if not all(runs):
+            continue
+        label = " / ".join(RELEASED[n.removesuffix("-autoattack")][0].split()[1] for n in names)
+        images = runs[0]["curves"]["images"]
+        for attack, what in (("autoattack", "AutoAttack (standard)"), ("pgd_margin", "PGD on the logit margin")):
+            if any(attack not in r["curves"]["attacks"] for r in runs):
+                continue
+            ours = "; ".join(f"ε {e:g}: " + " / ".join(_pct(_curve_at(r, attack, e), 1) for r in runs)
+                             for e in budgets)
+            rows.append((f"not in the paper — released {RELEASED[names[0].removesuffix('-autoattack')][0].split()[0]}"
+                         f" {label}: robust accuracy under {what}, first {images:,} test images", "–", ours))
+    return rows
+
+
+def gen_autoattack(root: Path, *names: str) -> str:
+    """AutoAttack on the released weights: one row per model and budget of each ``released-<model>-autoattack``
+    file (``evaluate --curves`` with the ``autoattack`` curve attack): robust accuracy under PGD-margin, Square and
+    AutoAttack, which of AutoAttack's attacks fooled the images first, the images only its Square fooled (no
+    gradient attack could), and the masking verdict."""
+    lines = ["| model | ε | PGD-margin | Square (1,000 queries) | AutoAttack | fooled first by APGD-CE / APGD-T / "
+             "FAB-T / Square | only Square | masking verdict |", "|" + " --- |" * 8]
+    counts = set()
+    for name in names:
+        base = name.removesuffix("-autoattack")
+        if base not in RELEASED or base == name:
+            raise DocsError(f"autoattack: {name} is not released-<model>-autoattack (models: {', '.join(RELEASED)})")
+        r = _load(root, name, "results.json")[0]
+        c, m = r.get("curves") or {}, r.get("masking") or {}
+        if "autoattack" not in c.get("attacks", {}) or "autoattack" not in m:
+            raise DocsError(f"{RESULTS / name}/results.json has no AutoAttack curve (evaluate --curves "
+                            "--curve-attacks …,autoattack)")
+        counts.add((RELEASED[base][1], c["images"]))
+        winners = {w["epsilon"]: w for w in c["attacks"]["autoattack"].get("fooled_by", [])}
+        only = {row["epsilon"]: row["square_only"] for row in m["autoattack"]["square_vs_gradient"]}
+        for e in c["epsilons"]:
+            if e == 0:
+                continue
+            w = winners.get(e, {})
+            fooled = " / ".join(str(w.get(a, 0)) for a in ("apgd-ce", "apgd-t", "fab-t", "square"))
+            lines.append(f"| {RELEASED[base][0]} | {e:g} | {_pct(_curve_at(r, 'pgd_margin', e), 1)} | "
+                         f"{_pct(_curve_at(r, 'square', e), 1)} | **{_pct(_curve_at(r, 'autoattack', e), 1)}** | "
+                         f"{fooled} | {only.get(e, 0)} | {m['verdict'].split(';')[0]} |")
+    images = ", ".join(f"the first {n:,} {d} test images" for d, n in sorted(counts))
+    return "\n".join(lines) + (
+        f"\n\nOn {images}; robust accuracy in % of all of them (clean errors count as not robust); ε in pixels of "
+        "255. The AutoAttack columns count images per attack on those still robust at the smaller budget.\n")
+
+
+def gen_agreement(root: Path, *names: str) -> str:
+    """Inline: our AutoAttack's robust accuracy against torchattacks' for each ``autoattack_crosscheck.py`` file."""
+    parts = []
+    for name in names:
+        r = _load(root, name, "benchmark.json")
+        row = r["attacks"]["autoattack"]
+        parts.append(f"{_pct(row['robust_ours'], 1)} against {_pct(row['robust_reference'], 1)} "
+                     f"({r['weights'].split('.')[0]}, ε {r['eps']:g}, {r['images']:,} images)")
+    return "; ".join(parts)
+
+
 def gen_summary(root: Path) -> str:
     """The README's findings: the released weights and the seeded default MNIST run, where their files exist."""
     rows = []
@@ -411,6 +489,7 @@ def gen_summary(root: Path) -> str:
     if cifar:
         rows += _one_run(cifar, "cifar10", ("R0", "B0"), "CIFAR-quick trained here (paper length, one run)",
                          ONE_RUN_KEYS[:2] + (("fgs_linf_mean", "FGS mean L∞", False),) + ONE_RUN_KEYS[2:])
+    rows += _autoattack_rows(root)
     lines = ["| | paper | ours |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     if seeds:
         lines += ["", "\\* B1 differs from R0 beyond the seed spread (Welch's t-test, p < 0.05). Files: "
@@ -546,7 +625,8 @@ GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes
               "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput, "curves": gen_curves,
               "robust": gen_robust, "masking": gen_masking, "steptime": gen_steptime,
               "attackspeed": gen_attackspeed, "squarespeed": gen_squarespeed, "suite": gen_suite,
-              "aaspeed": gen_aaspeed,
+              "aaspeed": gen_aaspeed, "agreement": gen_agreement,
+              "autoattack": gen_autoattack,
               "crosscheck": gen_crosscheck}
 
 

@@ -254,3 +254,39 @@ def test_the_masking_table_of_the_released_weights(tmp_path):
         docs_tables.gen_masking(root, "32,64", "released-lenet-b1-curves")
     with pytest.raises(docs_tables.DocsError, match="is not released-<model>-curves"):
         docs_tables.gen_masking(root, "32", "modern")
+
+
+def test_autoattack_on_the_released_weights_and_the_summary_rows(tmp_path):
+    curve = lambda ra: {"robust_accuracy": ra}  # noqa: E731
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    for name, pgd, aa, only in (("released-lenet-r0-autoattack", 45.0, 42.4, 0),
+                                ("released-lenet-b1-autoattack", 33.0, 24.8, 3)):
+        row = {"id": "released", "accuracy": 99.0,
+               "curves": {"epsilons": [0.0, 32.0], "images": 500,
+                          "attacks": {"pgd_margin": curve([99.0, pgd]), "square": curve([99.0, 50.0]),
+                                      "autoattack": {"robust_accuracy": [99.0, aa], "fooled_by": [
+                                          {"epsilon": 32.0, "clean": 0, "apgd-ce": 200, "apgd-t": 60, "fab-t": 1,
+                                           "square": only}]}},
+                          "best": curve([99.0, aa])},
+               "masking": {"verdict": "no sign of gradient masking; more",
+                           "autoattack": {"square_vs_gradient": [{"epsilon": 32.0, "square_only": only}]}}}
+        src = tmp_path / f"{name}.json"
+        src.write_text(json.dumps([row]))
+        docs_tables.collect(src, name, "python -m bang_jax.evaluate --curves", root=root, dataset="mnist",
+                            code_version="abc")
+    text = docs_tables.gen_autoattack(root, "released-lenet-r0-autoattack", "released-lenet-b1-autoattack")
+    assert ("| LeNet B1 | 32 | 33.0% | 50.0% | **24.8%** | 200 / 60 / 1 / 3 | 3 | no sign of gradient masking |"
+            in text)
+    assert "| LeNet R0 | 32 |" in text and "| LeNet R0 | 0 |" not in text  # no row for the clean budget
+    rows = docs_tables._autoattack_rows(root)
+    assert ("not in the paper — released LeNet R0 / B1: robust accuracy under AutoAttack (standard), first 500 test "
+            "images", "–", "ε 32: 42.4% / 24.8%") in rows
+    with pytest.raises(docs_tables.DocsError, match="not released-<model>-autoattack"):
+        docs_tables.gen_autoattack(root, "released-lenet-r0")
+    src = tmp_path / "cc.json"
+    src.write_text(json.dumps({"dataset": "mnist", "weights": "lenet_bang.caffemodel.h5", "images": 500, "eps": 32.0,
+                               "attacks": {"autoattack": {"robust_ours": 24.8, "robust_reference": 25.0}}}))
+    docs_tables.collect(src, "cc", "python benchmarks/autoattack_crosscheck.py", root=root, benchmark=True,
+                        code_version="abc")
+    assert docs_tables.gen_agreement(root, "cc") == "24.8% against 25.0% (lenet_bang, ε 32, 500 images)"
