@@ -73,6 +73,35 @@ def test_pooling_matches_caffe_loops(size):
         np.testing.assert_allclose(got, reference_pool(x, 3, 2, op), rtol=1e-6, atol=1e-6)
 
 
+def reference_max_pool_grad(x, k, s, g):
+    """Caffe's MAX pooling backward on one [H, W] map: each window's gradient goes to its first maximal element
+    (strict > while scanning row by row), summed where windows overlap."""
+    h, w = x.shape
+    out = np.zeros((h, w), np.float64)
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            best, at = -np.inf, None
+            for a in range(i * s, min(i * s + k, h)):
+                for b in range(j * s, min(j * s + k, w)):
+                    if x[a, b] > best:
+                        best, at = x[a, b], (a, b)
+            out[at] += g[i, j]
+    return out
+
+
+@pytest.mark.parametrize("size,k,s", [(24, 2, 2), (5, 2, 2), (32, 3, 2), (9, 3, 2), (6, 3, 3)])
+def test_max_pool_gradient_is_caffes_including_ties(size, k, s):
+    rng = np.random.default_rng(size)
+    for x in (rng.normal(size=(size, size)), rng.integers(0, 3, (size, size))):  # the second is full of ties
+        x = x.astype(np.float32)
+        out = caffe_max_pool(jnp.asarray(x)[None, :, :, None], k, s)
+        g = rng.normal(size=out.shape[1:3]).astype(np.float32)
+        grad = jax.jit(jax.grad(lambda v: jnp.sum(caffe_max_pool(v, k, s)[0, :, :, 0] * g)))(
+            jnp.asarray(x)[None, :, :, None])
+        np.testing.assert_allclose(np.asarray(grad)[0, :, :, 0], reference_max_pool_grad(x, k, s, g), rtol=1e-6,
+                                   atol=1e-6)
+
+
 def test_initialisation():
     lenet = LeNet().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
     for name, fan_in in (("conv1", 25), ("conv2", 500), ("ip1", 800), ("ip2", 500)):

@@ -35,7 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bang_jax.attacks import PGD_CPU_CHUNK, AttackResult, _image_keys, _per_image_budget, _per_pixel, steps_loop
+from bang_jax.attacks import (
+    PGD_CPU_CHUNK,
+    AttackResult,
+    _image_keys,
+    _padded,
+    _per_image_budget,
+    _per_pixel,
+    steps_loop,
+)
 
 __all__ = ["APGD_LOSSES", "AUTOATTACK_STANDARD", "AutoAttackResult", "apgd", "apgd_checkpoints", "apgd_targeted",
            "autoattack", "check_classes", "dlr_loss", "dlr_targeted_loss", "fab_targeted", "project_linf_box"]
@@ -249,17 +257,6 @@ def _chunk(n_iter: int, cpu: bool) -> tuple[int, int]:
     every = max(d for d in range(1, min(8, n_iter) + 1) if n_iter % d == 0)
     every = every if every >= 4 or n_iter <= 8 else 8
     return (min(PGD_CPU_CHUNK, every) if cpu else every), every
-
-
-def _padded(ids: np.ndarray, batch_size: int) -> np.ndarray:
-    """``ids`` repeated at the end up to the next size of the series 8, 12, 16, 24, 32, 48, … (powers of two and
-    the halfway points; at most ``batch_size``): the shrinking sets of images still robust then reuse a few
-    compiled shapes instead of compiling one per size, and carry at most a third of padding."""
-    size = 8
-    while size < len(ids):
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    size = max(min(batch_size, size), len(ids))
-    return np.pad(ids, (0, size - len(ids)), mode="edge")
 
 
 def _result(x_all, adv, success, eps_all) -> AttackResult:
