@@ -75,7 +75,9 @@ def caffe_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
 
 
 def _max_pool_fwd(x, window, stride):
-    out = caffe_max_pool(x, window, stride)
+    # under differentiation the value comes from the views, which XLA's CPU backend runs faster than reduce-window
+    # outside a loop (the gradient steps run one per dispatch there: ``bang_jax.attacks.PGD_CPU_CHUNK``)
+    out = functools.reduce(jnp.maximum, _pool_views(x, window, stride)[0])
     return out, (x, out)
 
 
