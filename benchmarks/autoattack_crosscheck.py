@@ -55,7 +55,8 @@ def main(argv=None) -> dict:
     y = np.asarray(data.test_labels[: args.limit], np.int64)
     logits_fn = jax.jit(lambda im: model.apply(variables, im))
     net = (TorchLeNet(variables["params"]) if args.dataset == "mnist" else TorchCifarQuick(variables)).eval()
-    xt = torch.tensor(np.transpose(x, (0, 3, 1, 2)) / 255.0, dtype=torch.float32)
+    # contiguous NCHW: torchattacks' FAB .view()s input gradients, which follow the input's memory layout
+    xt = torch.tensor(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))) / 255.0, dtype=torch.float32)
     yt = torch.tensor(y)
     with torch.no_grad():
         zt = net(xt).numpy()
