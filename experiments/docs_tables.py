@@ -271,6 +271,11 @@ def gen_curves(root: Path, name: str, *models: str) -> str:
     return text + "\n"
 
 
+def _verdict(masking: dict) -> str:
+    """The masking report's verdict without its details: 'no sign of gradient masking', 'cross-entropy masking'…"""
+    return masking["verdict"].split(";")[0].split(":")[0]
+
+
 def gen_masking(root: Path, budgets: str, *names: str) -> str:
     """The masking table of the released weights: one row per ``evaluate --curves`` results file named
     ``released-<model>-curves`` (the model as in :data:`RELEASED`): clean accuracy, the paper's FGS rate with ours
@@ -305,7 +310,7 @@ def gen_masking(root: Path, budgets: str, *names: str) -> str:
             f"| {label} (clean {_pct(r['accuracy'], 1)}) | {_pct(_paper(dataset)[row]['fgs_rate'])} "
             f"({_pct(r.get('fgs_rate'))}) | {at(c['attacks']['pgd_margin'])} | {at(c['attacks']['square'])} | "
             f"{at(c['best'])} | {_pct(m['ce_loss_zero_share'], 1)} | {_pct(m['ce_grad_zero_share'], 1)} | "
-            f"{_num(m['margin_median'], 1)} | {_mean_std(r, 'pgd_min_linf', 1)} | {m['verdict'].split(';')[0]} |")
+            f"{_num(m['margin_median'], 1)} | {_mean_std(r, 'pgd_min_linf', 1)} | {_verdict(m)} |")
     images = ", ".join(f"the first {n:,} {d} test images" for d, n in sorted(counts))
     return "\n".join(lines) + (
         f"\n\nOn {images}. Robust accuracy in % of all evaluated images; the paper's FGS is the success rate over "
@@ -422,7 +427,7 @@ def gen_autoattack(root: Path, *names: str) -> str:
             fooled = " / ".join(str(w.get(a, 0)) for a in ("apgd-ce", "apgd-t", "fab-t", "square"))
             lines.append(f"| {RELEASED[base][0]} | {e:g} | {_pct(_curve_at(r, 'pgd_margin', e), 1)} | "
                          f"{_pct(_curve_at(r, 'square', e), 1)} | **{_pct(_curve_at(r, 'autoattack', e), 1)}** | "
-                         f"{fooled} | {only.get(e, 0)} | {m['verdict'].split(';')[0]} |")
+                         f"{fooled} | {only.get(e, 0)} | {_verdict(m)} |")
     images = ", ".join(f"the first {n:,} {d} test images" for d, n in sorted(counts))
     return "\n".join(lines) + (
         f"\n\nOn {images}; robust accuracy in % of all of them (clean errors count as not robust); ε in pixels of "
