@@ -49,54 +49,41 @@ def _pool_padding(x: jax.Array, window: int, stride: int):
     ]
 
 
-def _pool_views(x: jax.Array, window: int, stride: int) -> tuple[list[jax.Array], tuple[int, ...]]:
-    """The ``window²`` strided views of ``x`` (padded with −∞ to Caffe's ceil-mode size) whose elementwise maximum
-    is the max pool, in Caffe's scan order (row by row), and the padded shape."""
+def _pool_views(x: jax.Array, window: int, stride: int, fill: float = -jnp.inf) -> list[jax.Array]:
+    """The ``window²`` strided views of ``x`` (padded with ``fill`` to Caffe's ceil-mode size) whose elementwise
+    maximum is the max pool, in Caffe's scan order (row by row)."""
     n, _, _, c = x.shape
-    xp = jnp.pad(x, _pool_padding(x, window, stride), constant_values=-jnp.inf)
+    xp = jnp.pad(x, _pool_padding(x, window, stride), constant_values=fill)
     oh, ow = (xp.shape[1] - window) // stride + 1, (xp.shape[2] - window) // stride + 1
-    views = [lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                       (1, stride, stride, 1)) for i in range(window) for j in range(window)]
-    return views, xp.shape
+    return [lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                      (1, stride, stride, 1)) for i in range(window) for j in range(window)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def caffe_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     """Caffe MAX pooling of ``[N, H, W, C]`` with ceil-mode output size (pad 0).
 
-    The gradient goes, in each window, to the first maximal element in Caffe's scan order (as Caffe's backward and
-    XLA's select-and-scatter do), but is computed from ``window²`` strided views instead of select-and-scatter,
-    which XLA's CPU backend runs slowly (a LeNet input gradient spent most of its time there: 18 ms against 1.5 ms
-    for this form, batch 128). The value is XLA's reduce-window (the views' maximum is the same number, but ran
-    2× slower inside the Square attack's ``lax.while_loop``). Forward-mode differentiation (``jax.jvp``) is not
-    defined for it."""
+    The derivative goes, in each window, to the first maximal element in Caffe's scan order (as Caffe's backward and
+    XLA's select-and-scatter do). It is written on ``window²`` strided views (a custom JVP, which JAX transposes for
+    gradients) instead of XLA's select-and-scatter, which XLA's CPU backend runs slowly (a LeNet input gradient
+    spent most of its time there: 18 ms against 1.6 ms for this form, batch 128). The undifferentiated value is
+    XLA's reduce-window (the views' maximum is the same number but ran 1.6× slower inside Square's while loop)."""
     pad = _pool_padding(x, window, stride)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pad)
 
 
-def _max_pool_fwd(x, window, stride):
-    # under differentiation the value comes from the views, which XLA's CPU backend runs faster than reduce-window
-    # outside a loop (the gradient steps run one per dispatch there: ``bang_jax.attacks.PGD_CPU_CHUNK``)
-    out = functools.reduce(jnp.maximum, _pool_views(x, window, stride)[0])
-    return out, (x, out)
-
-
-def _max_pool_bwd(window, stride, residuals, g):
-    x, out = residuals
-    views, padded = _pool_views(x, window, stride)
-    zero = jnp.zeros((), g.dtype)
+@caffe_max_pool.defjvp
+def _max_pool_jvp(window, stride, primals, tangents):
+    (x,), (t,) = primals, tangents
+    views = _pool_views(x, window, stride)
+    out = functools.reduce(jnp.maximum, views)
     taken = jnp.zeros(out.shape, bool)
-    grad = jnp.zeros(padded, g.dtype)
-    for k, view in enumerate(views):
-        i, j = divmod(k, window)
-        first = (view == out) & ~taken  # the first maximal element of each window takes the whole gradient
+    t_out = jnp.zeros(out.shape, t.dtype)
+    for view, t_view in zip(views, _pool_views(t, window, stride, fill=0.0)):
+        first = (view == out) & ~taken  # the first maximal element of each window carries the derivative
         taken = taken | first
-        grad = grad + lax.pad(jnp.where(first, g, zero), zero, ((0, 0, 0), (i, window - 1 - i, stride - 1),
-                                                                 (j, window - 1 - j, stride - 1), (0, 0, 0)))
-    return (grad[:, : x.shape[1], : x.shape[2], :],)
-
-
-caffe_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+        t_out = t_out + jnp.where(first, t_view, jnp.zeros((), t.dtype))
+    return out, t_out
 
 
 def caffe_avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
