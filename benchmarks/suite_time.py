@@ -21,6 +21,11 @@ from pathlib import Path
 OUTCOME = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
+def outcome(line: str) -> dict[str, int]:
+    """pytest's summary line (``== 289 passed, 2 skipped, 3 warnings in 855.12s ==``) as counts per outcome."""
+    return {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in OUTCOME.findall(line)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write the report to this file")
@@ -36,11 +41,10 @@ def main(argv=None) -> dict:
             last = line
     rc = proc.wait()
     seconds = time.perf_counter() - t0
-    outcome = {kind.rstrip("s") if kind.startswith("error") else kind: int(n)
-               for n, kind in OUTCOME.findall(last)}
-    if not outcome:
+    counts = outcome(last)
+    if not counts:
         raise SystemExit(f"pytest ended (exit status {rc}) without its summary line")
-    report = {"outcome": outcome, "seconds": round(seconds, 1), "exit_status": rc,
+    report = {"outcome": counts, "seconds": round(seconds, 1), "exit_status": rc,
               "command": " ".join(["python -m pytest", *args.pytest_args])}
     print(json.dumps(report))
     if args.json:

@@ -290,3 +290,15 @@ def test_autoattack_on_the_released_weights_and_the_summary_rows(tmp_path):
     docs_tables.collect(src, "cc", "python benchmarks/autoattack_crosscheck.py", root=root, benchmark=True,
                         code_version="abc")
     assert docs_tables.gen_agreement(root, "cc") == "24.8% against 25.0% (lenet_bang, ε 32, 500 images)"
+
+
+def test_the_suite_timer_reads_pytests_summary_line():
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("suite_time", ROOT / "benchmarks" / "suite_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.outcome("==== 289 passed, 2 skipped, 3 warnings in 855.12s (0:14:15) ====") == {
+        "passed": 289, "skipped": 2}
+    assert module.outcome("= 1 failed, 280 passed, 1 error in 12.0s =") == {"failed": 1, "passed": 280, "error": 1}
+    assert module.outcome("collected 3 items") == {}
