@@ -11,8 +11,8 @@ the same minimal step (exact-gradient FGS; Foolbox also differentiates the float
 Targets: FGS + HC1 on 10,000 images under 60 s on this CPU; at least 10× faster than Foolbox.
 
 ``--pgd N`` also times L∞ PGD on the logit margin (40 steps, budget 32 pixels) on the first N attacked images: the
-jitted steps (unrolled in chunks of ``bang_jax.attacks.PGD_CPU_CHUNK`` on the CPU, one rolled ``lax.fori_loop``
-on GPU/TPU) with per-image JAX keys for the random start.
+jitted steps (``bang_jax.attacks.PGD_CPU_CHUNK`` per dispatch on the CPU, one rolled ``lax.fori_loop`` on
+GPU/TPU) with per-image JAX keys for the random start.
 """
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ def gen_masking(root: Path, budgets: str, *names: str) -> str:
                             f"(has {', '.join(f'{e:g}' for e in c['epsilons'])})")
 
         def at(curve):
-            return " / ".join(f"{curve['robust_accuracy'][c['epsilons'].index(e)]:.1f}" for e in eps)
+            return " / ".join(_num(curve["robust_accuracy"][c["epsilons"].index(e)], 1) for e in eps)
 
         counts.add((dataset, c["images"]))
         lines.append(
@@ -389,10 +389,16 @@ def _autoattack_rows(root: Path) -> list[tuple]:
         runs = [(_load(root, n, "results.json", required=False) or [None])[0] for n in names]
         if not all(runs):
             continue
+        for n, r in zip(names, runs):
+            c = r.get("curves") or {}
+            if "autoattack" not in c.get("attacks", {}) or any(e not in c.get("epsilons", []) for e in budgets):
+                at = ", ".join(f"{e:g}" for e in budgets)
+                raise DocsError(f"{RESULTS / n}/results.json: no AutoAttack curve at ε {at} (evaluate --curves "
+                                "--curve-attacks …,autoattack)")
+        if len({r["curves"]["images"] for r in runs}) != 1:
+            raise DocsError(f"{' and '.join(names)} were evaluated on different numbers of images")
         label = " / ".join(RELEASED[n.removesuffix("-autoattack")][0].split()[1] for n in names)
         images = runs[0]["curves"]["images"]
-        if any("autoattack" not in r["curves"]["attacks"] for r in runs):
-            continue
         ours = "; ".join(f"ε {e:g}: " + " / ".join(_pct(_curve_at(r, "autoattack", e), 1) for r in runs)
                          for e in budgets)
         rows.append((f"not in the paper — released {RELEASED[names[0].removesuffix('-autoattack')][0].split()[0]} "
@@ -617,7 +623,7 @@ def gen_aaspeed(root: Path, *names: str) -> str:
         lines.append(
             f"| {r['weights']}, first {r['images']:,} {r['dataset']}, ε {r['eps']:g} | {_pct(row['robust_ours'])} | "
             f"{_pct(row['robust_reference'])} | {row['seconds_ours']:,.0f} s | {row['seconds_reference']:,.0f} s | "
-            f"**{row['seconds_reference'] / row['seconds_ours']:.2f}×** | "
+            f"**{row['seconds_reference'] / max(row['seconds_ours'], 1e-9):.2f}×** | "
             + (f"{bound:.1f}×" if bound is not None else "–") + " | "
             + (", ".join(f"{k} {v:,.0f} s" for k, v in per.items()) or "–") + " |")
         made.append(_made(root, name))

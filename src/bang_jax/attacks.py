@@ -576,7 +576,7 @@ def _image_keys(seed, index):
 def _padded(ids: np.ndarray, batch_size: int) -> np.ndarray:
     """``ids`` repeated at the end up to the next size of the series 8, 12, 16, 24, 32, 48, … (powers of two and
     the halfway points; at most ``batch_size``): the shrinking sets of images still robust then reuse a few
-    compiled shapes instead of compiling one per size, and carry at most a third of padding."""
+    compiled shapes instead of compiling one per size, and carry at most a third of padding (from 8 up)."""
     size = 8
     while size < len(ids):
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3

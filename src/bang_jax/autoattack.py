@@ -16,7 +16,8 @@ turn (AutoAttack's standard: 9 targets, 100 iterations each), attacking only the
 
 :func:`fab_targeted` is FAB (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive
 boundary attack") towards the same targets: it projects onto the linearised decision boundary (L∞, inside the
-pixel box: :func:`project_linf_box`) and keeps the smallest adversarial. :func:`autoattack` runs the standard
+pixel box: :func:`project_linf_box`), stopping an image once it has an adversarial within ε (``minimise=True``:
+every iteration, keeping the smallest). :func:`autoattack` runs the standard
 sequence (APGD-CE, APGD-T, FAB-T, Square with 5,000 queries) on the images each earlier attack left robust.
 
 Every image has its own PRNG stream (the seed folded with its index in the input), so results do not depend on
@@ -220,7 +221,7 @@ def _until_done(step, state, consts, real, n_iter, chunk, finished, emit):
     ``finished(state)`` holds are handed to ``emit(images, state, rows)`` and leave the batch, which shrinks to the
     next padded size (:func:`_padded`) — an image already fooled costs nothing more. The rest are emitted at the
     end. Every image's trajectory is its own (per-image keys, steps and checks), so dropping others changes
-    nothing for it."""
+    nothing for it (up to the rounding of XLA kernels, which can differ between batch shapes)."""
     per_call, every = chunk
     rows = np.arange(len(real))  # batch row of each image still running
     size = len(consts[0])
@@ -274,8 +275,8 @@ def _result(x_all, adv, success, eps_all) -> AttackResult:
 
 
 def _logits(logits_fn, x, batch_size) -> np.ndarray:
-    """``logits_fn`` on ``x`` in batches, each padded to a power of two (at least 8, at most ``batch_size``): a
-    few compiled shapes instead of one per set size."""
+    """``logits_fn`` on ``x`` in batches, each padded to the next size of :func:`bang_jax.attacks._padded`'s
+    series (at most ``batch_size``): a few compiled shapes instead of one per set size."""
     size = _batch(batch_size)
     out = []
     for i in range(0, len(x), size):
@@ -295,9 +296,10 @@ def apgd(logits_fn, images, labels, *, epsilon, loss: str = "ce", n_iter: int = 
          bounds=(0.0, 255.0), batch_size: int = 500) -> AttackResult:
     """Untargeted L∞ APGD on ``loss`` (``'ce'`` or ``'dlr'``) at budget ``epsilon`` (a scalar or one per image).
 
-    Images misclassified when clean are successes without an attack. Returns an
+    Images misclassified when clean are successes without an attack. An image leaves the batch at the first check
+    (every few iterations, :func:`_chunk`) after it is misclassified. Returns an
     :class:`bang_jax.attacks.AttackResult`: success (misclassified at some iterate), the last misclassified
-    iterate as ``adversarial`` (the original where it failed) and its norms.
+    iterate before it left as ``adversarial`` (the original where it failed) and its norms.
     """
     if loss not in ("ce", "dlr"):
         raise ValueError(f"loss must be 'ce' or 'dlr' (apgd_targeted runs the targeted DLR), got {loss!r}")
@@ -357,11 +359,11 @@ def project_linf_box(x, w, c, lo, hi):
 
     Moving towards the hyperplane, each pixel can move by at most its room to the box in the direction of
     ``−sign(r)·sign(w)`` (``r = w·x + c``); with every pixel moved by ``min(λ, room)`` the hyperplane value changes
-    by ``f(λ) = Σ |w_i| min(λ, room_i)``, piecewise linear and increasing in λ. Bisection on λ (64 halvings, to
-    adjacent float32 numbers: no room lies strictly between the bounds) finds the linear piece that reaches
-    ``|r|``, and λ is then solved in closed form on it — the same λ as sorting the rooms, without a sort of every
-    pixel (which cost XLA's CPU backend more than the model's gradient). Where even the whole box cannot reach the
-    hyperplane, every pixel goes to its bound (the closest the box allows).
+    by ``f(λ) = Σ |w_i| min(λ, room_i)``, piecewise linear and increasing in λ. Bisection on λ (64 halvings:
+    down to adjacent float32 numbers unless λ is below ~1e-9, where the error is negligible) finds the linear piece
+    that reaches ``|r|``, and λ is then solved in closed form on it — the same λ as sorting the rooms, without a
+    sort of every pixel (which cost XLA's CPU backend more than the model's gradient). Where even the whole box
+    cannot reach the hyperplane, every pixel goes to its bound (the closest the box allows).
     """
     r = jnp.dot(w, x) + c
     direction = -jnp.sign(r) * jnp.sign(w)  # the way each pixel moves
