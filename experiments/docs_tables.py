@@ -271,6 +271,15 @@ def gen_curves(root: Path, name: str, *models: str) -> str:
     return text + "\n"
 
 
+def _released(name: str, kind: str, generator: str) -> tuple[str, str, str]:
+    """``(label, dataset, paper row)`` of a ``released-<model>-<kind>`` results folder (the model as in
+    :data:`RELEASED`); anything else is a :class:`DocsError` naming the generator."""
+    base = name.removesuffix(f"-{kind}")
+    if base not in RELEASED or base == name:
+        raise DocsError(f"{generator}: {name} is not released-<model>-{kind} (models: {', '.join(RELEASED)})")
+    return RELEASED[base]
+
+
 def _verdict(masking: dict) -> str:
     """The masking report's verdict without its details: 'no sign of gradient masking', 'cross-entropy masking'…"""
     return masking["verdict"].split(";")[0].split(":")[0]
@@ -289,10 +298,7 @@ def gen_masking(root: Path, budgets: str, *names: str) -> str:
              "PGD-margin minimal L∞ | verdict |", "|" + " --- |" * 10]
     counts = set()
     for name in names:
-        base = name.removesuffix("-curves")
-        if base not in RELEASED or base == name:
-            raise DocsError(f"masking: {name} is not released-<model>-curves (models: {', '.join(RELEASED)})")
-        label, dataset, row = RELEASED[base]
+        label, dataset, row = _released(name, "curves", "masking")
         r = _load(root, name, "results.json")[0]
         c, m = r.get("curves"), r.get("masking")
         if not c or not m:
@@ -397,12 +403,13 @@ def _autoattack_rows(root: Path) -> list[tuple]:
                                 "--curve-attacks …,autoattack)")
         if len({r["curves"]["images"] for r in runs}) != 1:
             raise DocsError(f"{' and '.join(names)} were evaluated on different numbers of images")
-        label = " / ".join(RELEASED[n.removesuffix("-autoattack")][0].split()[1] for n in names)
+        labels = [_released(n, "autoattack", "summary")[0].split() for n in names]  # ["LeNet", "R0"], …
         images = runs[0]["curves"]["images"]
         ours = "; ".join(f"ε {e:g}: " + " / ".join(_pct(_curve_at(r, "autoattack", e), 1) for r in runs)
                          for e in budgets)
-        rows.append((f"not in the paper — released {RELEASED[names[0].removesuffix('-autoattack')][0].split()[0]} "
-                     f"{label}: robust accuracy under AutoAttack (standard), first {images:,} test images", "–", ours))
+        models = f"{labels[0][0]} {' / '.join(w[1] for w in labels)}"
+        rows.append((f"not in the paper — released {models}: robust accuracy under AutoAttack (standard), first "
+                     f"{images:,} test images", "–", ours))
     return rows
 
 
@@ -415,15 +422,13 @@ def gen_autoattack(root: Path, *names: str) -> str:
              "FAB-T / Square | only Square | masking verdict |", "|" + " --- |" * 8]
     counts = set()
     for name in names:
-        base = name.removesuffix("-autoattack")
-        if base not in RELEASED or base == name:
-            raise DocsError(f"autoattack: {name} is not released-<model>-autoattack (models: {', '.join(RELEASED)})")
+        label, dataset, _ = _released(name, "autoattack", "autoattack")
         r = _load(root, name, "results.json")[0]
         c, m = r.get("curves") or {}, r.get("masking") or {}
         if "autoattack" not in c.get("attacks", {}) or "autoattack" not in m:
             raise DocsError(f"{RESULTS / name}/results.json has no AutoAttack curve (evaluate --curves "
                             "--curve-attacks …,autoattack)")
-        counts.add((RELEASED[base][1], c["images"]))
+        counts.add((dataset, c["images"]))
         winners = {w["epsilon"]: w for w in c["attacks"]["autoattack"].get("fooled_by", [])}
         only = {row["epsilon"]: row["square_only"] for row in m["autoattack"]["square_vs_gradient"]}
         for e in c["epsilons"]:
@@ -431,7 +436,7 @@ def gen_autoattack(root: Path, *names: str) -> str:
                 continue
             w = winners.get(e, {})
             fooled = " / ".join(str(w.get(a, 0)) for a in ("apgd-ce", "apgd-t", "fab-t", "square"))
-            lines.append(f"| {RELEASED[base][0]} | {e:g} | {_pct(_curve_at(r, 'pgd_margin', e), 1)} | "
+            lines.append(f"| {label} | {e:g} | {_pct(_curve_at(r, 'pgd_margin', e), 1)} | "
                          f"{_pct(_curve_at(r, 'square', e), 1)} | **{_pct(_curve_at(r, 'autoattack', e), 1)}** | "
                          f"{fooled} | {only.get(e, 0)} | {_verdict(m)} |")
     images = ", ".join(f"the first {n:,} {d} test images" for d, n in sorted(counts))

@@ -236,8 +236,8 @@ def _until_done(step, state, consts, real, n_iter, chunk, finished, emit):
         if stop.any():
             emit(real[stop], state, rows[stop])
             real, rows = real[~stop], rows[~stop]
-            if rows.size and len(_padded(rows, size)) < size:
-                take = _padded(rows, size)
+            take = _padded(rows, size) if rows.size else rows
+            if rows.size and len(take) < size:
                 size = len(take)
                 state, consts = jax.tree_util.tree_map(lambda a: a[jnp.asarray(take)], (state, consts))
                 rows = np.arange(rows.size)
