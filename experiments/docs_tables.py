@@ -635,6 +635,87 @@ def gen_aaspeed(root: Path, *names: str) -> str:
     return "\n".join(lines) + "\n\n" + " ".join(sorted(set(made))) + "\n"
 
 
+def _walk(obj, path: str, where: str):
+    """``obj`` followed along dotted ``path`` (dict keys; list indices as numbers)."""
+    for part in path.split("."):
+        if isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        elif isinstance(obj, list) and re.fullmatch(r"-?\d+", part) and -len(obj) <= int(part) < len(obj):
+            obj = obj[int(part)]
+        else:
+            raise DocsError(f"{where} has no {path} (no {part!r})")
+    return obj
+
+
+def gen_number(root: Path, name: str, path: str, digits: str = "2", unit: str = "") -> str:
+    """One number for running text from a results folder: ``path`` is dotted keys into its ``benchmark.json`` (a
+    benchmark report) or else its ``results.json`` (list indices as numbers, e.g. ``0.masking.margin_median``);
+    ``unit`` (``%``, ``×``…) is appended."""
+    file = "benchmark.json" if (root / RESULTS / name / "benchmark.json").exists() else "results.json"
+    v = _walk(_load(root, name, file), path, f"{RESULTS / name}/{file}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DocsError(f"{RESULTS / name}/{file}: {path} is {v!r}, not a number")
+    return f"{v:,.{int(digits)}f}{unit}"
+
+
+def gen_lead(root: Path, name: str, attack: str) -> str:
+    """Square's largest lead over one gradient attack in an ``evaluate --curves`` masking report, as running text:
+    '21.6 points at ε = 48' (points of % attacked), or 'never ahead'."""
+    rows = _walk(_load(root, name, "results.json"), f"0.masking.gap_vs.{attack}", f"{RESULTS / name}/results.json")
+    best = max(rows, key=lambda r: r["gap"])
+    return "never ahead" if best["gap"] <= 0 else f"{best['gap']:.1f} points at ε = {best['epsilon']:g}"
+
+
+FGS_WAYS = {"paper": "float32 softmax, the paper's blank rule",
+            "float64_softmax": "softmax − onehot in float64, pulled back in float32",
+            "exact": "ours, `fgs_direction(exact=True)`: log-space cotangent",
+            "float64_reference": "float64 gradient of softplus(logsumexp<sub>j≠y</sub> z<sub>j</sub> − z<sub>y</sub>)"}
+
+
+def gen_fgsprecision(root: Path, name: str) -> str:
+    """``benchmarks/fgs_precision.py --json``: the FGS direction computed four ways, its agreement with the float64
+    reference and the paper's line search along each."""
+    r = _load(root, name, "benchmark.json")
+    lines = ["| FGS direction | blank directions | same sign as the float64 reference (all pixels / of non-blank "
+             "directions) | FGS success | mean L∞ |", "| --- | --- | --- | --- | --- |"]
+    for key, w in r["ways"].items():
+        nonblank = "–" if w["sign_agreement_nonblank"] is None else _pct(w["sign_agreement_nonblank"], 1)
+        lines.append(f"| {FGS_WAYS.get(key, key)} | {w['blank']:,} | {_pct(w['sign_agreement'], 1)} / {nonblank} | "
+                     f"{_pct(w['rate'])} | {_num(w['linf_mean'])} |")
+    return "\n".join(lines) + (
+        f"\n\n{r['weights']}, the {r['attacked']:,} correctly classified of the first {r['images']:,} "
+        f"{r['dataset']} test images (median logit margin {r['margin_median']:.1f}; above 90 on "
+        f"{_pct(r['margin_share_above_90'], 1)}); "
+        f"line search t ≤ 255. {_made(root, name)}\n")
+
+
+VARIANTS = {"caffe": "as the library evaluates (RGB, per-pixel mean image, border windows ÷ in-image size)",
+            "dropout_gradients": "attack directions with dropout active", "bgr_input": "input channels in BGR order",
+            "bgr_mean": "mean image in BGR order", "channel_mean": "per-channel mean instead of the mean image",
+            "avg_pool_full_window": "average pooling dividing border windows by 9"}
+
+
+def gen_variants(root: Path, *names: str) -> str:
+    """``benchmarks/cifar_variants.py --json`` reports: each variant's accuracy per model, and the paper's FGS and
+    HC1 on the first report's attacked images."""
+    if not names:
+        raise DocsError("variants: name at least one results folder")
+    reports = [_load(root, n, "benchmark.json") for n in names]
+    first = reports[0]
+    head = " | ".join(f"accuracy, {r['weights']}" for r in reports)
+    lines = [f"| variant | {head} | FGS success (mean L∞) | HC1 success (mean L∞) |",
+             "|" + " --- |" * (len(reports) + 3)]
+    for key, row in first["variants"].items():
+        accs = " | ".join(_pct(r["variants"][key]["accuracy"]) if key in r["variants"] else "–" for r in reports)
+        attacks = " | ".join(f"{_pct(row[f'{a}_rate'])} ({_num(row[f'{a}_linf_mean'])})" if f"{a}_rate" in row
+                             else "–" for a in ("fgs", "hc1"))
+        lines.append(f"| {VARIANTS.get(key, key)} | {accs} | {attacks} |")
+    made = " ".join(_made(root, n) for n in names)
+    return "\n".join(lines) + (
+        f"\n\nAccuracy on all {first['test_images']:,} test images; FGS (paper rule, t ≤ 255) and HC1 (t ≤ 1,020) "
+        f"on the correctly classified of the first {first['images']:,}, attacked with {first['weights']}. {made}\n")
+
+
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
               "seeds": gen_seeds, "released": gen_released, "summary": gen_summary, "value": gen_value,
               "hc1cap": gen_hc1cap, "pgd": gen_pgd, "throughput": gen_throughput, "curves": gen_curves,
@@ -642,7 +723,8 @@ GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes
               "attackspeed": gen_attackspeed, "squarespeed": gen_squarespeed, "suite": gen_suite,
               "aaspeed": gen_aaspeed, "agreement": gen_agreement,
               "autoattack": gen_autoattack,
-              "crosscheck": gen_crosscheck}
+              "crosscheck": gen_crosscheck, "number": gen_number, "lead": gen_lead,
+              "fgsprecision": gen_fgsprecision, "variants": gen_variants}
 
 
 def generate(root: Path, spec: str) -> str:

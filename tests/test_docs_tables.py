@@ -302,3 +302,47 @@ def test_the_suite_timer_reads_pytests_summary_line():
         "passed": 289, "skipped": 2}
     assert module.outcome("= 1 failed, 280 passed, 1 error in 12.0s =") == {"failed": 1, "passed": 280, "error": 1}
     assert module.outcome("collected 3 items") == {}
+
+
+def test_investigation_reports_numbers_and_leads(tmp_path):
+    ways = {"paper": {"blank": 38, "sign_agreement": 6.9, "sign_agreement_nonblank": 99.87, "rate": 2.56,
+                      "linf_mean": 6.0},
+            "exact": {"blank": 0, "sign_agreement": 100.0, "sign_agreement_nonblank": 100.0, "rate": 100.0,
+                      "linf_mean": 40.31}}
+    _bench(tmp_path, "prec", {"weights": "lenet_bang.caffemodel.h5", "dataset": "mnist", "images": 40,
+                              "attacked": 39, "margin_median": 66.88, "margin_share_above_90": 23.08, "ways": ways},
+           "python benchmarks/fgs_precision.py --json p.json")
+    variants = {"caffe": {"accuracy": 79.59, "attacked": 34, "fgs_rate": 91.18, "fgs_linf_mean": 2.35, "fgs_blank": 3,
+                          "hc1_rate": 100.0, "hc1_linf_mean": 13.15, "hc1_blank": 0},
+                "bgr_input": {"accuracy": 61.6, "attacked": 20, "fgs_rate": 100.0, "fgs_linf_mean": 2.25,
+                              "fgs_blank": 0, "hc1_rate": 100.0, "hc1_linf_mean": 8.75, "hc1_blank": 0}}
+    _bench(tmp_path, "var-r0", {"weights": "cifar10.caffemodel.h5", "dataset": "cifar10", "test_images": 10000,
+                                "images": 40, "variants": variants}, "python benchmarks/cifar_variants.py --json v.json")
+    root = _bench(tmp_path, "var-b0", {"weights": "cifar10_bang.caffemodel.h5", "dataset": "cifar10",
+                                       "test_images": 10000, "images": 0,
+                                       "variants": {"caffe": {"accuracy": 79.26}}},
+                  "python benchmarks/cifar_variants.py --limit 0 --json w.json")
+    prec = docs_tables.gen_fgsprecision(root, "prec")
+    assert "| float32 softmax, the paper's blank rule | 38 | 6.9% / 99.9% | 2.56% | 6.00 |" in prec
+    assert "39 correctly classified of the first 40 mnist test images (median logit margin 66.9" in prec
+    var = docs_tables.gen_variants(root, "var-r0", "var-b0")
+    assert "| input channels in BGR order | 61.60% | – | 100.00% (2.25) | 100.00% (8.75) |" in var
+    assert "| 79.59% | 79.26% | 91.18% (2.35) | 100.00% (13.15) |" in var
+    assert docs_tables.gen_number(root, "prec", "ways.exact.linf_mean", "1") == "40.3"
+    assert docs_tables.gen_number(root, "prec", "margin_share_above_90", "0", "%") == "23%"
+    with pytest.raises(docs_tables.DocsError, match="has no ways.float64.rate"):
+        docs_tables.gen_number(root, "prec", "ways.float64.rate")
+    with pytest.raises(docs_tables.DocsError, match="not a number"):
+        docs_tables.gen_number(root, "prec", "weights")
+
+    gap = lambda eps, g: {"epsilon": eps, "gap": g}  # noqa: E731
+    src = tmp_path / "b0.json"
+    src.write_text(json.dumps([{"id": "released", "masking": {"gap_vs": {
+        "pgd_ce": [gap(0.0, 0.0), gap(16.0, 6.84), gap(32.0, 1.0)], "pgd_margin": [gap(0.0, 0.0), gap(8.0, -3.0)]}}}]))
+    docs_tables.collect(src, "released-cifar-b0-curves", "python -m bang_jax.evaluate --curves", root=root,
+                        dataset="cifar10", code_version="abc")
+    assert docs_tables.gen_lead(root, "released-cifar-b0-curves", "pgd_ce") == "6.8 points at ε = 16"
+    assert docs_tables.gen_lead(root, "released-cifar-b0-curves", "pgd_margin") == "never ahead"
+    assert docs_tables.gen_number(root, "released-cifar-b0-curves", "0.masking.gap_vs.pgd_ce.1.gap", "1") == "6.8"
+    with pytest.raises(docs_tables.DocsError, match="no 'square'"):
+        docs_tables.gen_lead(root, "released-cifar-b0-curves", "square")

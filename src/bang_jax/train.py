@@ -272,8 +272,8 @@ def make_train_step(model, config: TrainConfig, steps_per_dispatch: int = 1,
     ``config.model_batching``: ``'loop'`` unrolls the models inside the one program (fastest on CPU for a few
     models), ``'vmap'`` vectorises over them (for large grids, and on accelerators).
 
-    Why not ``lax.scan`` over iterations: on the XLA CPU backend a LeNet step inside ``scan`` ran 6× slower
-    (119 ms against 20 ms, jax 0.10.2), so the loop over iterations stays in Python with async dispatch.
+    Why not ``lax.scan`` over iterations: on the XLA CPU backend (jax 0.10.2) a LeNet step inside ``scan`` ran
+    several times slower than one dispatched from Python, so the loop over iterations stays in Python with async dispatch.
     """
     schedule = config.solver.schedule() if optimizer is None and config.solver is not None else None
     method = config.method
@@ -729,7 +729,7 @@ def train(
         :func:`bang_jax.distributed.make_mesh` (batch split over ``data``; vmapped models over ``models``);
         ``None`` uses the default device only. The result equals single-device training (up to float rounding).
       steps_per_dispatch: iterations run per call of the jitted step (``lax.scan`` when > 1); default 1 on CPU,
-        where a scanned step ran 6× slower (jax 0.10.2), and 8 on GPU/TPU to amortise dispatch.
+        where a scanned step ran several times slower (jax 0.10.2), and 8 on GPU/TPU to amortise dispatch.
       optimizer: your own optax chain instead of ``config.solver``'s Caffe SGD (e.g.
         ``optax.sgd(optax.cosine_decay_schedule(0.1, steps), momentum=0.9, nesterov=True)``). BANG comes first:
         the balanced gradient is what the chain receives. It is not part of the checkpoint's description: resume
