@@ -235,6 +235,21 @@ def test_plot_curves_and_cli(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"curves": c}))
     robustness_main([str(tmp_path / "d.png"), str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--names", "R0,B1"])
     assert (tmp_path / "d.png").stat().st_size > 1000
+    # a run's results.json (a list of rows): one panel per row; the same file stem twice needs --names
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps([{"id": "R0", "curves": c}, {"id": "B1", "curves": c}]))
+    (tmp_path / "results.json").write_text(json.dumps([{"id": "x", "curves": c}]))
+    robustness_main([str(tmp_path / "e.png"), str(run / "results.json")])
+    assert (tmp_path / "e.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="two panels would be called results"):
+        robustness_main([str(tmp_path / "f.png"), str(tmp_path / "results.json"), str(tmp_path / "results.json")])
+    with pytest.raises(SystemExit, match="3 names for 2 panels"):
+        robustness_main([str(tmp_path / "f.png"), str(run / "results.json"), "--names", "a,b,c"])
+    (run / "bad.json").write_text(json.dumps([{"id": "R0", "curves": c}, {"id": "B1"}]))
+    with pytest.raises(SystemExit, match=r"no curves in .*bad.json \(row 1\)"):
+        robustness_main([str(tmp_path / "f.png"), str(run / "bad.json")])
+    assert not (tmp_path / "f.png").exists()
 
 
 def _fake_curves(k, attacks=ATTACKS):

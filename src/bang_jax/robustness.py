@@ -516,24 +516,37 @@ def plot_curves(curves_by_model: Mapping[str, Mapping], path, *, ncols: int | No
 def main(argv=None):
     """``python -m bang_jax.robustness OUT.png A.json B.json … [--names R0,B1] [--ncols 2]``: plot saved curves.
 
-    Each JSON is a :func:`robustness_curves` dict or an ``evaluate --curves --json`` row (curves under
-    ``"curves"``); panels are named by ``--names`` or the file stems.
+    Each JSON is a :func:`robustness_curves` dict, an ``evaluate --curves --json`` row (curves under ``"curves"``)
+    or a list of such rows (a run's ``results.json``: one panel per row). Panels are named by ``--names`` (one per
+    panel) or by the file stem (and the row's id or model for a list).
     """
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("out", help="PNG to write")
     p.add_argument("json", nargs="+", help="curves JSON files (robustness_curves or evaluate --curves --json)")
-    p.add_argument("--names", help="comma-separated panel titles, one per JSON")
+    p.add_argument("--names", help="comma-separated panel titles, one per panel")
     p.add_argument("--ncols", type=int)
     p.add_argument("--title")
     args = p.parse_args(argv)
-    names = args.names.split(",") if args.names else [Path(f).stem for f in args.json]
-    if len(names) != len(args.json):
-        raise SystemExit(f"{len(names)} names for {len(args.json)} files")
-    data = {n: json.loads(Path(f).read_text()) for n, f in zip(names, args.json)}
-    missing = [n for n, d in data.items() if "attacks" not in d.get("curves", d)]
-    if missing:
-        raise SystemExit(f"no curves in {missing}: run evaluate with --curves")
-    print(plot_curves(data, args.out, ncols=args.ncols, title=args.title))
+    panels = []
+    for f in args.json:
+        try:
+            obj = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"cannot read curves from {f}: {err}") from None
+        rows = obj if isinstance(obj, list) else [obj]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "attacks" not in row.get("curves", row):
+                raise SystemExit(f"no curves in {f}" + (f" (row {i})" if len(rows) > 1 else "")
+                                 + ": run evaluate with --curves")
+            label = row.get("id") or row.get("model") or str(i)
+            panels.append((Path(f).stem if len(rows) == 1 else f"{Path(f).stem}/{label}", row))
+    names = args.names.split(",") if args.names else [n for n, _ in panels]
+    if len(names) != len(panels):
+        raise SystemExit(f"{len(names)} names for {len(panels)} panels ({len(args.json)} files)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SystemExit(f"two panels would be called {', '.join(duplicates)}: name them with --names")
+    print(plot_curves({n: row for n, (_, row) in zip(names, panels)}, args.out, ncols=args.ncols, title=args.title))
 
 
 if __name__ == "__main__":
