@@ -317,7 +317,8 @@ def test_investigation_reports_numbers_and_leads(tmp_path):
                 "bgr_input": {"accuracy": 61.6, "attacked": 20, "fgs_rate": 100.0, "fgs_linf_mean": 2.25,
                               "fgs_blank": 0, "hc1_rate": 100.0, "hc1_linf_mean": 8.75, "hc1_blank": 0}}
     _bench(tmp_path, "var-r0", {"weights": "cifar10.caffemodel.h5", "dataset": "cifar10", "test_images": 10000,
-                                "images": 40, "variants": variants}, "python benchmarks/cifar_variants.py --json v.json")
+                                "images": 40, "variants": variants},
+           "python benchmarks/cifar_variants.py --json v.json")
     root = _bench(tmp_path, "var-b0", {"weights": "cifar10_bang.caffemodel.h5", "dataset": "cifar10",
                                        "test_images": 10000, "images": 0,
                                        "variants": {"caffe": {"accuracy": 79.26}}},

@@ -273,7 +273,8 @@ def make_train_step(model, config: TrainConfig, steps_per_dispatch: int = 1,
     models), ``'vmap'`` vectorises over them (for large grids, and on accelerators).
 
     Why not ``lax.scan`` over iterations: on the XLA CPU backend (jax 0.10.2) a LeNet step inside ``scan`` ran
-    several times slower than one dispatched from Python, so the loop over iterations stays in Python with async dispatch.
+    several times slower than one dispatched from Python, so the loop over iterations stays in Python with async
+    dispatch.
     """
     schedule = config.solver.schedule() if optimizer is None and config.solver is not None else None
     method = config.method
