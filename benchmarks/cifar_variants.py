@@ -5,12 +5,14 @@
 On one of the authors' CIFAR-10-quick models (default: the regular R0,
 ``$BANG_DATA_DIR/bang_caffe/cifar10.caffemodel.h5``) it measures, for each variant, the accuracy on the whole test
 set and — on the first ``--limit`` test images (0: accuracy only) — the paper's FGS (float32 blank rule, t ≤ 255)
-and HC1 (t ≤ 1020): success rate over the correctly classified images and mean L∞ of the successful ones.
+and HC1 (t ≤ 1020): success rate over the images the variant classifies correctly (each variant its own set; the
+report counts them) and mean L∞ of the successful ones. The data must be the real CIFAR-10 files (``--data-dir`` or
+``$BANG_DATA_DIR``); the report records their source.
 
 * ``caffe``: the evaluation as the library does it (docs/semantics.md): RGB input minus the per-pixel training
   mean image, average pooling that divides border windows by their in-image size, dropout off;
-* ``dropout_gradients``: the attack directions (FGS and HC1) taken with dropout active (one fixed mask draw per
-  batch); predictions without dropout;
+* ``dropout_gradients``: the attack directions (FGS and HC1) taken with dropout active (the same mask draw, key 0,
+  for every batch); predictions without dropout;
 * ``bgr_input``: the model sees the image's channels in B, G, R order (mean image unchanged);
 * ``bgr_mean``: the mean image's channels in B, G, R order;
 * ``channel_mean``: the per-channel mean of the training set instead of the per-pixel mean image;
@@ -112,12 +114,13 @@ def main():
     weights = args.weights or (Path(data_dir) / "bang_caffe" / "cifar10.caffemodel.h5" if data_dir else None)
     if weights is None or not Path(weights).is_file():
         raise SystemExit("need CIFAR-quick weights: --weights PATH or BANG_DATA_DIR (bang_caffe/cifar10.caffemodel.h5)")
-    ds = load_cifar10(data_dir)
+    ds = load_cifar10(data_dir, source="files")
     mean = mean_image(ds.train_images)
     model, variables = load_caffe_weights(weights, mean_image=mean, dataset="cifar10")
     x_all = ds.test_images.astype(np.float32)
     y_all = ds.test_labels.astype(np.int32)
-    report = {"weights": Path(weights).name, "dataset": "cifar10", "test_images": int(len(x_all)),
+    report = {"weights": Path(weights).name, "dataset": "cifar10", "data_source": ds.source,
+              "test_images": int(len(x_all)),
               "images": min(args.limit, len(x_all)), "variants": {}}
     for name in variants:
         # full_window_avg_pool replaces the model's pooling while this variant's functions are traced

@@ -3,19 +3,29 @@
     python benchmarks/fgs_precision.py [--weights PATH] [--limit 1000] [--json OUT]
 
 On the authors' BANG LeNet (default ``$BANG_DATA_DIR/bang_caffe/lenet_bang.caffemodel.h5``) and the first
-``--limit`` MNIST test images that it classifies correctly, it computes the FGS direction sign(∂L/∂x) four ways and
+``--limit`` MNIST test images that it classifies correctly, it computes the FGS direction sign(∂L/∂x) five ways and
 runs the paper's minimal-step line search (t ≤ 255) along each:
 
 * ``paper``: the float32 softmax gradient with the paper's blank rule (no direction when p_true rounds to 1.0);
 * ``float64_softmax``: softmax − onehot computed in float64 from the float32 logits, then pulled back to the
-  image in float32 — "compute the loss gradient in higher precision"; with logit margins of 70 and more,
-  1 − p_true still rounds to 0 in float64 and the true-class term is lost;
+  image in float32 — "compute the loss gradient in higher precision" on a float32 model. Two things go wrong:
+  from a logit margin of about ln 2⁵³ ≈ 37, 1 − p_true rounds to 0 in float64 and the true-class term is lost;
+  and the other classes' terms (≈ e^−margin) underflow to 0 in float32 beyond a margin of about 87-103, leaving
+  no direction at all;
+* ``float64``: the same in float64 throughout (model, cotangent and pull-back): the true-class term is still lost,
+  but nothing underflows to a blank direction;
 * ``exact``: the library's ``fgs_direction(exact=True)`` — (softmax − onehot)/(1 − p_true) in log space;
+* ``exact_float64_model``: the library's log-space cotangent (as ``exact`` computes it) pulled back through the
+  model run in float64 — what is left of ``exact``'s difference from the reference once the model's own float32
+  rounding (a ReLU input or a max-pool near-tie that falls the other way) is taken out;
 * ``float64_reference``: the sign of a float64 gradient (model and input in float64) of the stable loss
-  softplus(logsumexp_{j≠y} z_j − z_y), which has the cross-entropy's gradient direction and cannot underflow.
+  softplus(logsumexp_{j≠y} z_j − z_y), which has the cross-entropy's gradient direction and underflows only
+  beyond margins of about 745.
 
-It reports, per way, how many directions are blank, the share (%) of pixels whose sign equals the reference's, and
-the line search's success rate and mean L∞; and the model's logit margins z_y − max_{j≠y} z_j.
+It reports, per way, how many directions are blank, the share (%) of pixels whose sign equals the reference's and
+how many pixels and images differ from it, and the line search's success rate and mean L∞; and the logit margins
+z_y − max_{j≠y} z_j of the attacked (correctly classified) images. The data must be the real MNIST files
+(``--data-dir`` or ``$BANG_DATA_DIR``); the report records their source.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bang_jax.attacks import fgs_direction, line_search_attack
+from bang_jax.attacks import _ce_cotangent_exact, fgs_direction, line_search_attack
 from bang_jax.caffe import load_caffe_weights
 from bang_jax.data import load_mnist
 
@@ -44,6 +54,24 @@ def float64_softmax_direction(model, variables, x, y):
     p /= p.sum(axis=1, keepdims=True)
     cot = p - np.eye(z.shape[1])[y]
     return np.sign(np.asarray(vjp(jnp.asarray(cot, jnp.float32))[0]))
+
+
+def float64_direction(model, variables, x, y):
+    """sign of (softmax − onehot) pulled back, everything in float64."""
+    with jax.enable_x64(True):
+        v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        logits, vjp = jax.vjp(lambda a: model.apply(v64, a), jnp.asarray(x, jnp.float64))
+        cot = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(jnp.asarray(y), logits.shape[-1], dtype=jnp.float64)
+        return np.sign(np.asarray(vjp(cot)[0])).astype(np.float32)
+
+
+def exact_float64_model_direction(model, variables, x, y):
+    """sign of the library's log-space cotangent pulled back through the model in float64."""
+    with jax.enable_x64(True):
+        v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        logits, vjp = jax.vjp(lambda a: model.apply(v64, a), jnp.asarray(x, jnp.float64))
+        cot = _ce_cotangent_exact(logits, jnp.asarray(y)).astype(jnp.float64)
+        return np.sign(np.asarray(vjp(cot)[0])).astype(np.float32)
 
 
 def reference_direction(model, variables, x, y):
@@ -78,7 +106,7 @@ def main():
     weights = args.weights or (Path(data_dir) / "bang_caffe" / "lenet_bang.caffemodel.h5" if data_dir else None)
     if weights is None or not Path(weights).is_file():
         raise SystemExit("need LeNet weights: --weights PATH or BANG_DATA_DIR with bang_caffe/lenet_bang.caffemodel.h5")
-    ds = load_mnist(data_dir)
+    ds = load_mnist(data_dir, source="files")
     model, variables = load_caffe_weights(weights, dataset="mnist")
     logits_fn = jax.jit(lambda a: model.apply(variables, a))
     x = ds.test_images[: args.limit].astype(np.float32)
@@ -97,7 +125,9 @@ def main():
     directions = {
         "paper": batched(library(False), x, y),
         "float64_softmax": batched(lambda a, b: float64_softmax_direction(model, variables, a, b), x, y),
+        "float64": batched(lambda a, b: float64_direction(model, variables, a, b), x, y),
         "exact": batched(library(True), x, y),
+        "exact_float64_model": batched(lambda a, b: exact_float64_model_direction(model, variables, a, b), x, y),
         "float64_reference": batched(lambda a, b: reference_direction(model, variables, a, b), x, y),
     }
     ref = directions["float64_reference"]
@@ -108,6 +138,8 @@ def main():
         ways[name] = {
             "blank": int(blank.sum()),
             "sign_agreement": round(float(100 * np.mean(d == ref)), 2),
+            "pixels_differing": int(np.sum(d != ref)),
+            "images_differing": int(np.sum(np.any((d != ref).reshape(len(d), -1), axis=1))),
             "sign_agreement_nonblank": (round(float(100 * np.mean(d[~blank] == ref[~blank])), 2)
                                         if (~blank).any() else None),
             "rate": round(float(res.rate), 2),
@@ -119,7 +151,9 @@ def main():
     report = {
         "weights": Path(weights).name,
         "dataset": "mnist",
+        "data_source": ds.source,
         "images": args.limit,
+        "pixels": int(ref.size),
         "attacked": int(len(x)),
         "margin_median": round(float(np.median(margin)), 2),
         "margin_share_above_90": round(float(100 * np.mean(margin > 90)), 2),

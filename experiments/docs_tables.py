@@ -103,6 +103,12 @@ def gen_meta(root: Path, name: str) -> str:
             f"results in [`{RESULTS / name}`]({_rel(root, name)}).\n")
 
 
+def _secs(seconds: float, bold: bool = False) -> str:
+    """``'711 s (12 min)'``; under a minute just ``'26 s'``."""
+    text = f"**{seconds:,.0f} s**" if bold else f"{seconds:,.0f} s"
+    return text + (f" ({seconds / 60:.0f} min)" if seconds >= 60 else "")
+
+
 def _rel(root: Path, name: str) -> str:
     return f"results/{name}/"
 
@@ -113,7 +119,7 @@ def gen_runtime(root: Path, name: str) -> str:
     total = t.get("total")
     parts = ", ".join(f"{k.removesuffix('_seconds')} {v:,.0f} s" for k, v in t.items()
                       if k.removesuffix("_seconds") in STAGE_NAMES and v >= 1)
-    return (f"{total:,.0f} s ({total / 60:.0f} min) on {meta['machine']}" + (f" — {parts}" if parts else "")
+    return (f"{_secs(total)} on {meta['machine']}" + (f" — {parts}" if parts else "")
             + f"; `{meta['command']}`\n")
 
 
@@ -127,7 +133,7 @@ def gen_runtimes(root: Path) -> str:
                            if k.removesuffix("_seconds") in STAGE_NAMES and v >= 1) or "–"
         if t.get("total") is None and stages == "–":
             continue
-        total = "–" if t.get("total") is None else f"**{t['total']:,.0f} s** ({t['total'] / 60:.0f} min)"
+        total = "–" if t.get("total") is None else _secs(t["total"], bold=True)
         lines.append(f"| `{meta['command']}` | {total} | {stages} | "
                      f"{meta['machine']}{'; ' + meta['note'] if meta.get('note') else ''} | "
                      f"{meta['code_version']}, {meta['date']} |")
@@ -610,7 +616,7 @@ def gen_suite(root: Path, name: str) -> str:
     """``benchmarks/suite_time.py --json``: the test suite's size, outcome and time."""
     r = _load(root, name, "benchmark.json")
     outcome = ", ".join(f"{v:,} {k}" for k, v in r["outcome"].items())
-    return (f"{outcome} in **{r['seconds']:,.0f} s** ({r['seconds'] / 60:.0f} min): {_made(root, name)}\n")
+    return f"{outcome} in {_secs(r['seconds'], bold=True)}: {_made(root, name)}\n"
 
 
 def gen_aaspeed(root: Path, *names: str) -> str:
@@ -651,24 +657,79 @@ def gen_number(root: Path, name: str, path: str, digits: str = "2", unit: str = 
     """One number for running text from a results folder: ``path`` is dotted keys into its ``benchmark.json`` (a
     benchmark report) or else its ``results.json`` (list indices as numbers, e.g. ``0.masking.margin_median``);
     ``unit`` (``%``, ``×``…) is appended."""
-    file = "benchmark.json" if (root / RESULTS / name / "benchmark.json").exists() else "results.json"
+    file = _report_file(root, name)
     v = _walk(_load(root, name, file), path, f"{RESULTS / name}/{file}")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise DocsError(f"{RESULTS / name}/{file}: {path} is {v!r}, not a number")
-    return f"{v:,.{int(digits)}f}{unit}"
+        raise DocsError(f"{RESULTS / name}: {path} is {v!r}, not a number")
+    return f"{v:,.{_digits(digits)}f}{unit}"
+
+
+def _report_file(root: Path, name: str) -> str:
+    """A results folder's one report: ``benchmark.json`` (a benchmark) or ``results.json`` (a run), not both."""
+    have = [f for f in ("benchmark.json", "results.json") if (root / RESULTS / name / f).exists()]
+    if len(have) == 2:
+        raise DocsError(f"{RESULTS / name} holds both benchmark.json and results.json: which one is meant?")
+    return have[0] if have else "results.json"
+
+
+def _digits(digits: str) -> int:
+    if not re.fullmatch(r"\d", digits):
+        raise DocsError(f"digits must be one digit 0-9, got {digits!r}")
+    return int(digits)
+
+
+def gen_share(root: Path, name: str, part: str, whole: str, digits: str = "2") -> str:
+    """A percentage of two numbers of one results folder (dotted paths as for ``number``): part / whole."""
+    a, b = (float(gen_number(root, name, path, "9").replace(",", "")) for path in (part, whole))
+    if b == 0:
+        raise DocsError(f"{RESULTS / name}: {whole} is 0")
+    return f"{100 * a / b:.{_digits(digits)}f}%"
+
+
+def gen_failures(root: Path, name: str, attack: str) -> str:
+    """'N of M': how many of an attack's failures (first row of an evaluate results file) were still changing at
+    the search cap, of all its failures."""
+    r = _walk(_load(root, name, "results.json"), "0", f"{RESULTS / name}/results.json")
+    keys = (f"{attack}_still_changing_at_cap", f"{attack}_rate", "attacked")
+    if any(r.get(k) is None for k in keys):
+        raise DocsError(f"{RESULTS / name}/results.json: no {', '.join(keys)}")
+    failed = round(r["attacked"] * (1 - r[f"{attack}_rate"] / 100))
+    return f"{r[keys[0]]:,} of {failed:,}"
+
+
+def gen_nbtime(root: Path, notebook: str) -> str:
+    """A stored notebook's run time, from its cells' execution timestamps (first input to last reply)."""
+    path = root / "notebooks" / f"{notebook}.ipynb"
+    if not path.exists():
+        raise DocsError(f"{path.relative_to(root)} does not exist")
+    stamps = [c.get("metadata", {}).get("execution", {}) for c in json.loads(path.read_text())["cells"]]
+    starts = [s["iopub.execute_input"] for s in stamps if "iopub.execute_input" in s]
+    ends = [s["shell.execute_reply"] for s in stamps if "shell.execute_reply" in s]
+    if not starts or not ends:
+        raise DocsError(f"{path.relative_to(root)} has no execution times (execute it with its outputs stored)")
+    seconds = (datetime.datetime.fromisoformat(max(ends).replace("Z", "+00:00"))
+               - datetime.datetime.fromisoformat(min(starts).replace("Z", "+00:00"))).total_seconds()
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.0f} min"
 
 
 def gen_lead(root: Path, name: str, attack: str) -> str:
     """Square's largest lead over one gradient attack in an ``evaluate --curves`` masking report, as running text:
     '21.6 points at ε = 48' (points of % attacked), or 'never ahead'."""
     rows = _walk(_load(root, name, "results.json"), f"0.masking.gap_vs.{attack}", f"{RESULTS / name}/results.json")
+    if not rows:
+        raise DocsError(f"{RESULTS / name}: the masking report compares Square with {attack} at no budget")
     best = max(rows, key=lambda r: r["gap"])
-    return "never ahead" if best["gap"] <= 0 else f"{best['gap']:.1f} points at ε = {best['epsilon']:g}"
+    if best["gap"] <= 0:
+        return "never ahead"
+    return (f"{best['gap']:.1f} points at ε = {best['epsilon']:g} "
+            f"({'significant' if best.get('significant') else 'not significant'})")
 
 
 FGS_WAYS = {"paper": "float32 softmax, the paper's blank rule",
             "float64_softmax": "softmax − onehot in float64, pulled back in float32",
+            "float64": "softmax − onehot and the model in float64",
             "exact": "ours, `fgs_direction(exact=True)`: log-space cotangent",
+            "exact_float64_model": "ours, with the model in float64",
             "float64_reference": "float64 gradient of softplus(logsumexp<sub>j≠y</sub> z<sub>j</sub> − z<sub>y</sub>)"}
 
 
@@ -677,15 +738,17 @@ def gen_fgsprecision(root: Path, name: str) -> str:
     reference and the paper's line search along each."""
     r = _load(root, name, "benchmark.json")
     lines = ["| FGS direction | blank directions | same sign as the float64 reference (all pixels / of non-blank "
-             "directions) | FGS success | mean L∞ |", "| --- | --- | --- | --- | --- |"]
+             "directions) | pixels (images) of another sign | FGS success | mean L∞ |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for key, w in r["ways"].items():
         nonblank = "–" if w["sign_agreement_nonblank"] is None else _pct(w["sign_agreement_nonblank"], 1)
         lines.append(f"| {FGS_WAYS.get(key, key)} | {w['blank']:,} | {_pct(w['sign_agreement'], 1)} / {nonblank} | "
-                     f"{_pct(w['rate'])} | {_num(w['linf_mean'])} |")
+                     f"{w['pixels_differing']:,} ({w['images_differing']:,}) | {_pct(w['rate'])} | "
+                     f"{_num(w['linf_mean'])} |")
     return "\n".join(lines) + (
         f"\n\n{r['weights']}, the {r['attacked']:,} correctly classified of the first {r['images']:,} "
         f"{r['dataset']} test images (median logit margin {r['margin_median']:.1f}; above 90 on "
-        f"{_pct(r['margin_share_above_90'], 1)}); "
+        f"{_pct(r['margin_share_above_90'], 1)}), {r['pixels']:,} pixels in all; data {r['data_source']}; "
         f"line search t ≤ 255. {_made(root, name)}\n")
 
 
@@ -697,23 +760,29 @@ VARIANTS = {"caffe": "as the library evaluates (RGB, per-pixel mean image, borde
 
 def gen_variants(root: Path, *names: str) -> str:
     """``benchmarks/cifar_variants.py --json`` reports: each variant's accuracy per model, and the paper's FGS and
-    HC1 on the first report's attacked images."""
+    HC1 of the first report that attacked images (``--limit`` > 0)."""
     if not names:
         raise DocsError("variants: name at least one results folder")
     reports = [_load(root, n, "benchmark.json") for n in names]
-    first = reports[0]
+    attacked = next((r for r in reports if r["images"]), None)
+    keys = list(dict.fromkeys(k for r in reports for k in r["variants"]))
     head = " | ".join(f"accuracy, {r['weights']}" for r in reports)
-    lines = [f"| variant | {head} | FGS success (mean L∞) | HC1 success (mean L∞) |",
-             "|" + " --- |" * (len(reports) + 3)]
-    for key, row in first["variants"].items():
+    lines = [f"| variant | {head} | attacked | FGS success (mean L∞) | HC1 success (mean L∞) |",
+             "|" + " --- |" * (len(reports) + 4)]
+    for key in keys:
         accs = " | ".join(_pct(r["variants"][key]["accuracy"]) if key in r["variants"] else "–" for r in reports)
+        row = attacked["variants"].get(key, {}) if attacked else {}
         attacks = " | ".join(f"{_pct(row[f'{a}_rate'])} ({_num(row[f'{a}_linf_mean'])})" if f"{a}_rate" in row
                              else "–" for a in ("fgs", "hc1"))
-        lines.append(f"| {VARIANTS.get(key, key)} | {accs} | {attacks} |")
+        lines.append(f"| {VARIANTS.get(key, key)} | {accs} | {row.get('attacked', '–')} | {attacks} |")
+    first = reports[0]
+    where = (f"; FGS (paper rule, t ≤ 255) and HC1 (t ≤ 1,020) on the images each variant classifies correctly "
+             f"among the first {attacked['images']:,} (the 'attacked' column), with {attacked['weights']}"
+             if attacked else "")
     made = " ".join(_made(root, n) for n in names)
+    sources = sorted({r.get("data_source", "unrecorded") for r in reports})
     return "\n".join(lines) + (
-        f"\n\nAccuracy on all {first['test_images']:,} test images; FGS (paper rule, t ≤ 255) and HC1 (t ≤ 1,020) "
-        f"on the correctly classified of the first {first['images']:,}, attacked with {first['weights']}. {made}\n")
+        f"\n\nAccuracy on all {first['test_images']:,} test images{where}; data {', '.join(sources)}. {made}\n")
 
 
 GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes, "table": gen_table,
@@ -724,7 +793,8 @@ GENERATORS = {"meta": gen_meta, "runtime": gen_runtime, "runtimes": gen_runtimes
               "aaspeed": gen_aaspeed, "agreement": gen_agreement,
               "autoattack": gen_autoattack,
               "crosscheck": gen_crosscheck, "number": gen_number, "lead": gen_lead,
-              "fgsprecision": gen_fgsprecision, "variants": gen_variants}
+              "fgsprecision": gen_fgsprecision, "variants": gen_variants, "share": gen_share,
+              "failures": gen_failures, "nbtime": gen_nbtime}
 
 
 def generate(root: Path, spec: str) -> str:
@@ -733,7 +803,7 @@ def generate(root: Path, spec: str) -> str:
         raise DocsError(f"unknown generator in <!-- results: {spec} -->; known: {', '.join(GENERATORS)}")
     try:
         return GENERATORS[words[0]](root, *words[1:])
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise DocsError(f"<!-- results: {spec} -->: {err}") from None
 
 

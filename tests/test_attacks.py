@@ -209,7 +209,7 @@ def test_line_search_equals_trying_every_step_in_order(kind):
 
 
 def test_exact_fgs_matches_a_float64_stable_loss_gradient_on_released_b1(data_dir):
-    """On B1 (logit margins of 70 and more) the exact form equals sign ∇ softplus(lse_{j≠y} z_j − z_y) in float64,
+    """On B1 (median logit margin near 70) the exact form equals sign ∇ softplus(lse_{j≠y} z_j − z_y) in float64,
     while softmax − onehot formed in float64 still loses the true-class term (1 − p_y rounds to 0)."""
     import importlib
     import sys

@@ -306,11 +306,13 @@ def test_the_suite_timer_reads_pytests_summary_line():
 
 def test_investigation_reports_numbers_and_leads(tmp_path):
     ways = {"paper": {"blank": 38, "sign_agreement": 6.9, "sign_agreement_nonblank": 99.87, "rate": 2.56,
-                      "linf_mean": 6.0},
+                      "linf_mean": 6.0, "pixels_differing": 28420, "images_differing": 39},
             "exact": {"blank": 0, "sign_agreement": 100.0, "sign_agreement_nonblank": 100.0, "rate": 100.0,
-                      "linf_mean": 40.31}}
+                      "linf_mean": 40.31, "pixels_differing": 0, "images_differing": 0}}
     _bench(tmp_path, "prec", {"weights": "lenet_bang.caffemodel.h5", "dataset": "mnist", "images": 40,
-                              "attacked": 39, "margin_median": 66.88, "margin_share_above_90": 23.08, "ways": ways},
+                              "attacked": 39, "margin_median": 66.88, "pixels": 30576,
+                              "data_source": "files:$BANG_DATA_DIR/mnist", "margin_share_above_90": 23.08,
+                              "ways": ways},
            "python benchmarks/fgs_precision.py --json p.json")
     variants = {"caffe": {"accuracy": 79.59, "attacked": 34, "fgs_rate": 91.18, "fgs_linf_mean": 2.35, "fgs_blank": 3,
                           "hc1_rate": 100.0, "hc1_linf_mean": 13.15, "hc1_blank": 0},
@@ -324,26 +326,58 @@ def test_investigation_reports_numbers_and_leads(tmp_path):
                                        "variants": {"caffe": {"accuracy": 79.26}}},
                   "python benchmarks/cifar_variants.py --limit 0 --json w.json")
     prec = docs_tables.gen_fgsprecision(root, "prec")
-    assert "| float32 softmax, the paper's blank rule | 38 | 6.9% / 99.9% | 2.56% | 6.00 |" in prec
+    assert "| float32 softmax, the paper's blank rule | 38 | 6.9% / 99.9% | 28,420 (39) | 2.56% | 6.00 |" in prec
     assert "39 correctly classified of the first 40 mnist test images (median logit margin 66.9" in prec
     var = docs_tables.gen_variants(root, "var-r0", "var-b0")
-    assert "| input channels in BGR order | 61.60% | – | 100.00% (2.25) | 100.00% (8.75) |" in var
-    assert "| 79.59% | 79.26% | 91.18% (2.35) | 100.00% (13.15) |" in var
+    assert "| input channels in BGR order | 61.60% | – | 20 | 100.00% (2.25) | 100.00% (8.75) |" in var
+    assert "| 79.59% | 79.26% | 34 | 91.18% (2.35) | 100.00% (13.15) |" in var
+    # the accuracy-only report first: the attacks still come from the one that attacked
+    assert docs_tables.gen_variants(root, "var-b0", "var-r0").count("| 34 | 91.18% (2.35) |") == 1
+    assert "(the 'attacked' column), with cifar10.caffemodel.h5" in var
     assert docs_tables.gen_number(root, "prec", "ways.exact.linf_mean", "1") == "40.3"
     assert docs_tables.gen_number(root, "prec", "margin_share_above_90", "0", "%") == "23%"
     with pytest.raises(docs_tables.DocsError, match="has no ways.float64.rate"):
         docs_tables.gen_number(root, "prec", "ways.float64.rate")
     with pytest.raises(docs_tables.DocsError, match="not a number"):
         docs_tables.gen_number(root, "prec", "weights")
+    with pytest.raises(docs_tables.DocsError, match="digits must be one digit"):
+        docs_tables.gen_number(root, "prec", "attacked", "x")
+    assert docs_tables.gen_share(root, "prec", "attacked", "images", "1") == "97.5%"
 
     gap = lambda eps, g: {"epsilon": eps, "gap": g}  # noqa: E731
     src = tmp_path / "b0.json"
     src.write_text(json.dumps([{"id": "released", "masking": {"gap_vs": {
-        "pgd_ce": [gap(0.0, 0.0), gap(16.0, 6.84), gap(32.0, 1.0)], "pgd_margin": [gap(0.0, 0.0), gap(8.0, -3.0)]}}}]))
+        "pgd_ce": [gap(0.0, 0.0), gap(16.0, 6.84) | {"significant": True}, gap(32.0, 1.0)],
+        "pgd_margin": [gap(0.0, 0.0), gap(8.0, -3.0)], "fgs": []}},
+        "attacked": 400, "hc1_rate": 90.0, "hc1_still_changing_at_cap": 35}]))
     docs_tables.collect(src, "released-cifar-b0-curves", "python -m bang_jax.evaluate --curves", root=root,
                         dataset="cifar10", code_version="abc")
-    assert docs_tables.gen_lead(root, "released-cifar-b0-curves", "pgd_ce") == "6.8 points at ε = 16"
+    assert docs_tables.gen_lead(root, "released-cifar-b0-curves", "pgd_ce") == "6.8 points at ε = 16 (significant)"
+    with pytest.raises(docs_tables.DocsError, match="at no budget"):
+        docs_tables.gen_lead(root, "released-cifar-b0-curves", "fgs")
+    assert docs_tables.gen_failures(root, "released-cifar-b0-curves", "hc1") == "35 of 40"
+    with pytest.raises(docs_tables.DocsError, match="no fgs_still_changing_at_cap"):
+        docs_tables.gen_failures(root, "released-cifar-b0-curves", "fgs")
     assert docs_tables.gen_lead(root, "released-cifar-b0-curves", "pgd_margin") == "never ahead"
     assert docs_tables.gen_number(root, "released-cifar-b0-curves", "0.masking.gap_vs.pgd_ce.1.gap", "1") == "6.8"
     with pytest.raises(docs_tables.DocsError, match="no 'square'"):
         docs_tables.gen_lead(root, "released-cifar-b0-curves", "square")
+
+
+def test_a_notebooks_run_time_comes_from_its_stored_execution_times(tmp_path):
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    cell = lambda start, end: {"cell_type": "code", "metadata": {"execution": {  # noqa: E731
+        "iopub.execute_input": start, "shell.execute_reply": end}}}
+    nb = {"cells": [{"cell_type": "markdown", "metadata": {}}, cell("2026-12-02T10:00:00.5Z", "2026-12-02T10:00:40Z"),
+                    cell("2026-12-02T10:00:41Z", "2026-12-02T10:07:05Z")]}
+    (root / "notebooks" / "a.ipynb").write_text(json.dumps(nb))
+    assert docs_tables.gen_nbtime(root, "a") == "7 min"
+    nb["cells"] = nb["cells"][:2]
+    (root / "notebooks" / "a.ipynb").write_text(json.dumps(nb))
+    assert docs_tables.gen_nbtime(root, "a") == "40 s"
+    (root / "notebooks" / "b.ipynb").write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {}}]}))
+    with pytest.raises(docs_tables.DocsError, match="no execution times"):
+        docs_tables.gen_nbtime(root, "b")
+    with pytest.raises(docs_tables.DocsError, match="does not exist"):
+        docs_tables.gen_nbtime(root, "c")
