@@ -366,10 +366,11 @@ def test_evaluate_model_runs_autoattack_and_refuses_models_it_cannot_attack():
 
 def test_evaluation_settings_of_older_runs_still_load():
     """Run directories written before a setting existed (here: autoattack_budgets) keep loading."""
-    from pathlib import Path
-
     from bang_jax.evaluate import EvalConfig
 
-    saved = json.loads((Path(__file__).resolve().parents[1] / "docs/results/mnist-default/config.json").read_text())
-    assert "autoattack_budgets" not in saved["eval"]
-    assert EvalConfig.from_json(saved["eval"]).autoattack_budgets is None
+    # config.json's "eval" as python -m experiments.mnist wrote it before AutoAttack existed (code 53c5385)
+    saved = {"attacks": ["fgs", "hc1"], "hc1_max_step": 1020, "pgd_budgets": [16.0, 32.0, 64.0], "pgd_steps": 40,
+             "pgd_min_max_budget": 64.0, "square_budgets": None, "square_queries": 1000, "curve_budgets": [],
+             "curve_attacks": ["fgs", "fgs_exact", "pgd_ce", "pgd_margin", "square"], "seed": 0}
+    loaded = EvalConfig.from_json(saved)
+    assert loaded.autoattack_budgets is None and loaded.attacks == ("fgs", "hc1") and loaded.hc1_max_step == 1020
