@@ -657,11 +657,16 @@ def gen_number(root: Path, name: str, path: str, digits: str = "2", unit: str = 
     """One number for running text from a results folder: ``path`` is dotted keys into its ``benchmark.json`` (a
     benchmark report) or else its ``results.json`` (list indices as numbers, e.g. ``0.masking.margin_median``);
     ``unit`` (``%``, ``×``…) is appended."""
+    return f"{_number_at(root, name, path):,.{_digits(digits)}f}{unit}"
+
+
+def _number_at(root: Path, name: str, path: str) -> float:
+    """The number at dotted ``path`` of a results folder's report (see :func:`gen_number`)."""
     file = _report_file(root, name)
     v = _walk(_load(root, name, file), path, f"{RESULTS / name}/{file}")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise DocsError(f"{RESULTS / name}: {path} is {v!r}, not a number")
-    return f"{v:,.{_digits(digits)}f}{unit}"
+    return v
 
 
 def _report_file(root: Path, name: str) -> str:
@@ -680,7 +685,7 @@ def _digits(digits: str) -> int:
 
 def gen_share(root: Path, name: str, part: str, whole: str, digits: str = "2") -> str:
     """A percentage of two numbers of one results folder (dotted paths as for ``number``): part / whole."""
-    a, b = (float(gen_number(root, name, path, "9").replace(",", "")) for path in (part, whole))
+    a, b = (_number_at(root, name, path) for path in (part, whole))
     if b == 0:
         raise DocsError(f"{RESULTS / name}: {whole} is 0")
     return f"{100 * a / b:.{_digits(digits)}f}%"
@@ -714,7 +719,7 @@ def gen_nbtime(root: Path, notebook: str) -> str:
 
 def gen_lead(root: Path, name: str, attack: str) -> str:
     """Square's largest lead over one gradient attack in an ``evaluate --curves`` masking report, as running text:
-    '21.6 points at ε = 48' (points of % attacked), or 'never ahead'."""
+    '21.6 points at ε = 48 (significant)' (points of % attacked; the report's paired test), or 'never ahead'."""
     rows = _walk(_load(root, name, "results.json"), f"0.masking.gap_vs.{attack}", f"{RESULTS / name}/results.json")
     if not rows:
         raise DocsError(f"{RESULTS / name}: the masking report compares Square with {attack} at no budget")
@@ -734,8 +739,8 @@ FGS_WAYS = {"paper": "float32 softmax, the paper's blank rule",
 
 
 def gen_fgsprecision(root: Path, name: str) -> str:
-    """``benchmarks/fgs_precision.py --json``: the FGS direction computed four ways, its agreement with the float64
-    reference and the paper's line search along each."""
+    """``benchmarks/fgs_precision.py --json``: the FGS direction computed each way the report holds, its agreement
+    with the float64 reference and the paper's line search along each."""
     r = _load(root, name, "benchmark.json")
     lines = ["| FGS direction | blank directions | same sign as the float64 reference (all pixels / of non-blank "
              "directions) | pixels (images) of another sign | FGS success | mean L∞ |",

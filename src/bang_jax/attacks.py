@@ -573,14 +573,14 @@ def _image_keys(seed, index):
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)
 
 
-def _padded(ids: np.ndarray, batch_size: int) -> np.ndarray:
+def _padded(ids: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """``ids`` repeated at the end up to the next size of the series 8, 12, 16, 24, 32, 48, … (powers of two and
-    the halfway points; at most ``batch_size``): the shrinking sets of images still robust then reuse a few
+    the halfway points; at most ``batch_size`` when given): the shrinking sets of images still robust then reuse a few
     compiled shapes instead of compiling one per size, and carry at most a third of padding (from 8 up)."""
     size = 8
     while size < len(ids):
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    size = max(min(batch_size, size), len(ids))
+    size = max(size if batch_size is None else min(batch_size, size), len(ids))
     return np.pad(ids, (0, size - len(ids)), mode="edge")
 
 
@@ -695,7 +695,7 @@ def square_attack(
             act = ids[~done[ids]]
             if not act.size:
                 break
-            pad = _padded(act, 1 << 30)  # a few padded sizes: few recompilations
+            pad = _padded(act)  # a few padded sizes: few recompilations
             i_stop = min(i + max(chunk, 1), iterations)
             xb, lb, db, ub = run(
                 seed,
